@@ -1,0 +1,14 @@
+"""CIFAR-10: AlexNet fine-tuning vs feature extraction, and the small-CNN hyperparameter search.
+
+    python sweeps/cifar10.py --quick              # minutes on a laptop CPU
+    python sweeps/cifar10.py                      # the seed's full settings (a GPU job)
+"""
+
+import sys
+
+from tltune.cli import main
+
+EXPERIMENTS = ["cifar10-alexnet-finetune", "cifar10-alexnet-feature_extract", "cifar10-cnn-search"]
+
+if __name__ == "__main__":
+    sys.exit(main(EXPERIMENTS, __doc__))

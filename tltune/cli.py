@@ -1,0 +1,271 @@
+"""The one command-line interface every ``sweeps/*.py`` script shares.
+
+``main(experiment_names)`` parses the flags, checks everything a user can get wrong before
+Ray starts (exit code 2 with one message), loads each dataset once, runs the experiments one
+after another and prints the best configurations and the seed-format table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from tltune import experiments as registry
+from tltune.errors import UserError
+from tltune.experiments import Experiment, IntRange, LogUniform, check_settings
+from tltune.models import ACTIVATIONS, PRETRAINED_MODES
+from tltune.train import OPTIMIZERS
+
+# --quick: the same code path on a subset, small AlexNet input, few trials: minutes on a laptop CPU.
+QUICK = {
+    "train_subset": 4000,
+    "test_subset": 2000,
+    "alexnet_image_size": 64,
+    "max_epochs": 4,
+    "num_samples": 8,
+    "grace_period": 1,
+}
+DEFAULT_GRACE_PERIOD = 2
+
+
+def build_parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a few-minute CPU run: %s" % ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--experiments", nargs="+", metavar="NAME", help="run only these of the script's experiments")
+    data = p.add_argument_group("data")
+    data.add_argument("--data-root", help="dataset folder (else $TLTUNE_DATA_ROOT, else ./data)")
+    data.add_argument("--dataset", help="run the experiments on another dataset: mnist, svhn, cifar10, or a class-folder dataset under the data root")
+    data.add_argument("--train-subset", type=int, help="train on this many images (default: all)")
+    data.add_argument("--test-subset", type=int, help="test on this many images (default: all)")
+    data.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out for validation")
+    data.add_argument("--image-size", type=int, help="model input size (default: 224 for AlexNet, native for the CNN)")
+    model = p.add_argument_group("model and training")
+    model.add_argument("--weights", help="AlexNet pretrained weights: 'imagenet' (download), 'none', or a state-dict file (default: imagenet)")
+    model.add_argument("--optimizer", choices=list(OPTIMIZERS), help="fix the optimizer instead of searching it")
+    model.add_argument("--activation", choices=list(ACTIVATIONS), help="fix the CNN activation instead of searching it")
+    model.add_argument("--lr", type=float, help="fix the learning rate instead of searching it")
+    model.add_argument("--epochs", type=int, help="fix the number of epochs instead of searching it")
+    model.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="search the learning rate log-uniformly in [LOW, HIGH]")
+    model.add_argument("--epochs-range", type=int, nargs=2, metavar=("LOW", "HIGH"), help="search epochs in [LOW, HIGH]")
+    model.add_argument("--max-epochs", type=int, help="cap every epoch count (reference and search)")
+    model.add_argument("--batch-size", type=int, default=64)
+    model.add_argument("--seed", type=int, default=0)
+    sweep = p.add_argument_group("sweep")
+    sweep.add_argument("--num-samples", type=int, help="trials per experiment (default: each experiment's own)")
+    sweep.add_argument("--max-concurrent-trials", type=int, help="default: as many as resources allow")
+    sweep.add_argument("--cpus-per-trial", type=float, help="default: the CPUs of a node shared among the trials")
+    sweep.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on one GPU (default: 1 if the cluster has GPUs, else 0)")
+    sweep.add_argument("--grace-period", type=int, help=f"ASHA: epochs before a trial may be stopped (default {DEFAULT_GRACE_PERIOD})")
+    sweep.add_argument("--address", help="join this Ray cluster (else $RAY_ADDRESS, else start a local Ray)")
+    sweep.add_argument("--storage-path", default="results", help="where run directories go")
+    sweep.add_argument("--name", help="run directory name (default: <script>-<date>-<time>)")
+    return p
+
+
+def choose_experiments(names: list[str], only: list[str] | None) -> list[Experiment]:
+    if only:
+        unknown = [n for n in only if n not in names]
+        if unknown:
+            raise UserError(f"unknown experiment(s) {', '.join(unknown)} for this script: use {', '.join(names)}")
+        names = [n for n in names if n in only]
+    chosen = [registry.get(n) for n in names]
+    for experiment in chosen:
+        registry.validate(experiment)
+    return chosen
+
+
+def experiment_settings(experiment: Experiment, args) -> dict:
+    """The reference and search space of one experiment after the user's flags and presets."""
+    reference = dict(experiment.reference)
+    space = dict(experiment.space)
+    if args.lr_range:
+        space["lr"] = LogUniform(*args.lr_range)
+    if args.epochs_range:
+        space["epochs"] = IntRange(*args.epochs_range)
+    for key in ("optimizer", "activation", "lr", "epochs"):
+        value = getattr(args, key)
+        if value is not None and (key != "activation" or experiment.model == "cnn"):
+            reference[key] = value
+            space.pop(key, None)
+    for name, domain in space.items():
+        domain.check(name)
+    cap = args.max_epochs or (QUICK["max_epochs"] if args.quick else None)
+    if cap is not None:
+        if cap < 1:
+            raise UserError(f"--max-epochs must be at least 1, got {cap}")
+        reference["epochs"] = min(reference["epochs"], cap)
+        if "epochs" in space:
+            space["epochs"] = IntRange(min(space["epochs"].low, cap), min(space["epochs"].high, cap))
+    num_samples = args.num_samples or (min(experiment.num_samples, QUICK["num_samples"]) if args.quick else experiment.num_samples)
+    if num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {num_samples}")
+    image_size = args.image_size or (QUICK["alexnet_image_size"] if args.quick and experiment.model == "alexnet" else None)
+    grace = args.grace_period or (QUICK["grace_period"] if args.quick else DEFAULT_GRACE_PERIOD)
+    return {
+        "dataset": args.dataset or experiment.dataset,
+        "reference": reference,
+        "space": space,
+        "num_samples": num_samples,
+        "max_epochs": max([reference["epochs"]] + ([space["epochs"].high] if "epochs" in space else [])),
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "image_size": image_size,
+        "grace_period": grace,
+        "max_concurrent_trials": args.max_concurrent_trials,
+    }
+
+
+def check_args(args) -> None:
+    check_settings(
+        {k: getattr(args, k) for k in ("lr", "epochs", "batch_size") if getattr(args, k) is not None}, where="command line"
+    )
+    if args.lr_range:
+        LogUniform(*args.lr_range).check("--lr-range")
+    if args.epochs_range:
+        IntRange(*args.epochs_range).check("--epochs-range")
+        if args.epochs_range[0] < 1:
+            raise UserError(f"--epochs-range must start at 1 or more, got {args.epochs_range[0]}")
+    for flag in ("cpus_per_trial", "gpus_per_trial"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    if args.cpus_per_trial == 0:
+        raise UserError("--cpus-per-trial must be > 0: a trial needs a CPU to run on")
+    if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
+        raise UserError(f"--max-concurrent-trials must be at least 1, got {args.max_concurrent_trials}")
+    if args.grace_period is not None and args.grace_period < 1:
+        raise UserError(f"--grace-period must be at least 1, got {args.grace_period}")
+
+
+def resolve_weights(args, needed: bool) -> dict | None:
+    """ImageNet AlexNet weights if any experiment needs them; read once here, before Ray."""
+    from tltune.models import load_imagenet_state
+
+    if not needed or args.weights == "none":
+        return None
+    try:
+        return load_imagenet_state(args.weights or "imagenet")
+    except UserError as exc:
+        if args.quick and args.weights is None:
+            print(
+                f"warning: {exc}\nwarning: --quick goes on with randomly initialised AlexNet: its accuracies "
+                "say nothing about transfer learning. Pass --weights to use pretrained ones.",
+                file=sys.stderr,
+            )
+            return None
+        raise
+
+
+def new_run_dir(args, script: str) -> Path:
+    name = args.name or f"{script}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = (Path(args.storage_path).expanduser() / name).resolve()
+    if run_dir.exists():
+        raise UserError(f"{run_dir} already exists and is never overwritten: pass another --name")
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def start_ray(args) -> None:
+    import ray
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        else:
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING", dashboard_host="127.0.0.1")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot connect to the Ray cluster at {address} ({exc}): check the address, or leave --address out to start a local Ray") from None
+
+
+def trial_resources(args, num_samples: int) -> tuple[float, float]:
+    """(cpus, gpus) per trial: the user's, else a node's CPUs shared among the trials."""
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max(n.get("CPU", 0) for n in nodes)
+    node_gpus = max(n.get("GPU", 0) for n in nodes)
+    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if node_gpus else 0.0)
+    if gpus > node_gpus:
+        raise UserError(
+            f"--gpus-per-trial {gpus:g} but no node of the cluster has more than {node_gpus:g} GPUs: "
+            "trials would wait forever; lower --gpus-per-trial or add GPU nodes"
+        )
+    cpus = args.cpus_per_trial or max(1, int(node_cpus // max(1, min(num_samples, node_cpus))))
+    if cpus > node_cpus:
+        raise UserError(f"--cpus-per-trial {cpus:g} but no node has more than {node_cpus:g} CPUs: lower it")
+    return cpus, gpus
+
+
+def main(experiment_names: list[str], description: str, argv: list[str] | None = None) -> int:
+    args = build_parser(description).parse_args(argv)
+    script = Path(sys.argv[0]).stem or "tltune"
+    try:
+        return _run(experiment_names, args, script)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(experiment_names: list[str], args, script: str) -> int:
+    from tltune.data import load_dataset, make_splits
+
+    check_args(args)
+    chosen = choose_experiments(experiment_names, args.experiments)
+    settings = {e.name: experiment_settings(e, args) for e in chosen}
+    subset = {
+        "train_subset": args.train_subset or (QUICK["train_subset"] if args.quick else None),
+        "test_subset": args.test_subset or (QUICK["test_subset"] if args.quick else None),
+    }
+    splits = {}
+    for dataset in dict.fromkeys(s["dataset"] for s in settings.values()):
+        started = time.time()
+        loaded = load_dataset(dataset, args.data_root)
+        splits[dataset] = make_splits(loaded, args.val_fraction, args.seed, **subset)
+        s = splits[dataset]
+        print(f"{dataset}: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images, "
+              f"{s.image_size}x{s.image_size}x{s.channels}, {s.num_classes} classes ({time.time() - started:.1f}s)")  # fmt: skip
+    imagenet_state = resolve_weights(args, needed=any(e.mode in PRETRAINED_MODES for e in chosen))
+    run_dir = new_run_dir(args, script)
+    (run_dir / "run.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args)}, indent=2, default=str))
+
+    import ray
+
+    from tltune.raytune import run_experiment
+
+    start_ray(args)
+    try:
+        weights_ref = ray.put(imagenet_state)
+        split_refs = {name: ray.put(s) for name, s in splits.items()}
+        print(f"results: {run_dir}")
+        for experiment in chosen:
+            s = settings[experiment.name]
+            s["cpus_per_trial"], s["gpus_per_trial"] = trial_resources(args, s["num_samples"])
+            s["pretrained"] = "none" if imagenet_state is None else (args.weights or "imagenet")
+            print(f"\n== {experiment.name}: {s['num_samples']} trial(s), up to {s['max_epochs']} epochs, "
+                  f"{s['cpus_per_trial']:g} CPU / {s['gpus_per_trial']:g} GPU per trial")  # fmt: skip
+            inputs = {"splits": split_refs[s["dataset"]], "imagenet_state": weights_ref}
+            run_experiment(experiment, s, inputs, run_dir)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished trials are kept in {run_dir}", file=sys.stderr)
+        return 130
+    finally:
+        ray.shutdown()
+    print_report(run_dir)
+    return 0
+
+
+def print_report(run_dir: Path) -> None:
+    from tltune.results import best_configs_text, load_run, markdown_table, table_rows
+
+    rows = table_rows(load_run(run_dir))
+    print("\nBest configuration of each experiment:")
+    print(best_configs_text(rows))
+    print()
+    print(markdown_table(rows))
+    print(f"\nTensorBoard:  tensorboard --logdir {run_dir} --host 127.0.0.1")
+    print(f"Table again:  python analysis/best_configs.py {run_dir}")

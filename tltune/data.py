@@ -1,0 +1,397 @@
+"""Datasets as uint8 arrays: load once, cache on disk, split, and transform whole batches.
+
+A dataset is decoded once into ``uint8`` arrays of shape (N, H, W, C) and cached as ``.npy``
+files, so the next load is a file read. Everything per-image after that (channel conversion,
+resizing, normalisation) happens on batches of tensors in :class:`BatchTransform`.
+No Ray here: the sweep code hands these arrays to trials through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tltune.errors import UserError
+
+TORCHVISION_DATASETS = ("cifar10", "mnist", "svhn")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
+CACHE_VERSION = 1
+
+
+@dataclass
+class ImageArrays:
+    """One split: ``images`` uint8 (N, H, W, C), ``labels`` int64 (N,)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: np.ndarray) -> "ImageArrays":
+        return ImageArrays(self.images[indices], self.labels[indices])
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: list[str]
+    train: ImageArrays
+    test: ImageArrays
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[3]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[1]
+
+
+@dataclass
+class Splits:
+    """What a trial trains on: train/val carved from the training set, and the test set."""
+
+    name: str
+    classes: list[str]
+    train: ImageArrays
+    val: ImageArrays
+    test: ImageArrays
+    mean: tuple[float, ...]  # per channel, of the training images, in [0, 1]
+    std: tuple[float, ...]
+
+    @property
+    def channels(self) -> int:
+        return self.train.images.shape[3]
+
+    @property
+    def image_size(self) -> int:
+        return self.train.images.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def resolve_data_root(data_root: str | None) -> Path:
+    """``--data-root``, else ``$TLTUNE_DATA_ROOT``, else ``./data``."""
+    return Path(data_root or os.environ.get("TLTUNE_DATA_ROOT") or "data").expanduser().resolve()
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("TLTUNE_CACHE_DIR") or Path.home() / ".cache" / "tltune").expanduser()
+
+
+# ---------------------------------------------------------------------------- loaders
+
+
+def _find_class_folder_root(name: str, root: Path) -> Path | None:
+    """The folder holding ``train/`` and ``test/`` class folders for ``name``, if any."""
+    candidates = [Path(name).expanduser(), root / name]
+    if name == "cifar10":
+        candidates = [root / "cifar10", root / "CIFAR10"]
+    for candidate in candidates:
+        if (candidate / "train").is_dir() and (candidate / "test").is_dir():
+            return candidate.resolve()
+    return None
+
+
+def _list_class_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if not classes:
+        raise UserError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image files>")
+    files = []
+    for label, cls in enumerate(classes):
+        names = sorted(entry.name for entry in os.scandir(split_dir / cls) if entry.is_file())
+        if not names:
+            raise UserError(f"class folder {split_dir / cls} is empty: remove it or add its images")
+        for file_name in names:
+            path = split_dir / cls / file_name
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                raise UserError(
+                    f"{path} is not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))}): "
+                    "remove it from the class folder"
+                )
+            files.append((path, label))
+    return classes, files
+
+
+def _decode_images(files: list[tuple[Path, int]], mode: str, size: tuple[int, int]) -> ImageArrays:
+    from PIL import Image, UnidentifiedImageError
+
+    channels = 1 if mode == "L" else 3
+    images = np.empty((len(files), size[1], size[0], channels), dtype=np.uint8)
+    labels = np.empty(len(files), dtype=np.int64)
+    for i, (path, label) in enumerate(files):
+        try:
+            with Image.open(path) as img:
+                img = img.convert(mode)
+                if img.size != size:
+                    img = img.resize(size, Image.BILINEAR)
+                pixels = np.asarray(img)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise UserError(f"cannot read image {path} ({exc}): replace or remove the file") from None
+        images[i] = pixels.reshape(size[1], size[0], channels)
+        labels[i] = label
+    return ImageArrays(images, labels)
+
+
+def load_class_folders(name: str, folder: Path) -> Dataset:
+    """``folder/{train,test}/<class>/*.png|jpg``; all images take the first image's size and mode."""
+    from PIL import Image
+
+    train_classes, train_files = _list_class_folder(folder / "train")
+    test_classes, test_files = _list_class_folder(folder / "test")
+    if train_classes != test_classes:
+        raise UserError(
+            f"{folder}: train and test have different class folders "
+            f"({sorted(set(train_classes) ^ set(test_classes))}): make them match"
+        )
+    with Image.open(train_files[0][0]) as first:
+        mode = "L" if first.mode in ("L", "1", "I;16") else "RGB"
+        size = first.size
+    return Dataset(name, train_classes, _decode_images(train_files, mode, size), _decode_images(test_files, mode, size))
+
+
+def _torchvision_split(name: str, root: Path, train: bool, download: bool):
+    import torchvision.datasets as tvd
+
+    if name == "mnist":
+        return tvd.MNIST(str(root), train=train, download=download)
+    if name == "cifar10":
+        return tvd.CIFAR10(str(root), train=train, download=download)
+    svhn_root = root / "svhn"
+    return tvd.SVHN(str(svhn_root), split="train" if train else "test", download=download)
+
+
+def _to_arrays(name: str, split) -> ImageArrays:
+    if name == "mnist":
+        images = split.data.numpy()[..., None]
+        labels = split.targets.numpy()
+    elif name == "cifar10":
+        images = np.asarray(split.data)
+        labels = np.asarray(split.targets)
+    else:  # svhn: (N, 3, H, W); torchvision already maps label 10 to 0
+        images = split.data.transpose(0, 2, 3, 1)
+        labels = split.labels
+    return ImageArrays(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64))
+
+
+TORCHVISION_CLASSES = {
+    "mnist": [str(d) for d in range(10)],
+    "svhn": [str(d) for d in range(10)],
+    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+}
+
+EXPECTED_LAYOUT = {
+    "mnist": "{root}/MNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte",
+    "cifar10": "{root}/cifar-10-batches-py/ or {root}/cifar10/{{train,test}}/<class>/*.jpg",
+    "svhn": "{root}/svhn/{{train,test}}_32x32.mat",
+}
+
+
+def load_torchvision(name: str, root: Path, local: Path | None) -> Dataset:
+    """Read the local copy at ``local``; without one, download with torchvision (needs internet)."""
+    if local is not None:
+        try:
+            splits = [_torchvision_split(name, root, train, download=False) for train in (True, False)]
+        except Exception as exc:  # a truncated IDX file, a corrupt .mat, a missing batch file...
+            raise UserError(
+                f"dataset '{name}' under {local} is incomplete or corrupt ({type(exc).__name__}: {exc}): "
+                f"delete it and download or copy it again (expected layout: {EXPECTED_LAYOUT[name].format(root=root)})"
+            ) from None
+    else:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            splits = [_torchvision_split(name, root, train, download=True) for train in (True, False)]
+        except Exception as exc:  # URLError, OSError, checksum RuntimeError...
+            raise UserError(
+                f"dataset '{name}' is not under {root} and could not be downloaded "
+                f"({type(exc).__name__}: {exc}). When offline, pass --data-root DIR "
+                f"(or set TLTUNE_DATA_ROOT) to a folder holding {EXPECTED_LAYOUT[name].format(root=root)}"
+            ) from None
+    return Dataset(name, TORCHVISION_CLASSES[name], *(_to_arrays(name, s) for s in splits))
+
+
+# ---------------------------------------------------------------------------- disk cache
+
+
+def _source_signature(source: Path) -> str:
+    """Cheap fingerprint of the source files, so an edited dataset is decoded again."""
+    parts = []
+    for dirpath, dirnames, filenames in os.walk(source):
+        dirnames.sort()
+        for file_name in sorted(filenames):
+            stat = os.stat(os.path.join(dirpath, file_name))
+            parts.append(f"{dirpath}/{file_name}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha1("\n".join(parts).encode()).hexdigest()
+
+
+def _source_of(name: str, root: Path) -> tuple[str, Path | None]:
+    """('folder', path) for class-folder data, ('torchvision', path or None) otherwise."""
+    folder = _find_class_folder_root(name, root)
+    if folder is not None:
+        return "folder", folder
+    if name in TORCHVISION_DATASETS:
+        local = {"mnist": root / "MNIST" / "raw", "cifar10": root / "cifar-10-batches-py", "svhn": root / "svhn"}[name]
+        return "torchvision", local if local.is_dir() and any(local.iterdir()) else None
+    raise UserError(
+        f"unknown dataset '{name}': use one of {', '.join(TORCHVISION_DATASETS)}, "
+        f"or a class-folder dataset at {root}/{name}/{{train,test}}/<class>/<images> (or a path to one)"
+    )
+
+
+def _save_cache(dataset: Dataset, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    for split in ("train", "test"):
+        arrays = getattr(dataset, split)
+        np.save(tmp / f"{split}_images.npy", arrays.images)
+        np.save(tmp / f"{split}_labels.npy", arrays.labels)
+    (tmp / "meta.json").write_text(json.dumps({"name": dataset.name, "classes": dataset.classes}))
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_cache(target: Path) -> Dataset:
+    meta = json.loads((target / "meta.json").read_text())
+    splits = [
+        ImageArrays(np.load(target / f"{split}_images.npy"), np.load(target / f"{split}_labels.npy"))
+        for split in ("train", "test")
+    ]
+    return Dataset(meta["name"], meta["classes"], *splits)
+
+
+def load_dataset(name: str, data_root: str | Path | None = None, use_cache: bool = True) -> Dataset:
+    """Load ``name`` (cifar10, mnist, svhn, or a class-folder dataset) from ``data_root``.
+
+    The decoded arrays are cached under ``$TLTUNE_CACHE_DIR`` (default ``~/.cache/tltune``),
+    keyed by the source files' names, sizes and mtimes.
+    """
+    root = resolve_data_root(str(data_root) if data_root else None)
+    kind, source = _source_of(name, root)
+    key = None
+    if use_cache and source is not None:
+        fingerprint = f"v{CACHE_VERSION}|{name}|{kind}|{source}|{_source_signature(source)}"
+        key = cache_dir() / "datasets" / f"{Path(name).name}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:16]}"
+        if (key / "meta.json").is_file():
+            try:
+                return _load_cache(key)
+            except (OSError, ValueError, KeyError):
+                shutil.rmtree(key, ignore_errors=True)  # damaged cache: decode again
+    dataset = load_class_folders(name, source) if kind == "folder" else load_torchvision(name, root, source)
+    if len(dataset.train) == 0 or len(dataset.test) == 0:
+        raise UserError(f"dataset '{name}' under {root} has an empty train or test split")
+    if key is not None:
+        try:
+            _save_cache(dataset, key)
+        except OSError as exc:
+            warnings.warn(f"could not cache dataset '{name}' in {key.parent}: {exc}")
+    return dataset
+
+
+# ---------------------------------------------------------------------------- splits
+
+
+def make_splits(
+    dataset: Dataset,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+) -> Splits:
+    """Carve a validation split from train with a fixed seed; optionally take subsets.
+
+    The validation split does not depend on ``train_subset``, so runs with different
+    subset sizes are validated on the same images.
+    """
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(dataset.train))
+    n_val = max(1, int(round(len(order) * val_fraction)))
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    if train_subset is not None:
+        if train_subset < 1:
+            raise UserError(f"--train-subset must be at least 1, got {train_subset}")
+        train_idx = train_idx[:train_subset]
+        val_idx = val_idx[: max(1, train_subset // 4)]  # a random sample of the same validation images
+    test = dataset.test
+    if test_subset is not None:
+        if test_subset < 1:
+            raise UserError(f"--test-subset must be at least 1, got {test_subset}")
+        test = test.subset(np.sort(rng.permutation(len(test))[:test_subset]))
+    train = dataset.train.subset(np.sort(train_idx))
+    pixels = train.images.reshape(-1, train.images.shape[-1])
+    step = max(1, len(pixels) // 2_000_000)  # a sample of pixels is plenty for mean/std
+    sample = pixels[::step].astype(np.float64) / 255.0
+    return Splits(
+        dataset.name,
+        dataset.classes,
+        train,
+        dataset.train.subset(np.sort(val_idx)),
+        test,
+        tuple(float(m) for m in sample.mean(0)),
+        tuple(float(s) for s in sample.std(0)),
+    )
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+class BatchTransform:
+    """uint8 (B, H, W, C) -> normalised float (B, channels, size, size), on the batch's device."""
+
+    def __init__(self, channels: int, size: int, mean, std):
+        self.channels = channels
+        self.size = size
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float().div_(255.0)
+        if x.shape[1] != self.channels:
+            if x.shape[1] == 1:  # grayscale -> RGB
+                x = x.expand(-1, self.channels, -1, -1)
+            elif self.channels == 1:  # RGB -> grayscale (ITU-R 601 luma)
+                x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            else:
+                raise ValueError(f"cannot convert {x.shape[1]} channels to {self.channels}")
+        if x.shape[-1] != self.size or x.shape[-2] != self.size:
+            x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        if mean.shape[1] != x.shape[1]:  # stats of a 1-channel dataset fed to a 3-channel model
+            mean, std = mean.expand(1, x.shape[1], 1, 1), std.expand(1, x.shape[1], 1, 1)
+        return (x - mean) / std
+
+
+def as_tensors(arrays: ImageArrays, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Tensors over the arrays without copying on CPU (arrays from Ray's object store are read-only)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        images, labels = torch.from_numpy(arrays.images), torch.from_numpy(arrays.labels)
+    return images.to(device), labels.to(device)
+
+
+def iterate_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, generator=None):
+    """Yield (images, labels) batches by indexing whole tensors: no per-sample Python work."""
+    n = len(labels)
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    for start in range(0, n, batch_size):
+        if order is None:
+            yield images[start : start + batch_size], labels[start : start + batch_size]
+        else:
+            idx = order[start : start + batch_size].to(images.device)
+            yield images[idx], labels[idx]

@@ -1,0 +1,132 @@
+"""Experiments as data: what to train, the reference settings, and the space searched around them.
+
+Each :class:`Experiment` is one row of the seed exercise's tables. A sweep always evaluates
+the reference settings first (so the reproduction is part of every sweep) and then searches
+``space``. The space is declared here with plain types; ``tltune.raytune`` turns it into Ray
+Tune domains. A new experiment is a few lines in ``EXPERIMENTS``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from tltune.errors import UserError
+from tltune.models import ACTIVATIONS, MODELS, MODES
+from tltune.train import OPTIMIZERS
+
+
+@dataclass(frozen=True)
+class Choice:
+    options: tuple
+
+    def check(self, name: str) -> None:
+        if not self.options:
+            raise UserError(f"search space '{name}': no options to choose from")
+
+
+@dataclass(frozen=True)
+class LogUniform:
+    low: float
+    high: float
+
+    def check(self, name: str) -> None:
+        if not (0 < self.low < self.high and math.isfinite(self.high)):
+            raise UserError(f"search space '{name}': need 0 < low < high, got [{self.low}, {self.high}]")
+
+
+@dataclass(frozen=True)
+class IntRange:
+    """Integers from ``low`` to ``high``, both included."""
+
+    low: int
+    high: int
+
+    def check(self, name: str) -> None:
+        if not self.low <= self.high:
+            raise UserError(f"search space '{name}': empty range [{self.low}, {self.high}]")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    dataset: str
+    model: str
+    mode: str
+    label: str  # "Model type" column of the seed's table
+    reference: dict  # the seed's settings: optimizer, lr, epochs, and activation for the CNN
+    reference_accuracy: float | None  # the seed's test accuracy in %, None where it never filled the cell
+    space: dict = field(default_factory=dict)  # hyperparameter -> Choice | LogUniform | IntRange
+    num_samples: int = 1  # trials in a full run; the first one is the reference
+
+    def max_epochs(self) -> int:
+        epochs = self.space.get("epochs")
+        return max(self.reference["epochs"], epochs.high if isinstance(epochs, IntRange) else 0)
+
+
+CNN_SEARCH_SPACE = {
+    "optimizer": Choice(tuple(OPTIMIZERS)),
+    "activation": Choice(tuple(ACTIVATIONS)),
+    "lr": LogUniform(1e-5, 1e-1),
+    "epochs": IntRange(1, 10),
+}
+ALEXNET_SEARCH_SPACE = {
+    "optimizer": Choice(("sgd", "adam", "adamw", "rmsprop")),
+    "lr": LogUniform(1e-5, 1e-2),
+    "epochs": IntRange(1, 10),
+}
+ALEXNET_REFERENCE = {"optimizer": "sgd", "lr": 0.001, "epochs": 10}
+
+EXPERIMENTS = {
+    e.name: e
+    for e in [
+        Experiment(
+            "cifar10-alexnet-finetune", "cifar10", "alexnet", "finetune",
+            "AlexNet (ImageNet) fine-tuning", ALEXNET_REFERENCE, 88.93, ALEXNET_SEARCH_SPACE,
+        ),
+        Experiment(
+            "cifar10-alexnet-feature_extract", "cifar10", "alexnet", "feature_extract",
+            "AlexNet (ImageNet) feature extraction", ALEXNET_REFERENCE, 84.43, ALEXNET_SEARCH_SPACE,
+        ),
+        Experiment(
+            "cifar10-cnn-search", "cifar10", "cnn", "scratch",
+            "small CNN, best of the search", {"optimizer": "adam", "activation": "tanh", "lr": 1e-4, "epochs": 3},
+            53.0, CNN_SEARCH_SPACE, num_samples=30,
+        ),
+    ]
+}  # fmt: skip
+
+
+def validate(experiment: Experiment) -> None:
+    """Every name known, every range well-formed; raises UserError otherwise."""
+    e = experiment
+    if e.model not in MODELS:
+        raise UserError(f"experiment {e.name}: unknown model '{e.model}' (use {', '.join(MODELS)})")
+    if e.mode not in MODES:
+        raise UserError(f"experiment {e.name}: unknown mode '{e.mode}' (use {', '.join(MODES)})")
+    for name, domain in e.space.items():
+        domain.check(f"{e.name}.{name}")
+    check_settings({**e.reference}, where=f"experiment {e.name}")
+    for name, domain in e.space.items():
+        if isinstance(domain, Choice):
+            for option in domain.options:
+                check_settings({name: option}, where=f"experiment {e.name} search space")
+
+
+def check_settings(settings: dict, where: str) -> None:
+    """Check hyperparameter values a user or a declaration gives."""
+    choices = {"optimizer": OPTIMIZERS, "activation": ACTIVATIONS}
+    for key, table in choices.items():
+        if key in settings and settings[key] not in table:
+            raise UserError(f"{where}: unknown {key} '{settings[key]}' (use {', '.join(table)})")
+    if "lr" in settings and not (settings["lr"] > 0 and math.isfinite(settings["lr"])):
+        raise UserError(f"{where}: learning rate must be > 0, got {settings['lr']}")
+    for key in ("epochs", "batch_size"):
+        if key in settings and not (isinstance(settings[key], int) and settings[key] >= 1):
+            raise UserError(f"{where}: {key} must be a whole number >= 1, got {settings[key]}")
+
+
+def get(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise UserError(f"unknown experiment '{name}': use one of {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]

@@ -1,0 +1,178 @@
+"""Read finished or interrupted runs from disk (no Ray) and format the seed's table.
+
+A run directory (one invocation of a sweep script) holds one Tune experiment directory per
+experiment; each has ``tltune_experiment.json`` from the start, a trial directory per
+trial (``params.json``, ``result.json`` with one JSON line per epoch), and, once the
+experiment finished, ``tltune_best.json`` with the best trial's test accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tltune.errors import UserError
+
+EXPERIMENT_FILE = "tltune_experiment.json"
+SUMMARY_FILE = "tltune_best.json"
+METRIC = "val_acc"
+
+
+@dataclass
+class Trial:
+    name: str
+    config: dict
+    epochs: list[dict]  # one result per epoch, in order
+    errored: bool
+
+    @property
+    def last(self) -> dict | None:
+        return self.epochs[-1] if self.epochs else None
+
+    @property
+    def score(self) -> float:
+        value = (self.last or {}).get(METRIC)
+        return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf
+
+
+@dataclass
+class ExperimentResult:
+    path: Path
+    record: dict  # tltune_experiment.json
+    summary: dict | None  # tltune_best.json, None while unfinished
+    trials: list[Trial] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.record.get("name", self.path.name)
+
+    def best(self) -> dict | None:
+        """The best trial: from the summary when the experiment finished, else by last val_acc."""
+        if self.summary and "config" in self.summary:
+            return self.summary
+        scored = [t for t in self.trials if t.score > -math.inf]
+        if not scored:
+            return None
+        trial = max(scored, key=lambda t: t.score)
+        return {
+            "best_trial": trial.name,
+            "config": trial.config,
+            "epochs_trained": trial.last["training_iteration"],
+            "val_acc": trial.score,
+        }
+
+
+def _read_json_lines(path: Path) -> list[dict]:
+    rows = []
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a crash
+                pass
+    return rows
+
+
+def load_trials(exp_dir: Path) -> list[Trial]:
+    trials = []
+    for params in sorted(exp_dir.glob("*/params.json")):
+        trial_dir = params.parent
+        try:
+            config = json.loads(params.read_text())
+        except json.JSONDecodeError:
+            continue
+        epochs = {}
+        for row in _read_json_lines(trial_dir / "result.json"):
+            epochs[row.get("training_iteration")] = row  # a resumed trial may repeat an epoch: keep the last
+        errored = (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists()
+        trials.append(Trial(trial_dir.name, config, [epochs[k] for k in sorted(epochs, key=lambda k: k or 0)], errored))
+    return trials
+
+
+def load_experiment(exp_dir: Path) -> ExperimentResult:
+    record = json.loads((exp_dir / EXPERIMENT_FILE).read_text())
+    summary_path = exp_dir / SUMMARY_FILE
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    return ExperimentResult(exp_dir, record, summary, load_trials(exp_dir))
+
+
+def load_run(path: str | Path) -> list[ExperimentResult]:
+    """All experiments in a run directory (or the one experiment, given its directory)."""
+    path = Path(path).expanduser()
+    if (path / EXPERIMENT_FILE).is_file():
+        return [load_experiment(path)]
+    if not path.is_dir():
+        raise UserError(f"{path} does not exist: pass a run directory printed by a sweep (under ./results by default)")
+    experiments = [load_experiment(p.parent) for p in sorted(path.glob(f"*/{EXPERIMENT_FILE}"))]
+    if not experiments:
+        raise UserError(f"{path} holds no tltune experiment (no */{EXPERIMENT_FILE}): pass a run directory of a sweep")
+    return experiments
+
+
+# ---------------------------------------------------------------------------- formatting
+
+DATASET_NAMES = {"cifar10": "CIFAR-10", "mnist": "MNIST", "svhn": "SVHN"}
+HYPERPARAMETERS = ("optimizer", "activation", "lr", "epochs", "batch_size", "image_size")
+
+
+def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
+    """One row per experiment in the seed's format, plus the reference and what we tested on."""
+    rows = []
+    for exp in experiments:
+        best = exp.best()
+        record = exp.record
+        row = {
+            "experiment": exp.name,
+            "Dataset": DATASET_NAMES.get(record["dataset"], record["dataset"]),
+            "Model type": record["label"],
+            "Learning rate": None,
+            "Epochs": None,
+            "Accuracy": None,
+            "val_acc": None,
+            "reference": record.get("reference_accuracy"),
+            "status": "not run",
+            "config": None,
+        }
+        if best is not None:
+            row.update(
+                {
+                    "Learning rate": best["config"].get("lr"),
+                    "Epochs": best.get("epochs_trained"),
+                    "Accuracy": 100 * best["test_acc"] if "test_acc" in best else None,
+                    "val_acc": 100 * best["val_acc"],
+                    "status": "finished" if "test_acc" in best else "unfinished (no test accuracy yet)",
+                    "config": {k: best["config"][k] for k in HYPERPARAMETERS if k in best["config"]},
+                }
+            )
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| Dataset | Model type | Learning rate | Epochs | Accuracy |", "|---|---|---|---|---|"]
+    for row in rows:
+        if row["Accuracy"] is not None:
+            accuracy = f"{row['Accuracy']:.2f}%"
+        elif row["val_acc"] is not None:
+            accuracy = f"not tested (val {row['val_acc']:.2f}%)"
+        else:
+            accuracy = row["status"]
+        lr = f"{row['Learning rate']:.3g}" if row["Learning rate"] is not None else "-"
+        epochs = row["Epochs"] if row["Epochs"] is not None else "-"
+        lines.append(f"| {row['Dataset']} | {row['Model type']} | {lr} | {epochs} | {accuracy} |")
+    return "\n".join(lines)
+
+
+def best_configs_text(rows: list[dict]) -> str:
+    lines = []
+    for row in rows:
+        if row["config"] is None:
+            lines.append(f"{row['experiment']}: {row['status']}")
+            continue
+        config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["config"].items())
+        accuracy = f"test {row['Accuracy']:.2f}%" if row["Accuracy"] is not None else "not tested"
+        reference = f", reference {row['reference']:.2f}%" if row["reference"] is not None else ""
+        lines.append(f"{row['experiment']}: {config} -> val {row['val_acc']:.2f}%, {accuracy}{reference}")
+    return "\n".join(lines)
