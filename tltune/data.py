@@ -163,9 +163,22 @@ def load_class_folders(name: str, folder: Path) -> Dataset:
     return Dataset(name, train_classes, _decode_images(train_files, mode, size), _decode_images(test_files, mode, size))
 
 
+def _svhn_from_mat(path: Path) -> ImageArrays:
+    """Read an SVHN ``*_32x32.mat`` as torchvision does, minus its MD5 check (so that any
+    valid file in the official format loads, not just the exact official bytes)."""
+    import scipy.io
+
+    mat = scipy.io.loadmat(str(path))
+    labels = mat["y"].astype(np.int64).squeeze(1)
+    labels[labels == 10] = 0  # SVHN writes digit 0 as label 10
+    return ImageArrays(np.ascontiguousarray(mat["X"].transpose(3, 0, 1, 2)), labels)
+
+
 def _torchvision_split(name: str, root: Path, train: bool, download: bool):
     import torchvision.datasets as tvd
 
+    if name == "svhn" and not download:
+        return _svhn_from_mat(root / "svhn" / f"{'train' if train else 'test'}_32x32.mat")
     if name == "mnist":
         return tvd.MNIST(str(root), train=train, download=download)
     if name == "cifar10":
@@ -175,6 +188,8 @@ def _torchvision_split(name: str, root: Path, train: bool, download: bool):
 
 
 def _to_arrays(name: str, split) -> ImageArrays:
+    if isinstance(split, ImageArrays):
+        return split
     if name == "mnist":
         images = split.data.numpy()[..., None]
         labels = split.targets.numpy()
@@ -334,18 +349,30 @@ def make_splits(
             raise UserError(f"--test-subset must be at least 1, got {test_subset}")
         test = test.subset(np.sort(rng.permutation(len(test))[:test_subset]))
     train = dataset.train.subset(np.sort(train_idx))
-    pixels = train.images.reshape(-1, train.images.shape[-1])
-    step = max(1, len(pixels) // 2_000_000)  # a sample of pixels is plenty for mean/std
-    sample = pixels[::step].astype(np.float64) / 255.0
+    mean, std = channel_stats(train.images)
     return Splits(
         dataset.name,
         dataset.classes,
         train,
         dataset.train.subset(np.sort(val_idx)),
         test,
-        tuple(float(m) for m in sample.mean(0)),
-        tuple(float(s) for s in sample.std(0)),
+        mean,
+        std,
     )
+
+
+def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std in [0, 1] of uint8 (N, H, W, C) images, in chunks (little memory)."""
+    total = np.zeros(images.shape[-1])
+    squares = np.zeros(images.shape[-1])
+    for start in range(0, len(images), chunk):
+        block = images[start : start + chunk].reshape(-1, images.shape[-1]).astype(np.float64)
+        total += block.sum(0)
+        squares += np.square(block).sum(0)
+    count = images.size / images.shape[-1]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+    return tuple(float(m) / 255 for m in mean), tuple(float(s) / 255 for s in std)
 
 
 # ---------------------------------------------------------------------------- batches

@@ -105,7 +105,8 @@ def load_run(path: str | Path) -> list[ExperimentResult]:
         return [load_experiment(path)]
     if not path.is_dir():
         raise UserError(f"{path} does not exist: pass a run directory printed by a sweep (under ./results by default)")
-    experiments = [load_experiment(p.parent) for p in sorted(path.glob(f"*/{EXPERIMENT_FILE}"))]
+    records = sorted(path.glob(f"*/{EXPERIMENT_FILE}"), key=lambda p: p.stat().st_mtime_ns)  # run order
+    experiments = [load_experiment(p.parent) for p in records]
     if not experiments:
         raise UserError(f"{path} holds no tltune experiment (no */{EXPERIMENT_FILE}): pass a run directory of a sweep")
     return experiments
@@ -143,7 +144,7 @@ def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
                     "Accuracy": 100 * best["test_acc"] if "test_acc" in best else None,
                     "val_acc": 100 * best["val_acc"],
                     "status": "finished" if "test_acc" in best else "unfinished (no test accuracy yet)",
-                    "config": {k: best["config"][k] for k in HYPERPARAMETERS if k in best["config"]},
+                    "config": {k: best["config"][k] for k in HYPERPARAMETERS if best["config"].get(k) is not None},
                 }
             )
         rows.append(row)

@@ -1,0 +1,56 @@
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Dataset caches of the tests go to a temporary folder, never the user's ~/.cache."""
+    os.environ["TLTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("tltune-cache"))
+
+
+@pytest.fixture(scope="session")
+def real_data_root() -> Path:
+    """The real MNIST and CIFAR-10 copies: $TLTUNE_DATA_ROOT, else unpacked from ../shared/data."""
+    root = os.environ.get("TLTUNE_DATA_ROOT")
+    if root and (Path(root) / "MNIST").is_dir():
+        return Path(root)
+    if (SHARED_DATA / "unpack").is_file():
+        out = subprocess.run(["bash", str(SHARED_DATA / "unpack"), "/tmp/tltune-data"], check=True, capture_output=True, text=True)
+        return Path(out.stdout.strip())
+    pytest.skip("real datasets not available: set TLTUNE_DATA_ROOT or provide ../shared/data")
+
+
+def write_class_folders(root: Path, classes=("cat", "dog"), per_class=6, size=(12, 10), mode="RGB") -> Path:
+    """A tiny real class-folder dataset of PNG files: root/{train,test}/<class>/*.png."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for label, cls in enumerate(classes):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
+                pixels = rng.integers(0, 100, shape, dtype=np.uint8) + 100 * label
+                Image.fromarray(pixels.astype(np.uint8), mode).save(folder / f"{i:04d}.png")
+    return root
+
+
+def write_svhn_mat(path: Path, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """An SVHN ``*_32x32.mat`` in the real format: X (32, 32, 3, N) uint8, y (N, 1) with 10 for digit 0."""
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+    digits = rng.integers(0, 10, n)
+    y = np.where(digits == 0, 10, digits).astype(np.uint8).reshape(n, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(path, {"X": X, "y": y})
+    return X, digits
