@@ -78,6 +78,11 @@ def choose_experiments(names: list[str], only: list[str] | None) -> list[Experim
     return chosen
 
 
+def _given(value, default):
+    """The user's value if they gave one (0 included), else the default."""
+    return default if value is None else value
+
+
 def experiment_settings(experiment: Experiment, args) -> dict:
     """The reference and search space of one experiment after the user's flags and presets."""
     reference = dict(experiment.reference)
@@ -93,18 +98,18 @@ def experiment_settings(experiment: Experiment, args) -> dict:
             space.pop(key, None)
     for name, domain in space.items():
         domain.check(name)
-    cap = args.max_epochs or (QUICK["max_epochs"] if args.quick else None)
+    cap = _given(args.max_epochs, QUICK["max_epochs"] if args.quick else None)
     if cap is not None:
         if cap < 1:
             raise UserError(f"--max-epochs must be at least 1, got {cap}")
         reference["epochs"] = min(reference["epochs"], cap)
         if "epochs" in space:
             space["epochs"] = IntRange(min(space["epochs"].low, cap), min(space["epochs"].high, cap))
-    num_samples = args.num_samples or (min(experiment.num_samples, QUICK["num_samples"]) if args.quick else experiment.num_samples)
+    num_samples = _given(args.num_samples, min(experiment.num_samples, QUICK["num_samples"]) if args.quick else experiment.num_samples)
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-    image_size = args.image_size or (QUICK["alexnet_image_size"] if args.quick and experiment.model == "alexnet" else None)
-    grace = args.grace_period or (QUICK["grace_period"] if args.quick else DEFAULT_GRACE_PERIOD)
+    image_size = _given(args.image_size, QUICK["alexnet_image_size"] if args.quick and experiment.model == "alexnet" else None)
+    grace = _given(args.grace_period, QUICK["grace_period"] if args.quick else DEFAULT_GRACE_PERIOD)
     return {
         "dataset": args.dataset or experiment.dataset,
         "reference": reference,
@@ -195,7 +200,7 @@ def trial_resources(args, num_samples: int) -> tuple[float, float]:
             f"--gpus-per-trial {gpus:g} but no node of the cluster has more than {node_gpus:g} GPUs: "
             "trials would wait forever; lower --gpus-per-trial or add GPU nodes"
         )
-    cpus = args.cpus_per_trial or max(1, int(node_cpus // max(1, min(num_samples, node_cpus))))
+    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else max(1, int(node_cpus // max(1, min(num_samples, node_cpus))))
     if cpus > node_cpus:
         raise UserError(f"--cpus-per-trial {cpus:g} but no node has more than {node_cpus:g} CPUs: lower it")
     return cpus, gpus
@@ -218,8 +223,8 @@ def _run(experiment_names: list[str], args, script: str) -> int:
     chosen = choose_experiments(experiment_names, args.experiments)
     settings = {e.name: experiment_settings(e, args) for e in chosen}
     subset = {
-        "train_subset": args.train_subset or (QUICK["train_subset"] if args.quick else None),
-        "test_subset": args.test_subset or (QUICK["test_subset"] if args.quick else None),
+        "train_subset": _given(args.train_subset, QUICK["train_subset"] if args.quick else None),
+        "test_subset": _given(args.test_subset, QUICK["test_subset"] if args.quick else None),
     }
     splits = {}
     for dataset in dict.fromkeys(s["dataset"] for s in settings.values()):

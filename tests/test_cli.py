@@ -1,0 +1,117 @@
+"""Bad input ends in one clear message and exit code 2, before Ray starts."""
+
+import subprocess
+import sys
+
+import pytest
+import ray
+import torch
+import torchvision
+
+from conftest import ROOT
+from tltune import experiments as registry
+from tltune.cli import main
+from tltune.errors import UserError
+from tltune.experiments import EXPERIMENTS, Experiment, LogUniform
+
+CIFAR = ["cifar10-alexnet-finetune", "cifar10-alexnet-feature_extract", "cifar10-cnn-search"]
+
+
+def run(argv, capsys):
+    code = main(CIFAR, "test", argv)
+    err = capsys.readouterr().err
+    assert not ray.is_initialized(), "errors must be caught before Ray starts"
+    return code, err
+
+
+@pytest.fixture
+def offline_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("TLTUNE_DATA_ROOT", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--lr", "0"], "learning rate must be > 0"),
+        (["--lr", "-0.1"], "learning rate must be > 0"),
+        (["--epochs", "0"], "epochs must be a whole number >= 1"),
+        (["--batch-size", "0"], "batch_size must be a whole number >= 1"),
+        (["--lr-range", "0.1", "0.001"], "need 0 < low < high"),
+        (["--epochs-range", "5", "2"], "empty range"),
+        (["--num-samples", "0"], "--num-samples must be at least 1"),
+        (["--gpus-per-trial", "-1"], "--gpus-per-trial must be >= 0"),
+        (["--experiments", "cifar10-resnet"], "unknown experiment"),
+        (["--dataset", "imagenet22k"], "unknown dataset 'imagenet22k'"),
+        (["--weights", "/nonexistent/alexnet.pth"], "does not exist"),
+    ],
+)
+def test_bad_input_exits_2_with_one_message(argv, message, capsys, real_data_root):
+    code, err = run(["--data-root", str(real_data_root), "--storage-path", "/nonexistent-never-created"] + argv, capsys)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_wrong_architecture_weights_file(tmp_path, capsys, real_data_root):
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), path)
+    code, err = run(["--data-root", str(real_data_root), "--weights", str(path), "--storage-path", str(tmp_path)], capsys)
+    assert code == 2 and "do not fit torchvision's AlexNet" in err
+
+
+def test_unknown_choices_are_refused_by_the_parser(capsys):
+    for argv in (["--optimizer", "lbfgs"], ["--activation", "swish"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(CIFAR, "test", argv)
+        assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_dataset_offline_names_data_root(offline_root, capsys, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    code, err = run(["--data-root", str(offline_root), "--storage-path", str(offline_root)], capsys)
+    assert code == 2 and "--data-root" in err and "cifar10" in err
+
+
+def test_existing_run_directory_is_never_overwritten(tmp_path, capsys, real_data_root):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.json").write_text("{}")
+    argv = ["--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "mine", "--weights", "none",
+            "--experiments", "cifar10-cnn-search"]  # fmt: skip
+    code, err = run(argv, capsys)
+    assert code == 2 and "already exists" in err
+    assert (tmp_path / "mine" / "precious.json").read_text() == "{}"
+
+
+def test_every_declared_experiment_validates():
+    assert {"cifar10-alexnet-finetune", "cifar10-alexnet-feature_extract", "cifar10-cnn-search"} <= set(EXPERIMENTS)
+    for experiment in EXPERIMENTS.values():
+        registry.validate(experiment)
+        assert experiment.max_epochs() >= experiment.reference["epochs"]
+    search = EXPERIMENTS["cifar10-cnn-search"]
+    assert search.reference == {"optimizer": "adam", "activation": "tanh", "lr": 1e-4, "epochs": 3}
+    assert search.space["lr"] == LogUniform(1e-5, 1e-1) and "tanh" in search.space["activation"].options
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": "vgg"}, "unknown model"),
+        ({"mode": "distill"}, "unknown mode"),
+        ({"reference": {"optimizer": "lbfgs", "lr": 0.1, "epochs": 1}}, "unknown optimizer"),
+        ({"space": {"lr": LogUniform(0.1, 0.01)}}, "need 0 < low < high"),
+    ],
+)
+def test_bad_declarations_are_rejected(change, message):
+    base = EXPERIMENTS["cifar10-cnn-search"].__dict__
+    with pytest.raises(UserError, match=message):
+        registry.validate(Experiment(**{**base, **change}))
+
+
+def test_sweep_script_help_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--help"], capture_output=True, text=True, check=True)
+    assert "--quick" in out.stdout and "--data-root" in out.stdout

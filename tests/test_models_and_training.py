@@ -1,0 +1,131 @@
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from tltune.data import BatchTransform, ImageArrays, Splits, as_tensors
+from tltune.errors import UserError
+from tltune.models import ACTIVATIONS, TransferAlexNet, VanillaCNN, build_model, input_spec, load_imagenet_state
+from tltune.train import (
+    OPTIMIZERS,
+    DivergedError,
+    build_optimizer,
+    evaluate,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    setup_model,
+    train_one_epoch,
+)
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
+def test_vanilla_cnn_shapes(activation, channels, size):
+    model = VanillaCNN(channels, 10, size, activation)
+    assert model(torch.zeros(2, channels, size, size)).shape == (2, 10)
+    assert any(isinstance(m, ACTIVATIONS[activation]) for m in model.modules())
+
+
+def test_alexnet_modes_freeze_and_keep_backbone_in_eval():
+    state = torchvision.models.alexnet().state_dict()
+    extract = build_model("alexnet", "feature_extract", 10, 3, 64, imagenet_state=state)
+    trainable = [n for n, p in extract.named_parameters() if p.requires_grad]
+    assert trainable == ["head.weight", "head.bias"]
+    extract.train()
+    assert not extract.backbone.training and extract.head.training, "Dropout in the frozen backbone stays off"
+    assert torch.equal(extract.backbone[0][0].weight, state["features.0.weight"])
+    finetune = build_model("alexnet", "finetune", 10, 3, 64, imagenet_state=state)
+    assert all(p.requires_grad for p in finetune.parameters())
+    assert finetune(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
+    with pytest.raises(UserError, match="scratch"):
+        build_model("cnn", "finetune", 10, 3, 32)
+    with pytest.raises(UserError, match="unknown model"):
+        build_model("resnet", "scratch", 10, 3, 32)
+
+
+def test_alexnet_local_weights_file(tmp_path):
+    reference = torchvision.models.alexnet()
+    path = tmp_path / "alexnet.pth"
+    torch.save(reference.state_dict(), path)
+    state = load_imagenet_state(str(path))
+    model = TransferAlexNet(10, freeze_backbone=True, imagenet_state=state)
+    assert torch.equal(model.backbone[-2].weight, reference.classifier[4].weight)
+
+
+def test_bad_weights_files(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        load_imagenet_state(str(tmp_path / "missing.pth"))
+    wrong = tmp_path / "resnet.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), wrong)
+    with pytest.raises(UserError, match="do not fit torchvision's AlexNet"):
+        load_imagenet_state(str(wrong))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="cannot read weights file"):
+        load_imagenet_state(str(garbage))
+
+
+def test_input_spec_rejects_tiny_alexnet_input():
+    with pytest.raises(UserError, match="at least 63"):
+        input_spec("alexnet", 3, 32, 32, (0.5,) * 3, (0.5,) * 3)
+    assert input_spec("alexnet", 1, 28, None, (0.1,), (0.3,))[:2] == (3, 224)
+
+
+def _separable_splits(n=256, size=8):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, n)
+    images = (rng.integers(0, 60, (n, size, size, 1)) + 150 * labels[:, None, None, None]).astype(np.uint8)
+    arrays = ImageArrays(images, labels.astype(np.int64))
+    return Splits("toy", ["a", "b"], arrays, arrays, arrays, (0.3,), (0.3,))
+
+
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_every_optimizer_learns_a_separable_problem(optimizer):
+    splits = _separable_splits()
+    config = {"model": "cnn", "mode": "scratch", "activation": "relu", "image_size": None}
+    model, transform = setup_model(config, splits, None)
+    opt = build_optimizer(optimizer, model, 0.01 if optimizer in ("sgd", "adagrad") else 0.001)
+    x, y = as_tensors(splits.train)
+    for epoch in range(3):
+        stats = train_one_epoch(model, opt, x, y, transform, 32, seed_everything(epoch))
+    assert evaluate(model, x, y, transform).accuracy > 0.9, stats
+
+
+def test_diverging_loss_raises():
+    splits = _separable_splits()
+    model, transform = setup_model({"model": "cnn", "mode": "scratch", "activation": "relu"}, splits, None)
+    opt = build_optimizer("sgd", model, 1e12)
+    x, y = as_tensors(splits.train)
+    with pytest.raises(DivergedError):
+        for _ in range(3):
+            train_one_epoch(model, opt, x, y, transform, 32)
+
+
+def test_training_is_seeded():
+    splits = _separable_splits()
+    results = []
+    for _ in range(2):
+        seed_everything(7)
+        model, transform = setup_model({"model": "cnn", "mode": "scratch", "activation": "tanh"}, splits, None)
+        opt = build_optimizer("adam", model, 1e-3)
+        x, y = as_tensors(splits.train)
+        results.append(train_one_epoch(model, opt, x, y, transform, 32, seed_everything(7)).loss)
+    assert results[0] == results[1]
+
+
+def test_checkpoint_round_trip_leaves_out_frozen_weights(tmp_path):
+    state = torchvision.models.alexnet().state_dict()
+    model = TransferAlexNet(10, freeze_backbone=True, imagenet_state=state)
+    opt = build_optimizer("sgd", model, 0.1)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, epoch=3)
+    assert (tmp_path / "model.pt").stat().st_size < 1_000_000, "only the head is saved"
+    restored = TransferAlexNet(10, freeze_backbone=True, imagenet_state=state)
+    restored_opt = build_optimizer("sgd", restored, 0.1)
+    assert load_checkpoint(tmp_path, restored, restored_opt) == 3
+    assert torch.equal(restored.head.weight, model.head.weight)
+    assert restored_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
+    with pytest.raises(ValueError, match="does not fit"):
+        load_checkpoint(tmp_path, VanillaCNN(3, 10, 32))
