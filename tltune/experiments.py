@@ -20,6 +20,9 @@ from tltune.train import OPTIMIZERS
 class Choice:
     options: tuple
 
+    def contains(self, value) -> bool:
+        return value in self.options
+
     def check(self, name: str) -> None:
         if not self.options:
             raise UserError(f"search space '{name}': no options to choose from")
@@ -29,6 +32,9 @@ class Choice:
 class LogUniform:
     low: float
     high: float
+
+    def contains(self, value) -> bool:
+        return self.low <= value <= self.high
 
     def check(self, name: str) -> None:
         if not (0 < self.low < self.high and math.isfinite(self.high)):
@@ -41,6 +47,9 @@ class IntRange:
 
     low: int
     high: int
+
+    def contains(self, value) -> bool:
+        return self.low <= value <= self.high
 
     def check(self, name: str) -> None:
         if not self.low <= self.high:
@@ -106,6 +115,9 @@ def validate(experiment: Experiment) -> None:
         raise UserError(f"experiment {e.name}: unknown mode '{e.mode}' (use {', '.join(MODES)})")
     for name, domain in e.space.items():
         domain.check(f"{e.name}.{name}")
+    missing = set(e.space) - set(e.reference)
+    if missing:
+        raise UserError(f"experiment {e.name}: searched {sorted(missing)} without a reference value: add them to reference")
     check_settings({**e.reference}, where=f"experiment {e.name}")
     for name, domain in e.space.items():
         if isinstance(domain, Choice):

@@ -186,8 +186,10 @@ def trial_config(experiment: Experiment, settings: dict) -> tuple[dict, list[dic
         "seed": settings["seed"],
         "image_size": settings["image_size"],
     }
-    points = [{k: reference[k] for k in space}] if space else []
-    return param_space, points
+    reference_point = {k: reference[k] for k in space}
+    # The reference is evaluated first, unless the user moved the search space away from it.
+    in_space = all(domain.contains(reference_point[k]) for k, domain in space.items())
+    return param_space, [reference_point] if space and in_space else []
 
 
 def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir: Path) -> dict:
@@ -203,7 +205,7 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
 
     param_space, points = trial_config(experiment, settings)
     max_epochs = max(settings["max_epochs"], 1)
-    search = OptunaSearch(points_to_evaluate=points or None, seed=settings["seed"]) if points else None
+    search = OptunaSearch(points_to_evaluate=points or None, seed=settings["seed"]) if settings["space"] else None
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
         max_t=max_epochs,
