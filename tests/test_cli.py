@@ -102,7 +102,8 @@ def test_every_declared_experiment_validates():
     [
         ({"model": "vgg"}, "unknown model"),
         ({"mode": "distill"}, "unknown mode"),
-        ({"reference": {"optimizer": "lbfgs", "lr": 0.1, "epochs": 1}}, "unknown optimizer"),
+        ({"reference": {"optimizer": "lbfgs", "activation": "tanh", "lr": 0.1, "epochs": 1}}, "unknown optimizer"),
+        ({"reference": {"optimizer": "adam", "lr": 0.1, "epochs": 1}}, "without a reference value"),
         ({"space": {"lr": LogUniform(0.1, 0.01)}}, "need 0 < low < high"),
     ],
 )
