@@ -84,24 +84,33 @@ ALEXNET_SEARCH_SPACE = {
     "lr": LogUniform(1e-5, 1e-2),
     "epochs": IntRange(1, 10),
 }
-ALEXNET_REFERENCE = {"optimizer": "sgd", "lr": 0.001, "epochs": 10}
+CNN_REFERENCE = {"optimizer": "adam", "activation": "relu", "lr": 0.001, "epochs": 5}
+
+
+def alexnet_pair(dataset: str, epochs: int, finetune_accuracy: float, extract_accuracy: float) -> list[Experiment]:
+    """The seed's two AlexNet rows of a dataset: fine-tuning and feature extraction, SGD lr 0.001."""
+    reference = {"optimizer": "sgd", "lr": 0.001, "epochs": epochs}
+    return [
+        Experiment(f"{dataset}-alexnet-finetune", dataset, "alexnet", "finetune",
+                   "AlexNet (ImageNet) fine-tuning", reference, finetune_accuracy, ALEXNET_SEARCH_SPACE),
+        Experiment(f"{dataset}-alexnet-feature_extract", dataset, "alexnet", "feature_extract",
+                   "AlexNet (ImageNet) feature extraction", reference, extract_accuracy, ALEXNET_SEARCH_SPACE),
+    ]  # fmt: skip
+
 
 EXPERIMENTS = {
     e.name: e
     for e in [
-        Experiment(
-            "cifar10-alexnet-finetune", "cifar10", "alexnet", "finetune",
-            "AlexNet (ImageNet) fine-tuning", ALEXNET_REFERENCE, 88.93, ALEXNET_SEARCH_SPACE,
-        ),
-        Experiment(
-            "cifar10-alexnet-feature_extract", "cifar10", "alexnet", "feature_extract",
-            "AlexNet (ImageNet) feature extraction", ALEXNET_REFERENCE, 84.43, ALEXNET_SEARCH_SPACE,
-        ),
+        *alexnet_pair("cifar10", 10, 88.93, 84.43),
         Experiment(
             "cifar10-cnn-search", "cifar10", "cnn", "scratch",
             "small CNN, best of the search", {"optimizer": "adam", "activation": "tanh", "lr": 1e-4, "epochs": 3},
             53.0, CNN_SEARCH_SPACE, num_samples=30,
         ),
+        Experiment("mnist-cnn", "mnist", "cnn", "scratch", "vanilla CNN", CNN_REFERENCE, 98.0, CNN_SEARCH_SPACE, num_samples=10),
+        *alexnet_pair("mnist", 5, 99.57, 97.52),
+        Experiment("svhn-cnn", "svhn", "cnn", "scratch", "vanilla CNN", CNN_REFERENCE, 87.0, CNN_SEARCH_SPACE, num_samples=10),
+        *alexnet_pair("svhn", 5, 94.30, 46.56),
     ]
 }  # fmt: skip
 

@@ -135,7 +135,7 @@ class TensorBoardCallback(tune.Callback):
         writer = self._writer(trial)
         step = result["epoch"]
         for tag, key in self.SCALARS.items():
-            if isinstance(result.get(key), (int, float)) and math.isfinite(result[key]):
+            if _is_number(result.get(key)):
                 writer.add_scalar(tag, result[key], global_step=step)
         writer.flush()
         if self._print_progress:
@@ -147,9 +147,22 @@ class TensorBoardCallback(tune.Callback):
             )
 
     def _close(self, trial):
+        """Write the trial's hyperparameters and final metrics for the HParams dashboard, then close."""
+        from torch.utils.tensorboard.summary import hparams
+
         writer = self._writers.pop(trial.trial_id, None)
-        if writer is not None:
-            writer.close()
+        if writer is None:
+            return
+        last = trial.last_result or {}
+        metrics = {f"hparams/{k}": float(last[k]) for k in ("val_acc", "val_loss", "train_loss") if _is_number(last.get(k))}
+        metrics["hparams/epochs_trained"] = float(last.get("training_iteration", 0))
+        config = {k: _plain(v) for k, v in trial.config.items() if _plain(v) is not None}
+        for summary in hparams(config, metrics):
+            writer.file_writer.add_summary(summary)
+        for tag, value in metrics.items():
+            if math.isfinite(value):
+                writer.add_scalar(tag, value)
+        writer.close()
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._close(trial)
@@ -160,6 +173,17 @@ class TensorBoardCallback(tune.Callback):
     def on_experiment_end(self, trials, **info):
         for trial in trials:
             self._close(trial)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _plain(value):
+    """Config values as the plain scalars TensorBoard's HParams accept (numpy types cast)."""
+    if hasattr(value, "item"):
+        value = value.item()
+    return value if isinstance(value, (bool, int, float, str)) else None
 
 
 def trial_dirname(trial) -> str:
