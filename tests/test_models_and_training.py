@@ -5,7 +5,7 @@ import torchvision
 
 from tltune.data import BatchTransform, ImageArrays, Splits, as_tensors
 from tltune.errors import UserError
-from tltune.models import ACTIVATIONS, TransferAlexNet, VanillaCNN, build_model, input_spec, load_imagenet_state
+from tltune.models import ACTIVATIONS, build_model, input_spec, load_imagenet_state
 from tltune.train import (
     OPTIMIZERS,
     DivergedError,
@@ -22,24 +22,24 @@ from tltune.train import (
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("channels, size", [(1, 28), (3, 32)])
 def test_vanilla_cnn_shapes(activation, channels, size):
-    model = VanillaCNN(channels, 10, size, activation)
+    model = build_model("cnn", "scratch", 10, channels, size, activation)
     assert model(torch.zeros(2, channels, size, size)).shape == (2, 10)
     assert any(isinstance(m, ACTIVATIONS[activation]) for m in model.modules())
 
 
 def test_alexnet_modes_freeze_and_keep_backbone_in_eval():
     state = torchvision.models.alexnet().state_dict()
-    extract = build_model("alexnet", "feature_extract", 10, 3, 64, imagenet_state=state)
+    extract = build_model("alexnet", "feature_extract", 10, 3, 64, pretrained_state=state)
     trainable = [n for n, p in extract.named_parameters() if p.requires_grad]
     assert trainable == ["head.weight", "head.bias"]
     extract.train()
     assert not extract.backbone.training and extract.head.training, "Dropout in the frozen backbone stays off"
     assert torch.equal(extract.backbone[0][0].weight, state["features.0.weight"])
-    finetune = build_model("alexnet", "finetune", 10, 3, 64, imagenet_state=state)
+    finetune = build_model("alexnet", "finetune", 10, 3, 64, pretrained_state=state)
     assert all(p.requires_grad for p in finetune.parameters())
     assert finetune(torch.zeros(2, 3, 64, 64)).shape == (2, 10)
-    with pytest.raises(UserError, match="scratch"):
-        build_model("cnn", "finetune", 10, 3, 32)
+    with pytest.raises(UserError, match="unknown mode"):
+        build_model("cnn", "distill", 10, 3, 32)
     with pytest.raises(UserError, match="unknown model"):
         build_model("resnet", "scratch", 10, 3, 32)
 
@@ -49,7 +49,7 @@ def test_alexnet_local_weights_file(tmp_path):
     path = tmp_path / "alexnet.pth"
     torch.save(reference.state_dict(), path)
     state = load_imagenet_state(str(path))
-    model = TransferAlexNet(10, freeze_backbone=True, imagenet_state=state)
+    model = build_model("alexnet", "feature_extract", 10, 3, 224, pretrained_state=state)
     assert torch.equal(model.backbone[-2].weight, reference.classifier[4].weight)
 
 
@@ -68,8 +68,9 @@ def test_bad_weights_files(tmp_path):
 
 def test_input_spec_rejects_tiny_alexnet_input():
     with pytest.raises(UserError, match="at least 63"):
-        input_spec("alexnet", 3, 32, 32, (0.5,) * 3, (0.5,) * 3)
-    assert input_spec("alexnet", 1, 28, None, (0.1,), (0.3,))[:2] == (3, 224)
+        input_spec("alexnet", 3, 32, None, 32, (0.5,) * 3, (0.5,) * 3)
+    assert input_spec("alexnet", 1, 28, None, None, (0.1,), (0.3,))[:2] == (3, 224)
+    assert input_spec("cnn", 1, 28, 3, 32, (0.1,), (0.3,))[:2] == (3, 32)
 
 
 def _separable_splits(n=256, size=8):
@@ -116,16 +117,26 @@ def test_training_is_seeded():
 
 def test_checkpoint_round_trip_leaves_out_frozen_weights(tmp_path):
     state = torchvision.models.alexnet().state_dict()
-    model = TransferAlexNet(10, freeze_backbone=True, imagenet_state=state)
+    model = build_model("alexnet", "feature_extract", 10, 3, 64, pretrained_state=state)
     opt = build_optimizer("sgd", model, 0.1)
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     opt.step()
     save_checkpoint(tmp_path, model, opt, epoch=3)
     assert (tmp_path / "model.pt").stat().st_size < 1_000_000, "only the head is saved"
-    restored = TransferAlexNet(10, freeze_backbone=True, imagenet_state=state)
+    restored = build_model("alexnet", "feature_extract", 10, 3, 64, pretrained_state=state)
     restored_opt = build_optimizer("sgd", restored, 0.1)
     assert load_checkpoint(tmp_path, restored, restored_opt) == 3
     assert torch.equal(restored.head.weight, model.head.weight)
     assert restored_opt.state_dict()["state"].keys() == opt.state_dict()["state"].keys()
     with pytest.raises(ValueError, match="does not fit"):
-        load_checkpoint(tmp_path, VanillaCNN(3, 10, 32))
+        load_checkpoint(tmp_path, build_model("cnn", "scratch", 10, 3, 32))
+
+
+def test_cnn_transfer_keeps_the_source_backbone_and_a_new_head():
+    source = build_model("cnn", "scratch", 10, 3, 32, "elu")
+    target = build_model("cnn", "feature_extract", 10, 3, 32, "elu", pretrained_state=source.state_dict())
+    assert torch.equal(target.backbone[0].weight, source.backbone[0].weight)
+    assert not torch.equal(target.head.weight, source.head.weight)
+    assert [n for n, p in target.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
+    with pytest.raises(UserError, match="does not fit"):
+        build_model("cnn", "finetune", 10, 1, 28, "elu", pretrained_state=source.state_dict())

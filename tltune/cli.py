@@ -18,6 +18,7 @@ from tltune import experiments as registry
 from tltune.errors import UserError
 from tltune.experiments import Experiment, IntRange, LogUniform, check_settings
 from tltune.models import ACTIVATIONS, PRETRAINED_MODES
+from tltune.results import top_configs
 from tltune.train import OPTIMIZERS
 
 # --quick: the same code path on a subset, small AlexNet input, few trials: minutes on a laptop CPU.
@@ -60,6 +61,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     sweep.add_argument("--cpus-per-trial", type=float, help="default: the CPUs of a node shared among the trials")
     sweep.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on one GPU (default: 1 if the cluster has GPUs, else 0)")
     sweep.add_argument("--grace-period", type=int, help=f"ASHA: epochs before a trial may be stopped (default {DEFAULT_GRACE_PERIOD})")
+    sweep.add_argument("--warm-start", metavar="RUN_DIR", help="first evaluate the best configurations of the same experiments in a previous run")
     sweep.add_argument("--address", help="join this Ray cluster (else $RAY_ADDRESS, else start a local Ray)")
     sweep.add_argument("--storage-path", default="results", help="where run directories go")
     sweep.add_argument("--name", help="run directory name (default: <script>-<date>-<time>)")
@@ -121,6 +123,7 @@ def experiment_settings(experiment: Experiment, args) -> dict:
         "image_size": image_size,
         "grace_period": grace,
         "max_concurrent_trials": args.max_concurrent_trials,
+        "warm_start": top_configs(args.warm_start, experiment.name) if args.warm_start else [],
     }
 
 
@@ -148,12 +151,12 @@ def check_args(args) -> None:
 
 def resolve_weights(args, needed: bool) -> dict | None:
     """ImageNet AlexNet weights if any experiment needs them; read once here, before Ray."""
-    from tltune.models import load_imagenet_state
+    from tltune.models import load_pretrained_state
 
     if not needed or args.weights == "none":
         return None
     try:
-        return load_imagenet_state(args.weights or "imagenet")
+        return load_pretrained_state(args.weights or "imagenet")
     except UserError as exc:
         if args.quick and args.weights is None:
             print(
@@ -234,7 +237,7 @@ def _run(experiment_names: list[str], args, script: str) -> int:
         s = splits[dataset]
         print(f"{dataset}: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images, "
               f"{s.image_size}x{s.image_size}x{s.channels}, {s.num_classes} classes ({time.time() - started:.1f}s)")  # fmt: skip
-    imagenet_state = resolve_weights(args, needed=any(e.mode in PRETRAINED_MODES for e in chosen))
+    pretrained_state = resolve_weights(args, needed=any(e.mode in PRETRAINED_MODES for e in chosen))
     run_dir = new_run_dir(args, script)
     (run_dir / "run.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args)}, indent=2, default=str))
 
@@ -244,16 +247,16 @@ def _run(experiment_names: list[str], args, script: str) -> int:
 
     start_ray(args)
     try:
-        weights_ref = ray.put(imagenet_state)
+        weights_ref = ray.put(pretrained_state)
         split_refs = {name: ray.put(s) for name, s in splits.items()}
         print(f"results: {run_dir}")
         for experiment in chosen:
             s = settings[experiment.name]
             s["cpus_per_trial"], s["gpus_per_trial"] = trial_resources(args, s["num_samples"])
-            s["pretrained"] = "none" if imagenet_state is None else (args.weights or "imagenet")
+            s["pretrained"] = "none" if pretrained_state is None else (args.weights or "imagenet")
             print(f"\n== {experiment.name}: {s['num_samples']} trial(s), up to {s['max_epochs']} epochs, "
                   f"{s['cpus_per_trial']:g} CPU / {s['gpus_per_trial']:g} GPU per trial")  # fmt: skip
-            inputs = {"splits": split_refs[s["dataset"]], "imagenet_state": weights_ref}
+            inputs = {"splits": split_refs[s["dataset"]], "pretrained_state": weights_ref}
             run_experiment(experiment, s, inputs, run_dir)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are kept in {run_dir}", file=sys.stderr)

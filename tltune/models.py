@@ -1,13 +1,16 @@
-"""Models: a vanilla CNN with a choice of activation, and AlexNet for transfer learning.
+"""Models: a vanilla CNN with a choice of activation, and AlexNet, both as backbone + head.
 
-AlexNet is split into a ``backbone`` (everything up to the last Linear: conv features,
-pooling and the two hidden fully connected layers with their Dropout) and a ``head`` (the
-last Linear, sized for the task). Modes:
+Every model is a :class:`BackboneHead`: the ``backbone`` is everything up to the last
+Linear (for AlexNet: conv features, pooling and the two hidden fully connected layers with
+their Dropout), the ``head`` is the last Linear, sized for the task. Modes:
 
 - ``scratch``: random initialisation, everything trains;
-- ``finetune``: ImageNet weights, everything trains;
-- ``feature_extract``: ImageNet weights, only the head trains; the backbone is frozen and
-  kept in eval mode, so its Dropout layers are off and its output per image is fixed.
+- ``finetune``: pretrained backbone (ImageNet for AlexNet, a source task for the CNN),
+  everything trains;
+- ``feature_extract``: pretrained backbone, only the head trains; the backbone is frozen
+  and kept in eval mode, so its Dropout layers are off and its output per image is fixed.
+
+The head is always new: pretrained weights never include it.
 """
 
 from __future__ import annotations
@@ -36,39 +39,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class VanillaCNN(nn.Module):
-    """Two conv blocks and two Linear layers; for 1- or 3-channel square images."""
-
-    def __init__(self, in_channels: int, num_classes: int, image_size: int, activation: str = "relu"):
+class BackboneHead(nn.Module):
+    def __init__(self, backbone: nn.Module, head: nn.Linear, freeze_backbone: bool = False):
         super().__init__()
-        act = ACTIVATIONS[activation]
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3, padding=1), act(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), act(), nn.MaxPool2d(2),
-        )  # fmt: skip
-        side = image_size // 4
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * side * side, 128), act(), nn.Linear(128, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
-
-
-class TransferAlexNet(nn.Module):
-    """torchvision's AlexNet as ``backbone`` + ``head``; see the module docstring for modes."""
-
-    def __init__(self, num_classes: int, freeze_backbone: bool, imagenet_state: dict | None = None):
-        super().__init__()
-        alexnet = torchvision.models.alexnet()
-        if imagenet_state is not None:
-            alexnet.load_state_dict(imagenet_state)
-        self.backbone = nn.Sequential(alexnet.features, alexnet.avgpool, nn.Flatten(), *alexnet.classifier[:-1])
-        self.head = nn.Linear(alexnet.classifier[-1].in_features, num_classes)
+        self.backbone = backbone
+        self.head = head
         self.freeze_backbone = freeze_backbone
         if freeze_backbone:
             self.backbone.requires_grad_(False)
             self.backbone.eval()
 
-    def train(self, mode: bool = True) -> "TransferAlexNet":
+    def train(self, mode: bool = True) -> "BackboneHead":
         super().train(mode)
         if self.freeze_backbone:
             self.backbone.eval()
@@ -78,6 +59,24 @@ class TransferAlexNet(nn.Module):
         return self.head(self.backbone(x))
 
 
+def cnn_backbone(in_channels: int, image_size: int, activation: str = "relu") -> nn.Sequential:
+    """Two conv blocks and a hidden Linear layer of 128; for 1- or 3-channel square images."""
+    act = ACTIVATIONS[activation]
+    side = image_size // 4
+    return nn.Sequential(
+        nn.Conv2d(in_channels, 32, 3, padding=1), act(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), act(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * side * side, 128), act(),
+    )  # fmt: skip
+
+
+def alexnet_backbone(imagenet_state: dict | None) -> nn.Sequential:
+    alexnet = torchvision.models.alexnet()
+    if imagenet_state is not None:
+        alexnet.load_state_dict(imagenet_state)
+    return nn.Sequential(alexnet.features, alexnet.avgpool, nn.Flatten(), *alexnet.classifier[:-1])
+
+
 def build_model(
     model: str,
     mode: str,
@@ -85,19 +84,31 @@ def build_model(
     in_channels: int,
     image_size: int,
     activation: str = "relu",
-    imagenet_state: dict | None = None,
-) -> nn.Module:
+    pretrained_state: dict | None = None,
+) -> BackboneHead:
+    """``pretrained_state``: torchvision's AlexNet state dict for AlexNet; for the CNN, the
+    state dict of a CNN trained on a source task (its head is dropped). None in a
+    pretrained mode means random initialisation: the caller decided and warned."""
+    if mode not in MODES:
+        raise UserError(f"unknown mode '{mode}': use one of {', '.join(MODES)}")
+    if model == "alexnet":
+        backbone = alexnet_backbone(pretrained_state)
+        return BackboneHead(backbone, nn.Linear(4096, num_classes), mode == "feature_extract")
     if model == "cnn":
-        if mode != "scratch":
-            raise UserError(f"the vanilla CNN has no pretrained weights: use mode 'scratch', not '{mode}'")
-        return VanillaCNN(in_channels, num_classes, image_size, activation)
-    if model == "alexnet":  # imagenet_state None in a pretrained mode: random init, the caller warned
-        return TransferAlexNet(num_classes, freeze_backbone=mode == "feature_extract", imagenet_state=imagenet_state)
+        backbone = cnn_backbone(in_channels, image_size, activation)
+        if pretrained_state is not None:
+            source = {k[len("backbone.") :]: v for k, v in pretrained_state.items() if k.startswith("backbone.")}
+            try:
+                backbone.load_state_dict(source)
+            except RuntimeError as exc:
+                raise UserError(f"the source CNN does not fit this CNN ({str(exc).splitlines()[0]}): same input channels, size and activation?") from None
+        return BackboneHead(backbone, nn.Linear(128, num_classes), mode == "feature_extract")
     raise UserError(f"unknown model '{model}': use one of {', '.join(MODELS)}")
 
 
-def input_spec(model: str, dataset_channels: int, dataset_size: int, image_size: int | None, mean, std):
-    """(channels, size, mean, std) the model is fed: AlexNet takes RGB with ImageNet statistics."""
+def input_spec(model: str, dataset_channels: int, dataset_size: int, channels: int | None, image_size: int | None, mean, std):
+    """(channels, size, mean, std) the model is fed: AlexNet takes RGB with ImageNet statistics;
+    the CNN takes the dataset's (or the requested) channels and size with the dataset's statistics."""
     if model == "alexnet":
         size = image_size or 224
         if size < ALEXNET_MIN_SIZE:
@@ -106,7 +117,7 @@ def input_spec(model: str, dataset_channels: int, dataset_size: int, image_size:
     size = image_size or dataset_size
     if size < 4:
         raise UserError(f"--image-size must be at least 4 for the CNN, got {size}")
-    return dataset_channels, size, mean, std
+    return channels or dataset_channels, size, mean, std
 
 
 def load_imagenet_state(weights: str) -> dict:

@@ -61,7 +61,7 @@ def train_trial(config: dict, inputs: dict) -> None:
     torch.set_num_threads(max(1, int(cpus)))
     device = trial_device()
     splits: Splits = ray.get(inputs["splits"])
-    model, transform = setup_model(config, splits, ray.get(inputs["imagenet_state"]))
+    model, transform = setup_model(config, splits, ray.get(inputs["pretrained_state"]))
     model.to(device)
     optimizer = build_optimizer(config["optimizer"], model, config["lr"])
     epochs_done = 0
@@ -96,7 +96,7 @@ def score_on_test_split(config: dict, inputs: dict, checkpoint: tune.Checkpoint)
     """Test accuracy of a trial's checkpoint; runs as a Ray task with the trial's resources."""
     device = trial_device()
     splits: Splits = ray.get(inputs["splits"])
-    model, transform = setup_model(config, splits, ray.get(inputs["imagenet_state"]))
+    model, transform = setup_model(config, splits, ray.get(inputs["pretrained_state"]))
     model.to(device)
     with checkpoint.as_directory() as directory:
         load_checkpoint(directory, model)
@@ -210,10 +210,14 @@ def trial_config(experiment: Experiment, settings: dict) -> tuple[dict, list[dic
         "seed": settings["seed"],
         "image_size": settings["image_size"],
     }
-    reference_point = {k: reference[k] for k in space}
-    # The reference is evaluated first, unless the user moved the search space away from it.
-    in_space = all(domain.contains(reference_point[k]) for k, domain in space.items())
-    return param_space, [reference_point] if space and in_space else []
+    # The reference is evaluated first, then the best configurations of a warm-start run;
+    # points outside the (possibly narrowed) space are left out.
+    points = []
+    for point in [{k: reference[k] for k in space}, *settings.get("warm_start", [])]:
+        point = {k: point.get(k) for k in space}
+        if space and point not in points and all(v is not None and space[k].contains(v) for k, v in point.items()):
+            points.append(point)
+    return param_space, points
 
 
 def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir: Path) -> dict:

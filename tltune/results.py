@@ -112,6 +112,15 @@ def load_run(path: str | Path) -> list[ExperimentResult]:
     return experiments
 
 
+def top_configs(path: str | Path, experiment: str, k: int = 3) -> list[dict]:
+    """The configurations of the ``k`` best trials of ``experiment`` in a previous run (warm start)."""
+    matches = [e for e in load_run(path) if e.name == experiment]
+    if not matches:
+        return []
+    trials = sorted((t for t in matches[0].trials if t.score > -math.inf), key=lambda t: t.score, reverse=True)
+    return [t.config for t in trials[:k]]
+
+
 # ---------------------------------------------------------------------------- formatting
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "mnist": "MNIST", "svhn": "SVHN"}

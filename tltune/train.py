@@ -115,7 +115,10 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     """Restore what :func:`save_checkpoint` wrote; returns the number of epochs done."""
     state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=next(model.parameters()).device, weights_only=True)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
-    result = model.load_state_dict(state["model"], strict=False)
+    try:
+        result = model.load_state_dict(state["model"], strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when strict=False
+        raise ValueError(f"checkpoint in {directory} does not fit the model: {exc}") from None
     if result.unexpected_keys or set(result.missing_keys) - frozen:
         raise ValueError(f"checkpoint in {directory} does not fit the model: {result}")
     if optimizer is not None:
@@ -123,10 +126,16 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     return int(state["epoch"])
 
 
-def setup_model(config: dict, splits, imagenet_state: dict | None) -> tuple[nn.Module, BatchTransform]:
+def setup_model(config: dict, splits, pretrained_state: dict | None) -> tuple[nn.Module, BatchTransform]:
     """The model a trial ``config`` describes, and the batch transform that feeds it."""
     channels, size, mean, std = input_spec(
-        config["model"], splits.channels, splits.image_size, config.get("image_size"), splits.mean, splits.std
+        config["model"],
+        splits.channels,
+        splits.image_size,
+        config.get("channels"),
+        config.get("image_size"),
+        splits.mean,
+        splits.std,
     )
     model = build_model(
         config["model"],
@@ -135,6 +144,6 @@ def setup_model(config: dict, splits, imagenet_state: dict | None) -> tuple[nn.M
         channels,
         size,
         config.get("activation", "relu"),
-        imagenet_state,
+        pretrained_state,
     )
     return model, BatchTransform(channels, size, mean, std)

@@ -1,0 +1,43 @@
+from ray import tune
+
+from tltune.experiments import EXPERIMENTS, IntRange, LogUniform
+from tltune.raytune import to_tune_domain, trial_config
+
+
+def settings(**changes):
+    experiment = EXPERIMENTS["cifar10-cnn-search"]
+    base = {
+        "dataset": "cifar10", "reference": dict(experiment.reference), "space": dict(experiment.space),
+        "batch_size": 64, "seed": 0, "image_size": None, "warm_start": [],
+    }  # fmt: skip
+    return experiment, {**base, **changes}
+
+
+def test_reference_is_the_first_point_and_space_becomes_tune_domains():
+    param_space, points = trial_config(*settings())
+    assert points == [{"optimizer": "adam", "activation": "tanh", "lr": 1e-4, "epochs": 3}]
+    assert isinstance(param_space["lr"], tune.search.sample.Float)
+    assert param_space["model"] == "cnn" and param_space["batch_size"] == 64
+    epochs = to_tune_domain(IntRange(1, 10))
+    assert {epochs.sample() for _ in range(300)} == set(range(1, 11)), "both ends of an IntRange are included"
+
+
+def test_warm_start_points_follow_the_reference_and_respect_the_space():
+    experiment, s = settings(
+        warm_start=[
+            {"optimizer": "sgd", "activation": "relu", "lr": 0.01, "epochs": 4, "seed": 3},
+            {"optimizer": "adam", "activation": "tanh", "lr": 1e-4, "epochs": 3},  # the reference again
+            {"optimizer": "sgd", "activation": "relu", "lr": 5.0, "epochs": 4},  # outside the lr range
+        ]
+    )
+    _, points = trial_config(experiment, s)
+    assert points == [
+        {"optimizer": "adam", "activation": "tanh", "lr": 1e-4, "epochs": 3},
+        {"optimizer": "sgd", "activation": "relu", "lr": 0.01, "epochs": 4},
+    ]
+
+
+def test_reference_outside_a_narrowed_space_is_not_evaluated():
+    experiment, s = settings()
+    s["space"]["lr"] = LogUniform(1e-3, 1e-2)
+    assert trial_config(experiment, s)[1] == []
