@@ -151,12 +151,12 @@ def check_args(args) -> None:
 
 def resolve_weights(args, needed: bool) -> dict | None:
     """ImageNet AlexNet weights if any experiment needs them; read once here, before Ray."""
-    from tltune.models import load_pretrained_state
+    from tltune.models import load_imagenet_state
 
     if not needed or args.weights == "none":
         return None
     try:
-        return load_pretrained_state(args.weights or "imagenet")
+        return load_imagenet_state(args.weights or "imagenet")
     except UserError as exc:
         if args.quick and args.weights is None:
             print(
