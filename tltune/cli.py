@@ -18,8 +18,8 @@ from tltune import experiments as registry
 from tltune.errors import UserError
 from tltune.experiments import Experiment, IntRange, LogUniform, check_settings
 from tltune.models import ACTIVATIONS, PRETRAINED_MODES
-from tltune.results import top_configs
-from tltune.train import OPTIMIZERS
+from tltune.results import best_checkpoint, top_configs
+from tltune.train import OPTIMIZERS, load_model_state
 
 # --quick: the same code path on a subset, small AlexNet input, few trials: minutes on a laptop CPU.
 QUICK = {
@@ -61,6 +61,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     sweep.add_argument("--cpus-per-trial", type=float, help="default: the CPUs of a node shared among the trials")
     sweep.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on one GPU (default: 1 if the cluster has GPUs, else 0)")
     sweep.add_argument("--grace-period", type=int, help=f"ASHA: epochs before a trial may be stopped (default {DEFAULT_GRACE_PERIOD})")
+    sweep.add_argument("--source-run", metavar="RUN_DIR", help="transfer experiments: take the source CNN from this run (default: this run)")
     sweep.add_argument("--warm-start", metavar="RUN_DIR", help="first evaluate the best configurations of the same experiments in a previous run")
     sweep.add_argument("--address", help="join this Ray cluster (else $RAY_ADDRESS, else start a local Ray)")
     sweep.add_argument("--storage-path", default="results", help="where run directories go")
@@ -110,7 +111,8 @@ def experiment_settings(experiment: Experiment, args) -> dict:
     num_samples = _given(args.num_samples, min(experiment.num_samples, QUICK["num_samples"]) if args.quick else experiment.num_samples)
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")
-    image_size = _given(args.image_size, QUICK["alexnet_image_size"] if args.quick and experiment.model == "alexnet" else None)
+    quick_size = QUICK["alexnet_image_size"] if args.quick and experiment.model == "alexnet" else None
+    image_size = _given(args.image_size, experiment.input.get("image_size", quick_size))
     grace = _given(args.grace_period, QUICK["grace_period"] if args.quick else DEFAULT_GRACE_PERIOD)
     return {
         "dataset": args.dataset or experiment.dataset,
@@ -121,6 +123,7 @@ def experiment_settings(experiment: Experiment, args) -> dict:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "image_size": image_size,
+        "channels": experiment.input.get("channels"),
         "grace_period": grace,
         "max_concurrent_trials": args.max_concurrent_trials,
         "warm_start": top_configs(args.warm_start, experiment.name) if args.warm_start else [],
@@ -237,7 +240,11 @@ def _run(experiment_names: list[str], args, script: str) -> int:
         s = splits[dataset]
         print(f"{dataset}: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images, "
               f"{s.image_size}x{s.image_size}x{s.channels}, {s.num_classes} classes ({time.time() - started:.1f}s)")  # fmt: skip
-    pretrained_state = resolve_weights(args, needed=any(e.mode in PRETRAINED_MODES for e in chosen))
+    imagenet_state = resolve_weights(args, needed=any(e.model == "alexnet" and e.mode in PRETRAINED_MODES for e in chosen))
+    chosen_names = {e.name for e in chosen}
+    for experiment in chosen:
+        if experiment.source and experiment.source not in chosen_names:
+            best_checkpoint(args.source_run or "", experiment.source)  # fails now, not after hours of other experiments
     run_dir = new_run_dir(args, script)
     (run_dir / "run.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args)}, indent=2, default=str))
 
@@ -247,16 +254,25 @@ def _run(experiment_names: list[str], args, script: str) -> int:
 
     start_ray(args)
     try:
-        weights_ref = ray.put(pretrained_state)
+        imagenet_ref, none_ref = ray.put(imagenet_state), ray.put(None)
         split_refs = {name: ray.put(s) for name, s in splits.items()}
         print(f"results: {run_dir}")
         for experiment in chosen:
             s = settings[experiment.name]
             s["cpus_per_trial"], s["gpus_per_trial"] = trial_resources(args, s["num_samples"])
-            s["pretrained"] = "none" if pretrained_state is None else (args.weights or "imagenet")
+            pretrained_ref = none_ref
+            if experiment.source:  # the CNN takes the architecture, and maybe the weights, of the source's best trial
+                source_config, checkpoint = best_checkpoint(args.source_run or run_dir, experiment.source)
+                s["reference"]["activation"] = source_config["activation"]
+                s["pretrained"] = str(checkpoint)
+                if experiment.mode in PRETRAINED_MODES:
+                    pretrained_ref = ray.put(load_model_state(checkpoint))
+            elif experiment.model == "alexnet":
+                s["pretrained"] = "none" if imagenet_state is None else (args.weights or "imagenet")
+                pretrained_ref = imagenet_ref
             print(f"\n== {experiment.name}: {s['num_samples']} trial(s), up to {s['max_epochs']} epochs, "
                   f"{s['cpus_per_trial']:g} CPU / {s['gpus_per_trial']:g} GPU per trial")  # fmt: skip
-            inputs = {"splits": split_refs[s["dataset"]], "pretrained_state": weights_ref}
+            inputs = {"splits": split_refs[s["dataset"]], "pretrained_state": pretrained_ref}
             run_experiment(experiment, s, inputs, run_dir)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are kept in {run_dir}", file=sys.stderr)

@@ -67,6 +67,10 @@ class Experiment:
     reference_accuracy: float | None  # the seed's test accuracy in %, None where it never filled the cell
     space: dict = field(default_factory=dict)  # hyperparameter -> Choice | LogUniform | IntRange
     num_samples: int = 1  # trials in a full run; the first one is the reference
+    input: dict = field(default_factory=dict)  # fixed input format, e.g. {"channels": 3, "image_size": 32}
+    # For the CNN: the experiment whose best trial supplies the architecture (its activation)
+    # and, in a pretrained mode, the backbone weights.
+    source: str | None = None
 
     def max_epochs(self) -> int:
         epochs = self.space.get("epochs")
@@ -98,6 +102,30 @@ def alexnet_pair(dataset: str, epochs: int, finetune_accuracy: float, extract_ac
     ]  # fmt: skip
 
 
+# MNIST -> SVHN: both as 3-channel 32x32 images, SVHN's native format. MNIST digits are
+# resized 28 -> 32 and their gray channel copied to R, G and B; each dataset is normalised
+# with its own per-channel statistics. The same CNN then fits both without any change.
+MNIST_TO_SVHN_INPUT = {"channels": 3, "image_size": 32}
+
+
+def mnist_to_svhn() -> list[Experiment]:
+    """Train the CNN on MNIST, then on SVHN: fine-tune it, train only its head, and (the
+    control) train the same CNN from scratch, so the transfer's gain is a number."""
+    source = "mnist_to_svhn-source"
+    space = {k: v for k, v in CNN_SEARCH_SPACE.items() if k != "activation"}  # the source fixes it
+    common = dict(space=space, num_samples=10, input=MNIST_TO_SVHN_INPUT, source=source)
+    return [
+        Experiment(source, "mnist", "cnn", "scratch", "vanilla CNN on MNIST as 3x32x32 (transfer source)",
+                   CNN_REFERENCE, None, CNN_SEARCH_SPACE, num_samples=10, input=MNIST_TO_SVHN_INPUT),
+        Experiment("mnist_to_svhn-finetune", "svhn", "cnn", "finetune",
+                   "vanilla CNN pretrained on MNIST, fine-tuned", CNN_REFERENCE, None, **common),
+        Experiment("mnist_to_svhn-feature_extract", "svhn", "cnn", "feature_extract",
+                   "vanilla CNN pretrained on MNIST, only the last Linear trained", CNN_REFERENCE, None, **common),
+        Experiment("mnist_to_svhn-scratch", "svhn", "cnn", "scratch",
+                   "vanilla CNN from scratch (control)", CNN_REFERENCE, None, **common),
+    ]  # fmt: skip
+
+
 EXPERIMENTS = {
     e.name: e
     for e in [
@@ -111,6 +139,7 @@ EXPERIMENTS = {
         *alexnet_pair("mnist", 5, 99.57, 97.52),
         Experiment("svhn-cnn", "svhn", "cnn", "scratch", "vanilla CNN", CNN_REFERENCE, 87.0, CNN_SEARCH_SPACE, num_samples=10),
         *alexnet_pair("svhn", 5, 94.30, 46.56),
+        *mnist_to_svhn(),
     ]
 }  # fmt: skip
 
@@ -124,6 +153,10 @@ def validate(experiment: Experiment) -> None:
         raise UserError(f"experiment {e.name}: unknown mode '{e.mode}' (use {', '.join(MODES)})")
     for name, domain in e.space.items():
         domain.check(f"{e.name}.{name}")
+    if e.source is not None and (e.model != "cnn" or e.source not in EXPERIMENTS or EXPERIMENTS[e.source].model != "cnn"):
+        raise UserError(f"experiment {e.name}: source '{e.source}' must be a declared CNN experiment, and {e.name} a CNN")
+    if e.model == "cnn" and e.mode != "scratch" and e.source is None:
+        raise UserError(f"experiment {e.name}: a pretrained CNN needs a source experiment to take its weights from")
     missing = set(e.space) - set(e.reference)
     if missing:
         raise UserError(f"experiment {e.name}: searched {sorted(missing)} without a reference value: add them to reference")

@@ -209,6 +209,7 @@ def trial_config(experiment: Experiment, settings: dict) -> tuple[dict, list[dic
         "batch_size": settings["batch_size"],
         "seed": settings["seed"],
         "image_size": settings["image_size"],
+        "channels": settings["channels"],
     }
     # The reference is evaluated first, then the best configurations of a warm-start run;
     # points outside the (possibly narrowed) space are left out.

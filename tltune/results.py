@@ -112,6 +112,22 @@ def load_run(path: str | Path) -> list[ExperimentResult]:
     return experiments
 
 
+def best_checkpoint(path: str | Path, experiment: str) -> tuple[dict, Path]:
+    """(config, latest checkpoint directory) of the best trial of ``experiment`` in a run."""
+    hint = f"run '{experiment}' first (sweeps/mnist_to_svhn.py runs it before the transfer), or pass --source-run RUN_DIR"
+    try:
+        matches = [e for e in load_run(path) if e.name == experiment] if str(path) else []
+    except UserError:
+        matches = []
+    best = matches[0].best() if matches else None
+    if best is None:
+        raise UserError(f"no finished trial of '{experiment}' in {path or 'this run'}: {hint}")
+    checkpoints = sorted((matches[0].path / best["best_trial"]).glob("checkpoint_*"))
+    if not checkpoints:
+        raise UserError(f"the best trial of '{experiment}' in {path} kept no checkpoint: {hint}")
+    return best["config"], checkpoints[-1]
+
+
 def top_configs(path: str | Path, experiment: str, k: int = 3) -> list[dict]:
     """The configurations of the ``k`` best trials of ``experiment`` in a previous run (warm start)."""
     matches = [e for e in load_run(path) if e.name == experiment]

@@ -111,6 +111,11 @@ def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
     torch.save({"model": state, "optimizer": optimizer.state_dict(), "epoch": epoch}, Path(directory) / CHECKPOINT_FILE)
 
 
+def load_model_state(directory: str | Path) -> dict:
+    """The model state dict of a checkpoint (to transfer it to another task)."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"]
+
+
 def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
     """Restore what :func:`save_checkpoint` wrote; returns the number of epochs done."""
     state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=next(model.parameters()).device, weights_only=True)

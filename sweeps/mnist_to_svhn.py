@@ -1,0 +1,18 @@
+"""Transfer MNIST -> SVHN: train the vanilla CNN on MNIST, then on SVHN fine-tune it, train
+only its last Linear, and train the same CNN from scratch as the control.
+
+Both datasets are fed as 3-channel 32x32 images (SVHN's format: MNIST is resized and its gray
+channel copied to RGB). SVHN is not bundled offline: --data-root DIR with svhn/{train,test}_32x32.mat.
+
+    python sweeps/mnist_to_svhn.py --quick
+    python sweeps/mnist_to_svhn.py --experiments mnist_to_svhn-finetune --source-run results/<earlier run>
+"""
+
+import sys
+
+from tltune.cli import main
+
+EXPERIMENTS = ["mnist_to_svhn-source", "mnist_to_svhn-finetune", "mnist_to_svhn-feature_extract", "mnist_to_svhn-scratch"]
+
+if __name__ == "__main__":
+    sys.exit(main(EXPERIMENTS, __doc__))

@@ -1,0 +1,58 @@
+"""MNIST -> SVHN end to end on a local Ray: real MNIST, and SVHN files in the real .mat format."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, write_svhn_mat
+
+
+@pytest.fixture(scope="module")
+def transfer_run(tmp_path_factory, real_data_root):
+    tmp = tmp_path_factory.mktemp("transfer")
+    data = tmp / "data"
+    data.mkdir()
+    (data / "MNIST").symlink_to(real_data_root / "MNIST")
+    write_svhn_mat(data / "svhn" / "train_32x32.mat", 600)
+    write_svhn_mat(data / "svhn" / "test_32x32.mat", 200, seed=1)
+    argv = [
+        sys.executable, str(ROOT / "sweeps" / "mnist_to_svhn.py"), "--quick", "--num-samples", "2",
+        "--max-epochs", "1", "--train-subset", "500", "--test-subset", "200",
+        "--data-root", str(data), "--storage-path", str(tmp / "results"), "--name", "chain",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return tmp / "results" / "chain", out.stdout, argv
+
+
+def test_every_stage_of_the_chain_finishes_with_a_test_accuracy(transfer_run):
+    run_dir, stdout, _ = transfer_run
+    for name in ("mnist_to_svhn-source", "mnist_to_svhn-finetune", "mnist_to_svhn-feature_extract", "mnist_to_svhn-scratch"):
+        summary = json.loads((run_dir / name / "tltune_best.json").read_text())
+        assert summary["trials"] == 2 and 0 <= summary["test_acc"] <= 1
+        assert summary["config"]["channels"] == 3 and summary["config"]["image_size"] == 32
+    source = json.loads((run_dir / "mnist_to_svhn-source" / "tltune_best.json").read_text())
+    assert source["test_acc"] > 0.5, "the CNN learns MNIST (as 3x32x32) even in one short epoch"
+    assert "| SVHN | vanilla CNN pretrained on MNIST, fine-tuned |" in stdout
+
+
+def test_targets_take_the_source_architecture_and_weights(transfer_run):
+    run_dir, _, _ = transfer_run
+    source = json.loads((run_dir / "mnist_to_svhn-source" / "tltune_best.json").read_text())
+    for name in ("mnist_to_svhn-finetune", "mnist_to_svhn-feature_extract", "mnist_to_svhn-scratch"):
+        record = json.loads((run_dir / name / "tltune_experiment.json").read_text())
+        assert record["settings"]["pretrained"].startswith(str(run_dir / "mnist_to_svhn-source" / source["best_trial"]))
+        for params in (run_dir / name).glob("*/params.json"):
+            assert json.loads(params.read_text())["activation"] == source["config"]["activation"]
+
+
+def test_transfer_without_a_source_fails_before_ray(transfer_run, tmp_path):
+    _, _, argv = transfer_run
+    argv = argv[:2] + ["--experiments", "mnist_to_svhn-finetune"] + argv[2:-4] + ["--storage-path", str(tmp_path), "--name", "x"]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and "--source-run" in out.stderr and "Traceback" not in out.stderr
+    with_source = argv + ["--source-run", str(transfer_run[0])]
+    with_source[with_source.index("x")] = "y"
+    assert subprocess.run(with_source, capture_output=True, text=True, timeout=300).returncode == 0
