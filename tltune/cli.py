@@ -171,13 +171,33 @@ def resolve_weights(args, needed: bool) -> dict | None:
         raise
 
 
-def new_run_dir(args, script: str) -> Path:
-    name = args.name or f"{script}-{time.strftime('%Y%m%d-%H%M%S')}"
+def new_run_dir(args, script: str, run_all: bool) -> Path:
+    """A new directory; with ``run_all`` the same one every time (``all``), added to."""
+    name = args.name or ("all" if run_all else f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = (Path(args.storage_path).expanduser() / name).resolve()
-    if run_dir.exists():
+    if run_dir.exists() and not run_all:
         raise UserError(f"{run_dir} already exists and is never overwritten: pass another --name")
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def skip_finished(chosen: list[Experiment], run_dir: Path) -> list[Experiment]:
+    """Experiments of ``run_dir`` that finished are skipped; an interrupted one is set aside
+    (renamed, never deleted) and run again."""
+    from tltune.results import SUMMARY_FILE
+
+    remaining = []
+    for experiment in chosen:
+        exp_dir = run_dir / experiment.name
+        if (exp_dir / SUMMARY_FILE).is_file():
+            print(f"{experiment.name}: finished in {exp_dir}, skipped")
+            continue
+        if exp_dir.exists():
+            aside = exp_dir.with_name(f"{experiment.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
+            exp_dir.rename(aside)
+            print(f"{experiment.name}: unfinished results moved to {aside}; running it again")
+        remaining.append(experiment)
+    return remaining
 
 
 def start_ray(args) -> None:
@@ -212,17 +232,19 @@ def trial_resources(args, num_samples: int) -> tuple[float, float]:
     return cpus, gpus
 
 
-def main(experiment_names: list[str], description: str, argv: list[str] | None = None) -> int:
+def main(experiment_names: list[str], description: str, argv: list[str] | None = None, run_all: bool = False) -> int:
+    """Run the experiments; ``run_all``: keep adding to one run directory, skip what finished,
+    and skip (with a warning) experiments whose data or weights are not available."""
     args = build_parser(description).parse_args(argv)
     script = Path(sys.argv[0]).stem or "tltune"
     try:
-        return _run(experiment_names, args, script)
+        return _run(experiment_names, args, script, run_all)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-def _run(experiment_names: list[str], args, script: str) -> int:
+def _run(experiment_names: list[str], args, script: str, run_all: bool = False) -> int:
     from tltune.data import load_dataset, make_splits
 
     check_args(args)
@@ -232,21 +254,48 @@ def _run(experiment_names: list[str], args, script: str) -> int:
         "train_subset": _given(args.train_subset, QUICK["train_subset"] if args.quick else None),
         "test_subset": _given(args.test_subset, QUICK["test_subset"] if args.quick else None),
     }
+    if run_all:
+        run_dir = new_run_dir(args, script, run_all)
+        chosen = skip_finished(chosen, run_dir)
     splits = {}
-    for dataset in dict.fromkeys(s["dataset"] for s in settings.values()):
+    for dataset in dict.fromkeys(settings[e.name]["dataset"] for e in chosen):
         started = time.time()
-        loaded = load_dataset(dataset, args.data_root)
+        try:
+            loaded = load_dataset(dataset, args.data_root)
+        except UserError as exc:
+            if not run_all:
+                raise
+            print(f"warning: skipping the {dataset} experiments: {exc}", file=sys.stderr)
+            chosen = [e for e in chosen if settings[e.name]["dataset"] != dataset]
+            continue
         splits[dataset] = make_splits(loaded, args.val_fraction, args.seed, **subset)
         s = splits[dataset]
         print(f"{dataset}: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images, "
               f"{s.image_size}x{s.image_size}x{s.channels}, {s.num_classes} classes ({time.time() - started:.1f}s)")  # fmt: skip
-    imagenet_state = resolve_weights(args, needed=any(e.model == "alexnet" and e.mode in PRETRAINED_MODES for e in chosen))
+    try:
+        imagenet_state = resolve_weights(args, needed=any(e.model == "alexnet" and e.mode in PRETRAINED_MODES for e in chosen))
+    except UserError as exc:
+        if not run_all:
+            raise
+        print(f"warning: skipping the pretrained AlexNet experiments: {exc}", file=sys.stderr)
+        chosen, imagenet_state = [e for e in chosen if not (e.model == "alexnet" and e.mode in PRETRAINED_MODES)], None
     chosen_names = {e.name for e in chosen}
-    for experiment in chosen:
+    for experiment in list(chosen):
         if experiment.source and experiment.source not in chosen_names:
-            best_checkpoint(args.source_run or "", experiment.source)  # fails now, not after hours of other experiments
-    run_dir = new_run_dir(args, script)
-    (run_dir / "run.json").write_text(json.dumps({"argv": sys.argv, "args": vars(args)}, indent=2, default=str))
+            try:  # fail now, not after hours of other experiments
+                best_checkpoint(args.source_run or (str(run_dir) if run_all else ""), experiment.source)
+            except UserError as exc:
+                if not run_all:
+                    raise
+                print(f"warning: skipping {experiment.name}: {exc}", file=sys.stderr)
+                chosen.remove(experiment)
+    if not chosen:
+        print("nothing to run")
+        return 0
+    if not run_all:
+        run_dir = new_run_dir(args, script, run_all)
+    with open(run_dir / "runs.jsonl", "a") as runs:  # every invocation that wrote here
+        runs.write(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "args": vars(args)}, default=str) + "\n")
 
     import ray
 
