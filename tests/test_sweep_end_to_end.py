@@ -91,3 +91,22 @@ def test_a_second_run_with_the_same_name_refuses(sweep):
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=run_dir.parent.parent)
     assert out.returncode == 2 and "already exists" in out.stderr
     assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+def test_report_from_the_result_directory(sweep, tmp_path):
+    run_dir, _, _ = sweep
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "analysis" / "report.py"), str(run_dir.parent), "--out", str(tmp_path / "report")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    report = (tmp_path / "report" / "report.md").read_text()
+    summary = json.loads((run_dir / "cifar10-cnn-search" / "tltune_best.json").read_text())
+    row = next(line for line in report.splitlines() if line.startswith("| CIFAR-10 | small CNN, best of the search"))
+    assert f"{100 * summary['test_acc']:.2f}%" in row and "53.00%" in row
+    assert f"{100 * summary['test_acc'] - 53.0:+.2f}" in row
+    assert "| MNIST | vanilla CNN | 0.001 | 5 | 98.00% | not run |" in report, "no made-up numbers for what did not run"
+    assert "### cifar10-cnn-search" in report and "wrote" in out.stdout
+    for png in ("learning_curves.png", "accuracy_vs_lr.png", "finetune_vs_feature_extraction.png"):
+        data = (tmp_path / "report" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"]({png})" in report

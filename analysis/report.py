@@ -1,0 +1,32 @@
+"""Markdown report with plots: every experiment beside the seed's reference, top trials,
+learning curves, accuracy vs learning rate, fine-tuning vs feature extraction.
+
+    python analysis/report.py results                       # every run under ./results
+    python analysis/report.py results/all --out docs/report
+
+Reads result directories only; experiments without results show as "not run".
+"""
+
+import argparse
+import sys
+
+from tltune.errors import UserError
+from tltune.report import write_report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="run directories, or folders holding them")
+    parser.add_argument("--out", default="report", help="folder for report.md and the PNG plots")
+    args = parser.parse_args(argv)
+    try:
+        report = write_report(args.paths, args.out)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
