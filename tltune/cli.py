@@ -54,6 +54,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--epochs-range", type=int, nargs=2, metavar=("LOW", "HIGH"), help="search epochs in [LOW, HIGH]")
     model.add_argument("--max-epochs", type=int, help="cap every epoch count (reference and search)")
     model.add_argument("--batch-size", type=int, default=64)
+    model.add_argument("--no-feature-cache", action="store_true", help="feature extraction: run the frozen backbone in every epoch instead of once")
     model.add_argument("--seed", type=int, default=0)
     sweep = p.add_argument_group("sweep")
     sweep.add_argument("--num-samples", type=int, help="trials per experiment (default: each experiment's own)")
@@ -124,6 +125,8 @@ def experiment_settings(experiment: Experiment, args) -> dict:
         "seed": args.seed,
         "image_size": image_size,
         "channels": experiment.input.get("channels"),
+        # the frozen backbone's output is computed once, unless the backbone itself is searched
+        "cached_features": experiment.mode == "feature_extract" and "activation" not in space and not args.no_feature_cache,
         "grace_period": grace,
         "max_concurrent_trials": args.max_concurrent_trials,
         "warm_start": top_configs(args.warm_start, experiment.name) if args.warm_start else [],

@@ -23,6 +23,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from tltune.data import Splits, as_tensors
+from tltune.features import feature_splits
 from tltune.experiments import Choice, Experiment, IntRange, LogUniform
 from tltune.models import PRETRAINED_MODES
 from tltune.results import EXPERIMENT_FILE, METRIC, SUMMARY_FILE
@@ -103,6 +104,12 @@ def score_on_test_split(config: dict, inputs: dict, checkpoint: tune.Checkpoint)
     test_x, test_y = as_tensors(splits.test, device)
     stats = evaluate(model, test_x, test_y, transform)
     return {"test_acc": stats.accuracy, "test_loss": stats.loss, "test_images": len(test_y)}
+
+
+def precompute_features(input_config: dict, inputs: dict) -> Splits:
+    """Backbone features of every image, computed once (or read from the disk cache) on the
+    device a trial would get; runs as a Ray task, its result stays in the object store."""
+    return feature_splits(ray.get(inputs["splits"]), input_config, ray.get(inputs["pretrained_state"]), trial_device())
 
 
 class TensorBoardCallback(tune.Callback):
@@ -210,6 +217,7 @@ def trial_config(experiment: Experiment, settings: dict) -> tuple[dict, list[dic
         "seed": settings["seed"],
         "image_size": settings["image_size"],
         "channels": settings["channels"],
+        "cached_features": settings["cached_features"],
     }
     # The reference is evaluated first, then the best configurations of a warm-start run;
     # points outside the (possibly narrowed) space are left out.
@@ -232,6 +240,19 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
     exp_dir.mkdir(parents=True, exist_ok=False)
     (exp_dir / EXPERIMENT_FILE).write_text(json.dumps(experiment_record(experiment, settings), indent=2, default=str))
 
+    if settings["cached_features"]:
+        started = time.time()
+        task = ray.remote(num_cpus=settings["cpus_per_trial"], num_gpus=settings["gpus_per_trial"])(precompute_features)
+        input_config = {
+            "model": experiment.model,
+            "activation": settings["reference"].get("activation", "relu"),
+            "image_size": settings["image_size"],
+            "channels": settings["channels"],
+        }
+        features = task.remote(input_config, inputs)
+        ray.wait([features], fetch_local=False)
+        inputs = {**inputs, "splits": features}
+        print(f"backbone features ready in {time.time() - started:.1f}s (computed once, or from the cache)")
     param_space, points = trial_config(experiment, settings)
     max_epochs = max(settings["max_epochs"], 1)
     search = OptunaSearch(points_to_evaluate=points or None, seed=settings["seed"]) if settings["space"] else None

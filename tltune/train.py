@@ -17,7 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tltune.data import BatchTransform, iterate_batches
-from tltune.models import build_model, input_spec
+from tltune.features import FeatureTransform
+from tltune.models import BackboneHead, build_model, input_spec
 
 OPTIMIZERS = {
     "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
@@ -132,7 +133,11 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
 
 
 def setup_model(config: dict, splits, pretrained_state: dict | None) -> tuple[nn.Module, BatchTransform]:
-    """The model a trial ``config`` describes, and the batch transform that feeds it."""
+    """The model a trial ``config`` describes, and the batch transform that feeds it.
+    With ``cached_features`` the splits hold backbone features and the model is the head."""
+    if config.get("cached_features"):
+        head = nn.Linear(splits.train.images.shape[1], splits.num_classes)
+        return BackboneHead(nn.Identity(), head), FeatureTransform()
     channels, size, mean, std = input_spec(
         config["model"],
         splits.channels,
