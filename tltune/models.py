@@ -91,10 +91,13 @@ def build_model(
     pretrained mode means random initialisation: the caller decided and warned."""
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}': use one of {', '.join(MODES)}")
+    # The head is created first, so it draws the same initial weights as the head that
+    # trains alone on cached features (tltune.features).
     if model == "alexnet":
-        backbone = alexnet_backbone(pretrained_state)
-        return BackboneHead(backbone, nn.Linear(4096, num_classes), mode == "feature_extract")
+        head = nn.Linear(4096, num_classes)
+        return BackboneHead(alexnet_backbone(pretrained_state), head, mode == "feature_extract")
     if model == "cnn":
+        head = nn.Linear(128, num_classes)
         backbone = cnn_backbone(in_channels, image_size, activation)
         if pretrained_state is not None:
             source = {k[len("backbone.") :]: v for k, v in pretrained_state.items() if k.startswith("backbone.")}
@@ -102,7 +105,7 @@ def build_model(
                 backbone.load_state_dict(source)
             except RuntimeError as exc:
                 raise UserError(f"the source CNN does not fit this CNN ({str(exc).splitlines()[0]}): same input channels, size and activation?") from None
-        return BackboneHead(backbone, nn.Linear(128, num_classes), mode == "feature_extract")
+        return BackboneHead(backbone, head, mode == "feature_extract")
     raise UserError(f"unknown model '{model}': use one of {', '.join(MODELS)}")
 
 

@@ -66,20 +66,22 @@ def train_one_epoch(
 ) -> EpochStats:
     model.train()
     device = next(model.parameters()).device
-    total_loss, correct, seen = 0.0, 0, 0
+    # Sums stay on the device: no host sync per batch (it would stall a GPU).
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in iterate_batches(images, labels, batch_size, shuffle=True, generator=generator):
         x, y = transform(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         logits = model(x)
         loss = F.cross_entropy(logits, y)
-        if not torch.isfinite(loss):
-            raise DivergedError(f"training loss became {loss.item()} after {seen} images")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        seen += len(y)
-    return EpochStats(total_loss / seen, correct / seen)
+        total_loss += loss.detach() * len(y)
+        correct += (logits.argmax(1) == y).sum()
+    mean_loss = total_loss.item() / len(labels)
+    if not math.isfinite(mean_loss):
+        raise DivergedError(f"training loss became {mean_loss}: the learning rate is probably too high")
+    return EpochStats(mean_loss, correct.item() / len(labels))
 
 
 @torch.no_grad()
@@ -88,14 +90,16 @@ def evaluate(
 ) -> EpochStats:
     model.eval()
     device = next(model.parameters()).device
-    total_loss, correct = 0.0, 0
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in iterate_batches(images, labels, batch_size, shuffle=False):
         x, y = transform(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
         logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        total_loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
     n = len(labels)
-    loss = total_loss / n
+    loss = total_loss.item() / n
+    correct = correct.item()
     return EpochStats(loss if math.isfinite(loss) else float("nan"), correct / n)
 
 
