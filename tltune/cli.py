@@ -63,6 +63,7 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     sweep.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on one GPU (default: 1 if the cluster has GPUs, else 0)")
     sweep.add_argument("--grace-period", type=int, help=f"ASHA: epochs before a trial may be stopped (default {DEFAULT_GRACE_PERIOD})")
     sweep.add_argument("--source-run", metavar="RUN_DIR", help="transfer experiments: take the source CNN from this run (default: this run)")
+    sweep.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its original settings: finished experiments are kept, unfinished trials go on from their checkpoints")
     sweep.add_argument("--warm-start", metavar="RUN_DIR", help="first evaluate the best configurations of the same experiments in a previous run")
     sweep.add_argument("--address", help="join this Ray cluster (else $RAY_ADDRESS, else start a local Ray)")
     sweep.add_argument("--storage-path", default="results", help="where run directories go")
@@ -184,9 +185,9 @@ def new_run_dir(args, script: str, run_all: bool) -> Path:
     return run_dir
 
 
-def skip_finished(chosen: list[Experiment], run_dir: Path) -> list[Experiment]:
-    """Experiments of ``run_dir`` that finished are skipped; an interrupted one is set aside
-    (renamed, never deleted) and run again."""
+def skip_finished(chosen: list[Experiment], run_dir: Path, set_aside: bool) -> list[Experiment]:
+    """Experiments of ``run_dir`` that finished are skipped; an interrupted one is resumed, or
+    with ``set_aside`` renamed (never deleted) and run again."""
     from tltune.results import SUMMARY_FILE
 
     remaining = []
@@ -195,7 +196,7 @@ def skip_finished(chosen: list[Experiment], run_dir: Path) -> list[Experiment]:
         if (exp_dir / SUMMARY_FILE).is_file():
             print(f"{experiment.name}: finished in {exp_dir}, skipped")
             continue
-        if exp_dir.exists():
+        if exp_dir.exists() and set_aside:
             aside = exp_dir.with_name(f"{experiment.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
             exp_dir.rename(aside)
             print(f"{experiment.name}: unfinished results moved to {aside}; running it again")
@@ -238,13 +239,31 @@ def trial_resources(args, num_samples: int) -> tuple[float, float]:
 def main(experiment_names: list[str], description: str, argv: list[str] | None = None, run_all: bool = False) -> int:
     """Run the experiments; ``run_all``: keep adding to one run directory, skip what finished,
     and skip (with a warning) experiments whose data or weights are not available."""
-    args = build_parser(description).parse_args(argv)
+    parser = build_parser(description)
+    args = parser.parse_args(argv)
     script = Path(sys.argv[0]).stem or "tltune"
     try:
+        if args.resume:
+            args = resumed_args(parser, args)
         return _run(experiment_names, args, script, run_all)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def resumed_args(parser: argparse.ArgumentParser, args):
+    """The arguments a run directory was started with, so a resume continues the same sweep;
+    where Ray runs (--address) may change."""
+    run_dir = Path(args.resume).expanduser()
+    runs = run_dir / "runs.jsonl"
+    if not runs.is_file():
+        raise UserError(f"{run_dir} is not a tltune run directory (no runs.jsonl): pass a directory a sweep printed as 'results: ...'")
+    try:
+        saved = json.loads(runs.read_text().splitlines()[0])["args"]
+    except (json.JSONDecodeError, IndexError, KeyError):
+        raise UserError(f"{runs} is damaged: cannot tell how the run was started") from None
+    merged = {**vars(parser.parse_args([])), **saved, "resume": str(run_dir), "address": args.address or saved.get("address")}
+    return argparse.Namespace(**merged)
 
 
 def _run(experiment_names: list[str], args, script: str, run_all: bool = False) -> int:
@@ -257,9 +276,13 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
         "train_subset": _given(args.train_subset, QUICK["train_subset"] if args.quick else None),
         "test_subset": _given(args.test_subset, QUICK["test_subset"] if args.quick else None),
     }
-    if run_all:
+    run_dir = None
+    if args.resume:
+        run_dir = Path(args.resume).expanduser().resolve()
+        chosen = skip_finished(chosen, run_dir, set_aside=False)
+    elif run_all:
         run_dir = new_run_dir(args, script, run_all)
-        chosen = skip_finished(chosen, run_dir)
+        chosen = skip_finished(chosen, run_dir, set_aside=True)
     splits = {}
     for dataset in dict.fromkeys(settings[e.name]["dataset"] for e in chosen):
         started = time.time()
@@ -286,7 +309,7 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
     for experiment in list(chosen):
         if experiment.source and experiment.source not in chosen_names:
             try:  # fail now, not after hours of other experiments
-                best_checkpoint(args.source_run or (str(run_dir) if run_all else ""), experiment.source)
+                best_checkpoint(args.source_run or (str(run_dir) if run_dir else ""), experiment.source)
             except UserError as exc:
                 if not run_all:
                     raise
@@ -295,7 +318,7 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
     if not chosen:
         print("nothing to run")
         return 0
-    if not run_all:
+    if run_dir is None:
         run_dir = new_run_dir(args, script, run_all)
     with open(run_dir / "runs.jsonl", "a") as runs:  # every invocation that wrote here
         runs.write(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "args": vars(args)}, default=str) + "\n")

@@ -28,6 +28,7 @@ from tltune.experiments import Choice, Experiment, IntRange, LogUniform
 from tltune.models import PRETRAINED_MODES
 from tltune.results import EXPERIMENT_FILE, METRIC, SUMMARY_FILE
 from tltune.train import (
+    DivergedError,
     build_optimizer,
     evaluate,
     load_checkpoint,
@@ -77,7 +78,13 @@ def train_trial(config: dict, inputs: dict) -> None:
     for epoch in range(epochs_done + 1, config["epochs"] + 1):
         generator = seed_everything(config["seed"] * 1000 + epoch)  # same batches after a resume
         train_started = time.perf_counter()
-        train = train_one_epoch(model, optimizer, train_x, train_y, transform, config["batch_size"], generator)
+        try:
+            train = train_one_epoch(model, optimizer, train_x, train_y, transform, config["batch_size"], generator)
+        except DivergedError as exc:
+            # Stop this trial with its reason in the results; val_acc 0 ranks it last for the
+            # searcher and ASHA (a NaN would be dropped, and a retry would diverge again).
+            tune.report({"epoch": epoch, "diverged": True, "stop_reason": str(exc), "val_acc": 0.0, "train_loss": float("nan")})
+            return
         train_images_per_s = len(train_y) / (time.perf_counter() - train_started)
         val = evaluate(model, val_x, val_y, transform)
         metrics = {
@@ -235,31 +242,8 @@ def trial_config(experiment: Experiment, settings: dict) -> tuple[dict, list[dic
     return param_space, points
 
 
-def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir: Path) -> dict:
-    """Run one experiment as a Tune sweep in ``run_dir/<experiment name>``; returns its summary."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard writer replaces Ray's
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # per-epoch checkpoints are intended
-    exp_dir = run_dir / experiment.name
-    exp_dir.mkdir(parents=True, exist_ok=False)
-    (exp_dir / EXPERIMENT_FILE).write_text(json.dumps(experiment_record(experiment, settings), indent=2, default=str))
-
-    if settings["cached_features"]:
-        started = time.time()
-        task = ray.remote(num_cpus=settings["cpus_per_trial"], num_gpus=settings["gpus_per_trial"])(precompute_features)
-        input_config = {
-            "model": experiment.model,
-            "activation": settings["reference"].get("activation", "relu"),
-            "image_size": settings["image_size"],
-            "channels": settings["channels"],
-        }
-        features = task.remote(input_config, inputs)
-        ray.wait([features], fetch_local=False)
-        inputs = {**inputs, "splits": features}
-        print(f"backbone features ready in {time.time() - started:.1f}s (computed once, or from the cache)")
-    param_space, points = trial_config(experiment, settings)
+def new_tuner(experiment: Experiment, settings: dict, trainable, param_space: dict, points: list, run_dir: Path):
+    """Optuna (seeded, the reference and warm-start points first) + ASHA, one iteration per epoch."""
     max_epochs = max(settings["max_epochs"], 1)
     search = OptunaSearch(points_to_evaluate=points or None, seed=settings["seed"]) if settings["space"] else None
     scheduler = ASHAScheduler(
@@ -268,11 +252,7 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
         grace_period=min(settings["grace_period"], max_epochs),
         reduction_factor=3,
     )
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, inputs=inputs),
-        {"cpu": settings["cpus_per_trial"], "gpu": settings["gpus_per_trial"]},
-    )
-    tuner = tune.Tuner(
+    return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
@@ -290,9 +270,49 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
             storage_path=str(run_dir),
             callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback()],
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # a trial whose node dies goes on from its last checkpoint elsewhere
+            failure_config=tune.FailureConfig(max_failures=settings.get("max_failures", 2)),
             verbose=0,
         ),
     )
+
+
+def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir: Path) -> dict:
+    """Run one experiment as a Tune sweep in ``run_dir/<experiment name>``; returns its summary."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard writer replaces Ray's
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # per-epoch checkpoints are intended
+    exp_dir = run_dir / experiment.name
+    resuming = tune.Tuner.can_restore(str(exp_dir))
+    if not resuming:  # a new experiment, or one killed before Tune saved any state
+        exp_dir.mkdir(parents=True, exist_ok=True)
+        (exp_dir / EXPERIMENT_FILE).write_text(json.dumps(experiment_record(experiment, settings), indent=2, default=str))
+
+    if settings["cached_features"]:
+        started = time.time()
+        task = ray.remote(num_cpus=settings["cpus_per_trial"], num_gpus=settings["gpus_per_trial"])(precompute_features)
+        input_config = {
+            "model": experiment.model,
+            "activation": settings["reference"].get("activation", "relu"),
+            "image_size": settings["image_size"],
+            "channels": settings["channels"],
+        }
+        features = task.remote(input_config, inputs)
+        ray.wait([features], fetch_local=False)
+        inputs = {**inputs, "splits": features}
+        print(f"backbone features ready in {time.time() - started:.1f}s (computed once, or from the cache)")
+    param_space, points = trial_config(experiment, settings)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, inputs=inputs),
+        {"cpu": settings["cpus_per_trial"], "gpu": settings["gpus_per_trial"]},
+    )
+    if resuming:  # keeps the searcher's and ASHA's state; unfinished trials go on from their checkpoints
+        print(f"resuming {exp_dir}")
+        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=param_space, resume_errored=True)
+    else:
+        tuner = new_tuner(experiment, settings, trainable, param_space, points, run_dir)
     started = time.time()
     results = tuner.fit()
     summary = {

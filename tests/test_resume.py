@@ -1,0 +1,70 @@
+"""kill -9 of a sweep's driver, then --resume: finished trials keep their results, unfinished
+ones go on from their checkpoints, every trial appears once."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT
+
+
+def trial_rows(exp_dir):
+    rows = {}
+    for result in exp_dir.glob("*/result.json"):
+        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        rows[result.parent.name] = lines
+    return rows
+
+
+def test_resume_after_kill_9(tmp_path, real_data_root):
+    argv = [
+        sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", "cifar10-cnn-search",
+        "--num-samples", "6", "--train-subset", "1500", "--max-epochs", "4", "--epochs-range", "4", "4",
+        "--grace-period", "4", "--max-concurrent-trials", "2",
+        "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "killed",
+    ]  # fmt: skip
+    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    exp_dir = tmp_path / "killed" / "cifar10-cnn-search"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # until one trial has finished and another is part-way
+        rows = trial_rows(exp_dir) if exp_dir.exists() else {}
+        done = [t for t, r in rows.items() if len(r) == 4]
+        partial = [t for t, r in rows.items() if 1 <= len(r) < 4 and list(exp_dir.glob(f"{t}/checkpoint_*"))]
+        if done and partial:
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("the sweep never got part-way")
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(2)  # let Ray's reaper take down what the driver started
+    before = trial_rows(exp_dir)
+    assert not (exp_dir / "tltune_best.json").exists()
+
+    resumed = subprocess.run(
+        [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--resume", str(tmp_path / "killed")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    after = trial_rows(exp_dir)
+    assert len(after) == 6, "every trial exactly once"
+    for trial, rows in after.items():
+        epochs = [r["training_iteration"] for r in rows]
+        assert epochs == [1, 2, 3, 4], f"{trial}: each epoch once, none repeated after the resume: {epochs}"
+        if len(before.get(trial, [])) == 4:
+            assert rows == before[trial], "a finished trial keeps its results untouched"
+    part_way = [t for t, r in before.items() if 1 <= len(r) < 4]
+    assert part_way and all(after[t][: len(before[t])] == before[t] for t in part_way), "unfinished trials continue"
+    summary = json.loads((exp_dir / "tltune_best.json").read_text())
+    assert summary["trials"] == 6 and "test_acc" in summary
+
+
+def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2 and "is not a tltune run directory" in out.stderr and "Traceback" not in out.stderr
