@@ -1,16 +1,13 @@
 from ray import tune
 
+from tltune.cli import build_parser, experiment_settings
 from tltune.experiments import EXPERIMENTS, IntRange, LogUniform
 from tltune.raytune import to_tune_domain, trial_config
 
 
 def settings(**changes):
     experiment = EXPERIMENTS["cifar10-cnn-search"]
-    base = {
-        "dataset": "cifar10", "reference": dict(experiment.reference), "space": dict(experiment.space),
-        "batch_size": 64, "seed": 0, "image_size": None, "warm_start": [],
-    }  # fmt: skip
-    return experiment, {**base, **changes}
+    return experiment, {**experiment_settings(experiment, build_parser("test").parse_args([])), **changes}
 
 
 def test_reference_is_the_first_point_and_space_becomes_tune_domains():
