@@ -23,6 +23,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from tltune.data import Splits, as_tensors
+from tltune.errors import UserError
 from tltune.features import feature_splits
 from tltune.experiments import Choice, Experiment, IntRange, LogUniform
 from tltune.models import PRETRAINED_MODES
@@ -310,7 +311,11 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
     )
     if resuming:  # keeps the searcher's and ASHA's state; unfinished trials go on from their checkpoints
         print(f"resuming {exp_dir}")
-        tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, param_space=param_space, resume_errored=True)
+        try:
+            tuner = tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_errored=True)
+        except (ValueError, RuntimeError, OSError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot resume {exp_dir} ({first_line}): start a new run instead") from None
     else:
         tuner = new_tuner(experiment, settings, trainable, param_space, points, run_dir)
     started = time.time()
