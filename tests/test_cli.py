@@ -20,7 +20,7 @@ CIFAR = ["cifar10-alexnet-finetune", "cifar10-alexnet-feature_extract", "cifar10
 def run(argv, capsys):
     code = main(CIFAR, "test", argv)
     err = capsys.readouterr().err
-    assert not ray.is_initialized(), "errors must be caught before Ray starts"
+    assert not ray.is_initialized(), "Ray is shut down after an error"
     return code, err
 
 
@@ -122,3 +122,26 @@ def test_bad_declarations_are_rejected(change, message):
 def test_sweep_script_help_runs(script):
     out = subprocess.run([sys.executable, str(ROOT / "sweeps" / script), "--help"], capture_output=True, text=True, check=True)
     assert "--quick" in out.stdout and "--data-root" in out.stdout
+
+
+def test_unreachable_address_fails_fast(capsys, real_data_root, tmp_path):
+    import socket
+    import time
+
+    with socket.socket() as probe:  # a port on which nothing listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    started = time.time()
+    code, err = run(["--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--weights", "none",
+                     "--experiments", "cifar10-cnn-search", "--address", f"127.0.0.1:{port}"], capsys)  # fmt: skip
+    assert code == 2 and "no Ray cluster answers at" in err and time.time() - started < 60
+    code, err = run(["--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--weights", "none",
+                     "--experiments", "cifar10-cnn-search", "--address", "nonsense"], capsys)  # fmt: skip
+    assert code == 2 and "expected HOST:PORT" in err
+
+
+def test_more_gpus_per_trial_than_any_node_has(capsys, real_data_root, tmp_path):
+    code, err = run(["--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--weights", "none",
+                     "--experiments", "cifar10-cnn-search", "--gpus-per-trial", "1"], capsys)  # fmt: skip
+    assert code == 2 and "trials would wait forever" in err
+    assert list(tmp_path.iterdir()) == [], "no run directory for a run that could not start"

@@ -204,15 +204,40 @@ def skip_finished(chosen: list[Experiment], run_dir: Path, set_aside: bool) -> l
     return remaining
 
 
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast: ray.init waits minutes on an address where nothing answers."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected HOST:PORT (e.g. 127.0.0.1:6379) or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(
+            f"no Ray cluster answers at {address} ({exc}): check the address and that the cluster is up "
+            "(`ray status`), or leave --address out to start a local Ray"
+        ) from None
+
+
 def start_ray(args) -> None:
     import ray
 
     address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+        return
+    try:  # like ray.init(address="auto"): present this machine's Ray token, if any, to a cluster that asks for one
+        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except ImportError:
+        pass
     try:
-        if address:
-            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
-        else:
-            ray.init(address="local", include_dashboard=False, logging_level="WARNING", dashboard_host="127.0.0.1")
+        ray.init(address=address, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"cannot connect to the Ray cluster at {address} ({exc}): check the address, or leave --address out to start a local Ray") from None
 
@@ -270,6 +295,8 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
     from tltune.data import load_dataset, make_splits
 
     check_args(args)
+    if args.address or os.environ.get("RAY_ADDRESS"):
+        check_reachable(args.address or os.environ["RAY_ADDRESS"])
     chosen = choose_experiments(experiment_names, args.experiments)
     settings = {e.name: experiment_settings(e, args) for e in chosen}
     subset = {
@@ -318,23 +345,24 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
     if not chosen:
         print("nothing to run")
         return 0
-    if run_dir is None:
-        run_dir = new_run_dir(args, script, run_all)
-    with open(run_dir / "runs.jsonl", "a") as runs:  # every invocation that wrote here
-        runs.write(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "args": vars(args)}, default=str) + "\n")
-
     import ray
 
     from tltune.raytune import run_experiment
 
     start_ray(args)
     try:
+        for experiment in chosen:  # resources checked against the cluster before any result is written
+            s = settings[experiment.name]
+            s["cpus_per_trial"], s["gpus_per_trial"] = trial_resources(args, s["num_samples"])
+        if run_dir is None:
+            run_dir = new_run_dir(args, script, run_all)
+        with open(run_dir / "runs.jsonl", "a") as runs:  # every invocation that wrote here
+            runs.write(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "args": vars(args)}, default=str) + "\n")
         imagenet_ref, none_ref = ray.put(imagenet_state), ray.put(None)
         split_refs = {name: ray.put(s) for name, s in splits.items()}
         print(f"results: {run_dir}")
         for experiment in chosen:
             s = settings[experiment.name]
-            s["cpus_per_trial"], s["gpus_per_trial"] = trial_resources(args, s["num_samples"])
             pretrained_ref = none_ref
             if experiment.source:  # the CNN takes the architecture, and maybe the weights, of the source's best trial
                 source_config, checkpoint = best_checkpoint(args.source_run or run_dir, experiment.source)
@@ -350,7 +378,7 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
             inputs = {"splits": split_refs[s["dataset"]], "pretrained_state": pretrained_ref}
             run_experiment(experiment, s, inputs, run_dir)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished trials are kept in {run_dir}", file=sys.stderr)
+        print(f"\ninterrupted: finished trials are kept in {run_dir}; continue with --resume {run_dir}", file=sys.stderr)
         return 130
     finally:
         ray.shutdown()
