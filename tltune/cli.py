@@ -230,12 +230,6 @@ def start_ray(args) -> None:
     if not address:
         ray.init(address="local", include_dashboard=False, logging_level="WARNING")
         return
-    try:  # like ray.init(address="auto"): present this machine's Ray token, if any, to a cluster that asks for one
-        from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
-
-        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-    except ImportError:
-        pass
     try:
         ray.init(address=address, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as exc:

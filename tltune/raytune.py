@@ -60,6 +60,7 @@ def trial_device() -> torch.device:
 def train_trial(config: dict, inputs: dict) -> None:
     """A Ray Tune function trainable: one ``tune.report`` per epoch, with a checkpoint."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
+    started_at = time.time()
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
     device = trial_device()
@@ -96,6 +97,8 @@ def train_trial(config: dict, inputs: dict) -> None:
             "val_acc": val.accuracy,
             "train_images_per_s": train_images_per_s,
             "data_ready_s": data_ready_s,
+            "started_at": started_at,  # this run of the trial (a restored trial starts again)
+            "reported_at": time.time(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
         }

@@ -1,0 +1,100 @@
+"""Sweeps on a real multi-node Ray started on this machine (ray.cluster_utils.Cluster): a head
+without GPUs and two worker nodes declaring logical GPUs."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from itertools import combinations
+
+import pytest
+from ray.cluster_utils import Cluster
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+OBJECT_STORE = 300 * 1024**2  # Cluster's default of 150 MiB per node is tight for datasets
+
+
+@pytest.fixture
+def cluster():
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "object_store_memory": OBJECT_STORE})
+    workers = [cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=OBJECT_STORE) for _ in range(2)]
+    cluster.wait_for_nodes()
+    yield cluster, workers
+    cluster.shutdown()
+
+
+def sweep_argv(cluster, data_root, storage, name, *extra):
+    return [
+        sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", "cifar10-cnn-search",
+        "--train-subset", "600", "--test-subset", "200", "--data-root", str(data_root),
+        "--storage-path", str(storage), "--name", name, "--address", cluster.address, *extra,
+    ]  # fmt: skip
+
+
+def trials(exp_dir):
+    found = {}
+    for result in exp_dir.glob("*/result.json"):
+        found[result.parent.name] = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+    return found
+
+
+def overlapping(a, b):
+    return a[0]["started_at"] < b[-1]["reported_at"] and b[0]["started_at"] < a[-1]["reported_at"]
+
+
+@pytest.mark.parametrize("gpus_per_trial, max_sharing", [(1, 1), (0.5, 2)])
+def test_trials_spread_over_nodes_and_pack_gpus_only_by_fraction(cluster, real_data_root, tmp_path, gpus_per_trial, max_sharing):
+    cluster, _ = cluster
+    argv = sweep_argv(cluster, real_data_root, tmp_path, "gpus", "--num-samples", "6", "--epochs-range", "3", "3",
+                      "--grace-period", "3", "--cpus-per-trial", "0.5", "--gpus-per-trial", str(gpus_per_trial),
+                      "--train-subset", "1500")  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    found = trials(tmp_path / "gpus" / "cifar10-cnn-search")
+    assert len(found) == 6
+    gpus = {name: (rows[0]["node_id"], rows[0]["gpu_ids"]) for name, rows in found.items()}
+    assert all(gpu_ids == "0" for _, gpu_ids in gpus.values()), "GPU ids are numbered per node: each node has GPU 0"
+    for name, rows in found.items():  # at the moment each trial started, how many ran on its GPU
+        at = rows[0]["started_at"]
+        running = [o for o, r in found.items() if gpus[o] == gpus[name] and r[0]["started_at"] <= at < r[-1]["reported_at"]]
+        assert len(running) <= max_sharing, f"{running} ran on node/GPU {gpus[name]} at once"
+    shared = any(overlapping(found[a], found[b]) and gpus[a] == gpus[b] for a, b in combinations(found, 2))
+    if max_sharing == 1:  # one GPU each: the two GPUs are on different nodes, so trials spread
+        assert len({node for node, _ in gpus.values()}) == 2, "trials land on both worker nodes"
+        assert not shared
+    else:
+        assert shared, "half a GPU each: two trials ran on one GPU at the same time"
+
+
+def test_a_trial_whose_node_dies_goes_on_from_its_checkpoint(cluster, real_data_root, tmp_path):
+    cluster, workers = cluster
+    argv = sweep_argv(cluster, real_data_root, tmp_path, "failover", "--num-samples", "4", "--epochs-range", "5", "5", "--max-epochs", "5",
+                      "--grace-period", "5", "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--train-subset", "1500")  # fmt: skip
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    reader = threading.Thread(target=lambda: output.extend(driver.stdout), daemon=True)
+    reader.start()
+    exp_dir = tmp_path / "failover" / "cifar10-cnn-search"
+    victim = workers[1]
+    deadline = time.time() + 300
+    while time.time() < deadline:  # a trial on the victim node is part-way, with a checkpoint
+        rows = trials(exp_dir) if exp_dir.exists() else {}
+        if any(len(r) >= 2 and r[-1]["node_id"] == victim.node_id and r[-1]["epoch"] < 5 for r in rows.values()):
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("no trial got part-way on the worker node")
+    cluster.remove_node(victim, allow_graceful=False)
+    assert driver.wait(timeout=600) == 0, "".join(output)[-4000:]
+    found = trials(exp_dir)
+    assert len(found) == 4
+    moved = 0
+    for name, rows in found.items():
+        assert [r["training_iteration"] for r in rows] == [1, 2, 3, 4, 5], f"{name}: every epoch once"
+        moved += len({r["node_id"] for r in rows}) > 1
+    assert moved >= 1, "a trial of the removed node finished on the other one"
+    summary = json.loads((exp_dir / "tltune_best.json").read_text())
+    assert summary["trials"] == 4 and summary["errored_trials"] == 0
