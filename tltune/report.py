@@ -100,7 +100,10 @@ def top_trials(exp: ExperimentResult) -> str:
     scored = sorted(exp.trials, key=lambda t: t.score, reverse=True)[:TOP_TRIALS]
     lines = ["| Trial | Optimizer | Activation | lr | Epochs run / planned | Val acc | Status |", "|---|---|---|---|---|---|---|"]
     for t in scored:
-        status = "error" if t.errored else ("stopped early (ASHA)" if t.last and t.last["training_iteration"] < t.config["epochs"] else "complete")
+        if t.errored or t.diverged:
+            status = "error" if t.errored else f"diverged: {t.last.get('stop_reason', '')}"
+        else:
+            status = "stopped early (ASHA)" if t.last and t.last["training_iteration"] < t.config["epochs"] else "complete"
         epochs = t.last["training_iteration"] if t.last else 0
         lines.append(
             f"| {t.name.split('-')[0]} | {t.config.get('optimizer')} | {t.config.get('activation', '-')} | "

@@ -32,6 +32,10 @@ class Trial:
         return self.epochs[-1] if self.epochs else None
 
     @property
+    def diverged(self) -> bool:
+        return bool((self.last or {}).get("diverged"))
+
+    @property
     def score(self) -> float:
         value = (self.last or {}).get(METRIC)
         return value if isinstance(value, (int, float)) and math.isfinite(value) else -math.inf

@@ -1,0 +1,26 @@
+"""A trial whose loss diverges stops with its reason; the sweep and the analysis go on."""
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_a_diverging_trial_stops_with_its_reason(tmp_path, real_data_root):
+    argv = [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", "cifar10-cnn-search",
+            "--optimizer", "sgd", "--activation", "relu", "--lr", "1e12", "--epochs", "3", "--num-samples", "2", "--train-subset", "300",
+            "--test-subset", "100", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "nan"]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    exp_dir = tmp_path / "nan" / "cifar10-cnn-search"
+    for result in exp_dir.glob("*/result.json"):
+        last = json.loads(result.read_text().splitlines()[-1])
+        assert last["diverged"] is True and "learning rate is probably too high" in last["stop_reason"]
+        assert last["training_iteration"] == 1, "a diverged trial stops at once instead of training on NaNs"
+    report = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(tmp_path), "--out", str(tmp_path / "r")],
+                            capture_output=True, text=True)  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "diverged: training loss became" in (tmp_path / "r" / "report.md").read_text()
+    table = subprocess.run([sys.executable, str(ROOT / "analysis" / "best_configs.py"), str(tmp_path / "nan")], capture_output=True, text=True)
+    assert table.returncode == 0 and "| CIFAR-10 | small CNN, best of the search |" in table.stdout
