@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -19,6 +21,7 @@ def trial_rows(exp_dir):
     return rows
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9(tmp_path, real_data_root):
     argv = [
         sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", "cifar10-cnn-search",
