@@ -19,14 +19,14 @@ from tltune.features import feature_splits
 from tltune.train import build_optimizer, evaluate, seed_everything, setup_model, train_one_epoch
 
 
-def run_trial(config, splits, state, epochs, cached):
+def run_trial(config, splits, state, epochs, cached, optimizer_name, lr):
     started = time.perf_counter()
     if cached:
         splits = feature_splits(splits, config, state)
         config = {**config, "cached_features": True}
     seed_everything(0)
     model, transform = setup_model(config, splits, state)
-    optimizer = build_optimizer("sgd", model, 0.001)
+    optimizer = build_optimizer(optimizer_name, model, lr)
     (x, y), (vx, vy), (tx, ty) = (as_tensors(s) for s in (splits.train, splits.val, splits.test))
     for epoch in range(epochs):
         train_one_epoch(model, optimizer, x, y, transform, 64, seed_everything(epoch))
@@ -40,6 +40,8 @@ def main():
     p.add_argument("--train-subset", type=int, default=500)
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--optimizer", default="sgd", help="default: the seed's SGD")
+    p.add_argument("--lr", type=float, default=0.001, help="default: the seed's 0.001")
     p.add_argument("--weights", help="AlexNet state-dict file (default: random init; timing does not depend on it)")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -52,9 +54,9 @@ def main():
         import os
 
         os.environ["TLTUNE_CACHE_DIR"] = cache
-        naive_s, naive_acc = run_trial(config, splits, state, args.epochs, cached=False)
-        cold_s, cold_acc = run_trial(config, splits, state, args.epochs, cached=True)
-        warm_s, warm_acc = run_trial(config, splits, state, args.epochs, cached=True)
+        naive_s, naive_acc = run_trial(config, splits, state, args.epochs, False, args.optimizer, args.lr)
+        cold_s, cold_acc = run_trial(config, splits, state, args.epochs, True, args.optimizer, args.lr)
+        warm_s, warm_acc = run_trial(config, splits, state, args.epochs, True, args.optimizer, args.lr)
     print(f"naive {naive_s:.1f}s (test {100 * naive_acc:.2f}%), cached cold {cold_s:.1f}s (test {100 * cold_acc:.2f}%), "
           f"cached warm {warm_s:.2f}s (test {100 * warm_acc:.2f}%)")  # fmt: skip
     bound = args.epochs * (len(splits.train) + len(splits.val)) / (len(splits.train) + len(splits.val) + len(splits.test))

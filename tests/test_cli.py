@@ -143,5 +143,5 @@ def test_unreachable_address_fails_fast(capsys, real_data_root, tmp_path):
 def test_more_gpus_per_trial_than_any_node_has(capsys, real_data_root, tmp_path):
     code, err = run(["--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--weights", "none",
                      "--experiments", "cifar10-cnn-search", "--gpus-per-trial", "1"], capsys)  # fmt: skip
-    assert code == 2 and "trials would wait forever" in err
+    assert code == 2 and "trials would wait forever" in err and "1 GPUs" in err
     assert list(tmp_path.iterdir()) == [], "no run directory for a run that could not start"

@@ -237,21 +237,23 @@ def start_ray(args) -> None:
 
 
 def trial_resources(args, num_samples: int) -> tuple[float, float]:
-    """(cpus, gpus) per trial: the user's, else a node's CPUs shared among the trials."""
+    """(cpus, gpus) per trial: the user's, else a node's CPUs shared among the trials.
+
+    A trial larger than every node would wait forever: on the local Ray that is an error; a
+    cluster joined with --address may autoscale, so there it is a warning."""
     import ray
 
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     node_cpus = max(n.get("CPU", 0) for n in nodes)
     node_gpus = max(n.get("GPU", 0) for n in nodes)
     gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if node_gpus else 0.0)
-    if gpus > node_gpus:
-        raise UserError(
-            f"--gpus-per-trial {gpus:g} but no node of the cluster has more than {node_gpus:g} GPUs: "
-            "trials would wait forever; lower --gpus-per-trial or add GPU nodes"
-        )
     cpus = args.cpus_per_trial if args.cpus_per_trial is not None else max(1, int(node_cpus // max(1, min(num_samples, node_cpus))))
-    if cpus > node_cpus:
-        raise UserError(f"--cpus-per-trial {cpus:g} but no node has more than {node_cpus:g} CPUs: lower it")
+    too_big = [f"{need:g} {what}" for need, have, what in ((gpus, node_gpus, "GPUs"), (cpus, node_cpus, "CPUs")) if need > have]
+    if too_big:
+        problem = f"a trial needs {' and '.join(too_big)} but no node of the cluster has that many now"
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
+            raise UserError(f"{problem}: trials would wait forever; lower --gpus-per-trial/--cpus-per-trial")
+        print(f"warning: {problem}: trials wait until the cluster's autoscaler adds such nodes (Ctrl-C if it has none)", file=sys.stderr)
     return cpus, gpus
 
 
