@@ -38,3 +38,18 @@ def test_reference_outside_a_narrowed_space_is_not_evaluated():
     experiment, s = settings()
     s["space"]["lr"] = LogUniform(1e-3, 1e-2)
     assert trial_config(experiment, s)[1] == []
+
+
+def test_searcher_tolerates_a_trial_it_lost_in_a_crash():
+    from tltune.raytune import ResumableOptunaSearch
+
+    space = {"lr": tune.loguniform(1e-5, 1e-1), "optimizer": tune.choice(["adam", "sgd"])}
+    searcher = ResumableOptunaSearch(space=space, metric="val_acc", mode="max", seed=0)
+    known = searcher.suggest("known")
+    searcher.on_trial_result("known", {"val_acc": 0.4, "training_iteration": 1})
+    # "lost" ran before the crash but the searcher's saved state never suggested it
+    searcher.on_trial_result("lost", {"val_acc": 0.5, "training_iteration": 1})
+    searcher.on_trial_complete("lost", {"val_acc": 0.6, "config": {"lr": 1e-3, "optimizer": "sgd", "seed": 0}})
+    searcher.on_trial_complete("known", {"val_acc": 0.45, **known})
+    values = sorted(t.value for t in searcher._ot_study.trials if t.value is not None)
+    assert values == [0.45, 0.6], "the lost trial's score still reaches Optuna"

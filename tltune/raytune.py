@@ -246,10 +246,34 @@ def trial_config(experiment: Experiment, settings: dict) -> tuple[dict, list[dic
     return param_space, points
 
 
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that survives a crash between its own save and Tune's.
+
+    After a kill -9, Tune's experiment state can list a trial the searcher's older saved state
+    never suggested; stock OptunaSearch then fails the whole resumed sweep with a KeyError.
+    Here such a trial's results are ignored while it runs, and its final score is given to
+    Optuna as an evaluated point, so nothing learned is lost."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        config = (result or {}).get("config", {})
+        value = (result or {}).get(self.metric)
+        if not error and _is_number(value) and isinstance(self._space, dict):
+            try:
+                self.add_evaluated_point({k: config[k] for k in self._space}, value)
+            except (KeyError, ValueError, TypeError, RuntimeError):
+                pass
+
+
 def new_tuner(experiment: Experiment, settings: dict, trainable, param_space: dict, points: list, run_dir: Path):
     """Optuna (seeded, the reference and warm-start points first) + ASHA, one iteration per epoch."""
     max_epochs = max(settings["max_epochs"], 1)
-    search = OptunaSearch(points_to_evaluate=points or None, seed=settings["seed"]) if settings["space"] else None
+    search = ResumableOptunaSearch(points_to_evaluate=points or None, seed=settings["seed"]) if settings["space"] else None
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
         max_t=max_epochs,
