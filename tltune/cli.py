@@ -287,18 +287,56 @@ def resumed_args(parser: argparse.ArgumentParser, args):
     return argparse.Namespace(**merged)
 
 
-def _run(experiment_names: list[str], args, script: str, run_all: bool = False) -> int:
+def prepare_inputs(chosen: list[Experiment], settings: dict, args, run_dir: Path | None, run_all: bool):
+    """Load each dataset once, the ImageNet weights if needed, and check transfer sources, all
+    before Ray starts. What is missing is an error; with ``run_all`` its experiments are skipped."""
     from tltune.data import load_dataset, make_splits
 
+    def skip_or_raise(exc: UserError, what: str, dropped) -> list[Experiment]:
+        if not run_all:
+            raise exc
+        print(f"warning: skipping {what}: {exc}", file=sys.stderr)
+        return [e for e in chosen if not dropped(e)]
+
+    subset = {
+        "train_subset": _given(args.train_subset, QUICK["train_subset"] if args.quick else None),
+        "test_subset": _given(args.test_subset, QUICK["test_subset"] if args.quick else None),
+    }
+    splits = {}
+    for dataset in dict.fromkeys(settings[e.name]["dataset"] for e in chosen):
+        started = time.time()
+        try:
+            loaded = load_dataset(dataset, args.data_root)
+        except UserError as exc:
+            chosen = skip_or_raise(exc, f"the {dataset} experiments", lambda e: settings[e.name]["dataset"] == dataset)
+            continue
+        s = splits[dataset] = make_splits(loaded, args.val_fraction, args.seed, **subset)
+        print(f"{dataset}: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images, "
+              f"{s.image_size}x{s.image_size}x{s.channels}, {s.num_classes} classes ({time.time() - started:.1f}s)")  # fmt: skip
+
+    def pretrained_alexnet(e: Experiment) -> bool:
+        return e.model == "alexnet" and e.mode in PRETRAINED_MODES
+
+    imagenet_state = None
+    try:
+        imagenet_state = resolve_weights(args, needed=any(pretrained_alexnet(e) for e in chosen))
+    except UserError as exc:
+        chosen = skip_or_raise(exc, "the pretrained AlexNet experiments", pretrained_alexnet)
+    names = {e.name for e in chosen}
+    for experiment in [e for e in chosen if e.source and e.source not in names]:
+        try:  # fail now, not after hours of other experiments
+            best_checkpoint(args.source_run or (str(run_dir) if run_dir else ""), experiment.source)
+        except UserError as exc:
+            chosen = skip_or_raise(exc, experiment.name, lambda e: e is experiment)
+    return chosen, splits, imagenet_state
+
+
+def _run(experiment_names: list[str], args, script: str, run_all: bool = False) -> int:
     check_args(args)
     if args.address or os.environ.get("RAY_ADDRESS"):
         check_reachable(args.address or os.environ["RAY_ADDRESS"])
     chosen = choose_experiments(experiment_names, args.experiments)
     settings = {e.name: experiment_settings(e, args) for e in chosen}
-    subset = {
-        "train_subset": _given(args.train_subset, QUICK["train_subset"] if args.quick else None),
-        "test_subset": _given(args.test_subset, QUICK["test_subset"] if args.quick else None),
-    }
     run_dir = None
     if args.resume:
         run_dir = Path(args.resume).expanduser().resolve()
@@ -306,38 +344,7 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
     elif run_all:
         run_dir = new_run_dir(args, script, run_all)
         chosen = skip_finished(chosen, run_dir, set_aside=True)
-    splits = {}
-    for dataset in dict.fromkeys(settings[e.name]["dataset"] for e in chosen):
-        started = time.time()
-        try:
-            loaded = load_dataset(dataset, args.data_root)
-        except UserError as exc:
-            if not run_all:
-                raise
-            print(f"warning: skipping the {dataset} experiments: {exc}", file=sys.stderr)
-            chosen = [e for e in chosen if settings[e.name]["dataset"] != dataset]
-            continue
-        splits[dataset] = make_splits(loaded, args.val_fraction, args.seed, **subset)
-        s = splits[dataset]
-        print(f"{dataset}: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images, "
-              f"{s.image_size}x{s.image_size}x{s.channels}, {s.num_classes} classes ({time.time() - started:.1f}s)")  # fmt: skip
-    try:
-        imagenet_state = resolve_weights(args, needed=any(e.model == "alexnet" and e.mode in PRETRAINED_MODES for e in chosen))
-    except UserError as exc:
-        if not run_all:
-            raise
-        print(f"warning: skipping the pretrained AlexNet experiments: {exc}", file=sys.stderr)
-        chosen, imagenet_state = [e for e in chosen if not (e.model == "alexnet" and e.mode in PRETRAINED_MODES)], None
-    chosen_names = {e.name for e in chosen}
-    for experiment in list(chosen):
-        if experiment.source and experiment.source not in chosen_names:
-            try:  # fail now, not after hours of other experiments
-                best_checkpoint(args.source_run or (str(run_dir) if run_dir else ""), experiment.source)
-            except UserError as exc:
-                if not run_all:
-                    raise
-                print(f"warning: skipping {experiment.name}: {exc}", file=sys.stderr)
-                chosen.remove(experiment)
+    chosen, splits, imagenet_state = prepare_inputs(chosen, settings, args, run_dir, run_all)
     if not chosen:
         print("nothing to run")
         return 0
