@@ -23,7 +23,7 @@ def sweep(splits, epochs: int, asha: bool, storage: str, seed: int) -> list[list
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from tltune.raytune import train_trial
+    from tltune.raytune.trainable import train_trial
 
     inputs = {"splits": ray.put(splits), "pretrained_state": ray.put(None)}
     fixed = {"model": "cnn", "mode": "scratch", "epochs": epochs, "batch_size": 64, "seed": 0, "image_size": None, "channels": None}

@@ -42,7 +42,7 @@ def tltune_trials(splits, trials: int, batch_size: int, storage: str) -> list[di
     import ray
     from ray import tune
 
-    from tltune.raytune import train_trial
+    from tltune.raytune.trainable import train_trial
 
     inputs = {"splits": ray.put(splits), "pretrained_state": ray.put(None)}
     config = {"model": "cnn", "mode": "scratch", "optimizer": "adam", "activation": "relu", "lr": 1e-3, "epochs": 1,

@@ -45,14 +45,18 @@ def overlapping(a, b):
     return a[0]["started_at"] < b[-1]["reported_at"] and b[0]["started_at"] < a[-1]["reported_at"]
 
 
-@pytest.mark.parametrize("gpus_per_trial, max_sharing", [(1, 1), (0.5, 2)])
-def test_trials_spread_over_nodes_and_pack_gpus_only_by_fraction(cluster, real_data_root, tmp_path, gpus_per_trial, max_sharing):
+@pytest.mark.parametrize("gpus_per_trial, per_gpu", [(1, 1), (0.5, 2)])
+def test_trials_fill_every_gpu_at_once_and_share_one_only_by_fraction(cluster, real_data_root, tmp_path, gpus_per_trial, per_gpu):
+    """With a searcher Tune starts one trial at a time unless told how many may be pending:
+    the sweep asks for as many as the cluster holds, so both GPUs work from the start."""
     cluster, _ = cluster
     argv = sweep_argv(cluster, real_data_root, tmp_path, "gpus", "--num-samples", "6", "--epochs-range", "3", "3",
                       "--grace-period", "3", "--cpus-per-trial", "0.5", "--gpus-per-trial", str(gpus_per_trial),
                       "--train-subset", "1500")  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    slots = 2 * per_gpu
+    assert f"up to {slots} at once" in out.stdout, "concurrency = the trials the two GPUs hold"
     found = trials(tmp_path / "gpus" / "cifar10-cnn-search")
     assert len(found) == 6
     gpus = {name: (rows[0]["node_id"], rows[0]["gpu_ids"]) for name, rows in found.items()}
@@ -60,10 +64,12 @@ def test_trials_spread_over_nodes_and_pack_gpus_only_by_fraction(cluster, real_d
     for name, rows in found.items():  # at the moment each trial started, how many ran on its GPU
         at = rows[0]["started_at"]
         running = [o for o, r in found.items() if gpus[o] == gpus[name] and r[0]["started_at"] <= at < r[-1]["reported_at"]]
-        assert len(running) <= max_sharing, f"{running} ran on node/GPU {gpus[name]} at once"
-    if max_sharing == 1:  # one GPU each: the two GPUs are on different nodes, so trials spread
-        assert len({node for node, _ in gpus.values()}) == 2, "trials land on both worker nodes"
-        assert not any(overlapping(found[a], found[b]) and gpus[a] == gpus[b] for a, b in combinations(found, 2))
+        assert len(running) <= per_gpu, f"{running} ran on node/GPU {gpus[name]} at once"
+    first = sorted(found, key=lambda t: found[t][0]["started_at"])[:slots]
+    assert len({gpus[t][0] for t in first}) == 2, "the first trials go to both worker nodes"
+    latest_start = max(found[t][0]["started_at"] for t in first)
+    assert all(latest_start < found[t][-1]["reported_at"] for t in first), "the first trials all run together"
+    print(f"{slots} trial slots occupied {latest_start - min(found[t][0]['started_at'] for t in first):.1f}s after the first trial started")
 
 
 def test_a_trial_whose_node_dies_goes_on_from_its_checkpoint(cluster, real_data_root, tmp_path):

@@ -1,6 +1,7 @@
 """cluster.yaml passes Ray's own cluster-config validation; a broken one does not."""
 
 import copy
+import re
 
 import jsonschema
 import pytest
@@ -22,6 +23,25 @@ def test_cluster_yaml_is_a_valid_ray_cluster_config():
     assert worker["node_config"]["InstanceType"].startswith(("g4dn", "g5")) and worker["min_workers"] == 0
     assert any("pip install" in c and "tltune" in c for c in config["setup_commands"])
     assert all("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"] if "--head" in c)
+
+
+def test_the_head_takes_no_trials():
+    config = load()
+    assert config["available_node_types"]["head"]["resources"] == {"CPU": 0, "GPU": 0}
+    assert all("--num-cpus=0" in c and "--num-gpus=0" in c for c in config["head_start_ray_commands"] if "--head" in c)
+
+
+def test_ray_up_uploads_only_the_source():
+    config = load()
+    assert {".venv", "data", "results", ".git"} <= set(config["rsync_exclude"])
+    assert ".gitignore" in config["rsync_filter"], "everything git ignores stays home"
+
+
+def test_nodes_install_what_readme_installs():
+    readme_install = re.search(r"pip install (-e '\.\[test\]')", (ROOT / "README.md").read_text())
+    assert readme_install, "README's set-up command installs the project with its test extras"
+    installs = [c for c in load()["setup_commands"] if "pip install" in c and "tltune" in c]
+    assert installs and all('-e "$HOME/tltune[test]"' in c for c in installs)
 
 
 @pytest.mark.parametrize(

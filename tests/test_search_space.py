@@ -2,7 +2,7 @@ from ray import tune
 
 from tltune.cli import build_parser, experiment_settings
 from tltune.experiments import EXPERIMENTS, IntRange, LogUniform
-from tltune.raytune import to_tune_domain, trial_config
+from tltune.raytune.sweep import to_tune_domain, trial_config
 
 
 def settings(**changes):
@@ -41,7 +41,7 @@ def test_reference_outside_a_narrowed_space_is_not_evaluated():
 
 
 def test_searcher_tolerates_a_trial_it_lost_in_a_crash():
-    from tltune.raytune import ResumableOptunaSearch
+    from tltune.raytune.sweep import ResumableOptunaSearch
 
     space = {"lr": tune.loguniform(1e-5, 1e-1), "optimizer": tune.choice(["adam", "sgd"])}
     searcher = ResumableOptunaSearch(space=space, metric="val_acc", mode="max", seed=0)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,8 @@ from tltune.errors import UserError
 from tltune.experiments import Experiment, IntRange, LogUniform, check_settings
 from tltune.models import ACTIVATIONS, PRETRAINED_MODES
 from tltune.results import best_checkpoint, top_configs
-from tltune.train import OPTIMIZERS, load_model_state
+from tltune.settings import SweepPlan
+from tltune.train import OPTIMIZERS
 
 # --quick: the same code path on a subset, small AlexNet input, few trials: minutes on a laptop CPU.
 QUICK = {
@@ -58,15 +58,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--seed", type=int, default=0)
     sweep = p.add_argument_group("sweep")
     sweep.add_argument("--num-samples", type=int, help="trials per experiment (default: each experiment's own)")
-    sweep.add_argument("--max-concurrent-trials", type=int, help="default: as many as resources allow")
+    sweep.add_argument("--max-concurrent-trials", type=int, help="default: as many as the cluster holds, its autoscaler's nodes included")
     sweep.add_argument("--cpus-per-trial", type=float, help="default: the CPUs of a node shared among the trials")
-    sweep.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on one GPU (default: 1 if the cluster has GPUs, else 0)")
+    sweep.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on one GPU (default: 1 if the cluster has GPU nodes or its autoscaler can add them, else 0)")
     sweep.add_argument("--grace-period", type=int, help=f"ASHA: epochs before a trial may be stopped (default {DEFAULT_GRACE_PERIOD})")
     sweep.add_argument("--source-run", metavar="RUN_DIR", help="transfer experiments: take the source CNN from this run (default: this run)")
     sweep.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its original settings: finished experiments are kept, unfinished trials go on from their checkpoints")
     sweep.add_argument("--warm-start", metavar="RUN_DIR", help="first evaluate the best configurations of the same experiments in a previous run")
     sweep.add_argument("--address", help="join this Ray cluster (else $RAY_ADDRESS, else start a local Ray)")
-    sweep.add_argument("--storage-path", default="results", help="where run directories go")
+    sweep.add_argument("--storage-path", default="results", help="where run directories go: a local folder or a URI (s3://bucket/prefix, gs://...)")
     sweep.add_argument("--name", help="run directory name (default: <script>-<date>-<time>)")
     return p
 
@@ -175,86 +175,36 @@ def resolve_weights(args, needed: bool) -> dict | None:
         raise
 
 
-def new_run_dir(args, script: str, run_all: bool) -> Path:
-    """A new directory; with ``run_all`` the same one every time (``all``), added to."""
+def run_dir_for(args, script: str, run_all: bool) -> str:
+    """A new run directory (local path or URI), not created yet; with ``run_all`` the same one
+    every time (``all``), added to."""
+    from tltune import storage
+
     name = args.name or ("all" if run_all else f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir = (Path(args.storage_path).expanduser() / name).resolve()
-    if run_dir.exists() and not run_all:
+    run_dir = storage.join(storage.absolute(args.storage_path), name)
+    if storage.exists(run_dir) and not run_all:
         raise UserError(f"{run_dir} already exists and is never overwritten: pass another --name")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
-def skip_finished(chosen: list[Experiment], run_dir: Path, set_aside: bool) -> list[Experiment]:
+def skip_finished(chosen: list[Experiment], run_dir: str, set_aside: bool) -> list[Experiment]:
     """Experiments of ``run_dir`` that finished are skipped; an interrupted one is resumed, or
     with ``set_aside`` renamed (never deleted) and run again."""
+    from tltune import storage
     from tltune.results import SUMMARY_FILE
 
     remaining = []
     for experiment in chosen:
-        exp_dir = run_dir / experiment.name
-        if (exp_dir / SUMMARY_FILE).is_file():
+        exp_dir = storage.join(run_dir, experiment.name)
+        if storage.is_file(storage.join(exp_dir, SUMMARY_FILE)):
             print(f"{experiment.name}: finished in {exp_dir}, skipped")
             continue
-        if exp_dir.exists() and set_aside:
-            aside = exp_dir.with_name(f"{experiment.name}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}")
-            exp_dir.rename(aside)
+        if storage.exists(exp_dir) and set_aside:
+            aside = f"{exp_dir}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"
+            storage.move(exp_dir, aside)
             print(f"{experiment.name}: unfinished results moved to {aside}; running it again")
         remaining.append(experiment)
     return remaining
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast: ray.init waits minutes on an address where nothing answers."""
-    import socket
-
-    if address in ("auto", "local"):
-        return
-    host_port = address.split("://", 1)[-1]
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--address {address}: expected HOST:PORT (e.g. 127.0.0.1:6379) or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise UserError(
-            f"no Ray cluster answers at {address} ({exc}): check the address and that the cluster is up "
-            "(`ray status`), or leave --address out to start a local Ray"
-        ) from None
-
-
-def start_ray(args) -> None:
-    import ray
-
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        ray.init(address="local", include_dashboard=False, logging_level="WARNING")
-        return
-    try:
-        ray.init(address=address, logging_level="WARNING")
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot connect to the Ray cluster at {address} ({exc}): check the address, or leave --address out to start a local Ray") from None
-
-
-def trial_resources(args, num_samples: int) -> tuple[float, float]:
-    """(cpus, gpus) per trial: the user's, else a node's CPUs shared among the trials.
-
-    A trial larger than every node would wait forever: on the local Ray that is an error; a
-    cluster joined with --address may autoscale, so there it is a warning."""
-    import ray
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    node_cpus = max(n.get("CPU", 0) for n in nodes)
-    node_gpus = max(n.get("GPU", 0) for n in nodes)
-    gpus = args.gpus_per_trial if args.gpus_per_trial is not None else (1.0 if node_gpus else 0.0)
-    cpus = args.cpus_per_trial if args.cpus_per_trial is not None else max(1, int(node_cpus // max(1, min(num_samples, node_cpus))))
-    too_big = [f"{need:g} {what}" for need, have, what in ((gpus, node_gpus, "GPUs"), (cpus, node_cpus, "CPUs")) if need > have]
-    if too_big:
-        problem = f"a trial needs {' and '.join(too_big)} but no node of the cluster has that many now"
-        if not (args.address or os.environ.get("RAY_ADDRESS")):
-            raise UserError(f"{problem}: trials would wait forever; lower --gpus-per-trial/--cpus-per-trial")
-        print(f"warning: {problem}: trials wait until the cluster's autoscaler adds such nodes (Ctrl-C if it has none)", file=sys.stderr)
-    return cpus, gpus
 
 
 def main(experiment_names: list[str], description: str, argv: list[str] | None = None, run_all: bool = False) -> int:
@@ -275,19 +225,22 @@ def main(experiment_names: list[str], description: str, argv: list[str] | None =
 def resumed_args(parser: argparse.ArgumentParser, args):
     """The arguments a run directory was started with, so a resume continues the same sweep;
     where Ray runs (--address) may change."""
-    run_dir = Path(args.resume).expanduser()
-    runs = run_dir / "runs.jsonl"
-    if not runs.is_file():
+    from tltune import storage
+
+    run_dir = storage.absolute(args.resume)
+    storage.check_writable(run_dir)
+    runs = storage.join(run_dir, "runs.jsonl")
+    if not storage.is_file(runs):
         raise UserError(f"{run_dir} is not a tltune run directory (no runs.jsonl): pass a directory a sweep printed as 'results: ...'")
     try:
-        saved = json.loads(runs.read_text().splitlines()[0])["args"]
-    except (json.JSONDecodeError, IndexError, KeyError):
+        saved = json.loads(storage.read_text(runs).splitlines()[0])["args"]
+    except (json.JSONDecodeError, IndexError, KeyError, TypeError):
         raise UserError(f"{runs} is damaged: cannot tell how the run was started") from None
-    merged = {**vars(parser.parse_args([])), **saved, "resume": str(run_dir), "address": args.address or saved.get("address")}
+    merged = {**vars(parser.parse_args([])), **saved, "resume": run_dir, "address": args.address or saved.get("address")}
     return argparse.Namespace(**merged)
 
 
-def prepare_inputs(chosen: list[Experiment], settings: dict, args, run_dir: Path | None, run_all: bool):
+def prepare_inputs(chosen: list[Experiment], settings: dict, args, run_dir: str, run_all: bool):
     """Load each dataset once, the ImageNet weights if needed, and check transfer sources, all
     before Ray starts. What is missing is an error; with ``run_all`` its experiments are skipped."""
     from tltune.data import load_dataset, make_splits
@@ -325,71 +278,60 @@ def prepare_inputs(chosen: list[Experiment], settings: dict, args, run_dir: Path
     names = {e.name for e in chosen}
     for experiment in [e for e in chosen if e.source and e.source not in names]:
         try:  # fail now, not after hours of other experiments
-            best_checkpoint(args.source_run or (str(run_dir) if run_dir else ""), experiment.source)
+            best_checkpoint(args.source_run or run_dir, experiment.source)
         except UserError as exc:
             chosen = skip_or_raise(exc, experiment.name, lambda e: e is experiment)
     return chosen, splits, imagenet_state
 
 
 def _run(experiment_names: list[str], args, script: str, run_all: bool = False) -> int:
+    from tltune import storage
+    from tltune.raytune.cluster import check_reachable, cluster_address
+
     check_args(args)
-    if args.address or os.environ.get("RAY_ADDRESS"):
-        check_reachable(args.address or os.environ["RAY_ADDRESS"])
+    address = cluster_address(args.address)
+    if address:
+        check_reachable(address)
     chosen = choose_experiments(experiment_names, args.experiments)
     settings = {e.name: experiment_settings(e, args) for e in chosen}
-    run_dir = None
     if args.resume:
-        run_dir = Path(args.resume).expanduser().resolve()
+        run_dir = args.resume
         chosen = skip_finished(chosen, run_dir, set_aside=False)
-    elif run_all:
-        run_dir = new_run_dir(args, script, run_all)
-        chosen = skip_finished(chosen, run_dir, set_aside=True)
+    else:
+        storage.check_writable(args.storage_path)  # first: a bad URI must not hang a later call
+        run_dir = run_dir_for(args, script, run_all)
+        if run_all:
+            chosen = skip_finished(chosen, run_dir, set_aside=True)
     chosen, splits, imagenet_state = prepare_inputs(chosen, settings, args, run_dir, run_all)
     if not chosen:
         print("nothing to run")
         return 0
-    import ray
+    plan = SweepPlan(
+        experiments=chosen,
+        settings=settings,
+        splits=splits,
+        imagenet_state=imagenet_state,
+        weights=args.weights or "imagenet",
+        run_dir=run_dir,
+        record={"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "args": vars(args)},
+        source_run=args.source_run,
+        address=address,
+        cpus_per_trial=args.cpus_per_trial,
+        gpus_per_trial=args.gpus_per_trial,
+    )
+    from tltune.raytune import run_sweep  # imports Ray: only once the input is known to be good
 
-    from tltune.raytune import run_experiment
-
-    start_ray(args)
     try:
-        for experiment in chosen:  # resources checked against the cluster before any result is written
-            s = settings[experiment.name]
-            s["cpus_per_trial"], s["gpus_per_trial"] = trial_resources(args, s["num_samples"])
-        if run_dir is None:
-            run_dir = new_run_dir(args, script, run_all)
-        with open(run_dir / "runs.jsonl", "a") as runs:  # every invocation that wrote here
-            runs.write(json.dumps({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "args": vars(args)}, default=str) + "\n")
-        imagenet_ref, none_ref = ray.put(imagenet_state), ray.put(None)
-        split_refs = {name: ray.put(s) for name, s in splits.items()}
-        print(f"results: {run_dir}")
-        for experiment in chosen:
-            s = settings[experiment.name]
-            pretrained_ref = none_ref
-            if experiment.source:  # the CNN takes the architecture, and maybe the weights, of the source's best trial
-                source_config, checkpoint = best_checkpoint(args.source_run or run_dir, experiment.source)
-                s["reference"]["activation"] = source_config["activation"]
-                s["pretrained"] = str(checkpoint)
-                if experiment.mode in PRETRAINED_MODES:
-                    pretrained_ref = ray.put(load_model_state(checkpoint))
-            elif experiment.model == "alexnet":
-                s["pretrained"] = "none" if imagenet_state is None else (args.weights or "imagenet")
-                pretrained_ref = imagenet_ref
-            print(f"\n== {experiment.name}: {s['num_samples']} trial(s), up to {s['max_epochs']} epochs, "
-                  f"{s['cpus_per_trial']:g} CPU / {s['gpus_per_trial']:g} GPU per trial")  # fmt: skip
-            inputs = {"splits": split_refs[s["dataset"]], "pretrained_state": pretrained_ref}
-            run_experiment(experiment, s, inputs, run_dir)
+        run_sweep(plan)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished trials are kept in {run_dir}; continue with --resume {run_dir}", file=sys.stderr)
         return 130
-    finally:
-        ray.shutdown()
     print_report(run_dir)
     return 0
 
 
-def print_report(run_dir: Path) -> None:
+def print_report(run_dir: str) -> None:
+    from tltune import storage
     from tltune.results import best_configs_text, load_run, markdown_table, table_rows
 
     rows = table_rows(load_run(run_dir))
@@ -397,5 +339,8 @@ def print_report(run_dir: Path) -> None:
     print(best_configs_text(rows))
     print()
     print(markdown_table(rows))
-    print(f"\nTensorBoard:  tensorboard --logdir {run_dir} --host 127.0.0.1")
+    if storage.is_uri(run_dir):  # TensorBoard reads cloud storage only with extra packages
+        print(f"\nTensorBoard:  copy {run_dir} to a local folder, then tensorboard --logdir FOLDER --host 127.0.0.1")
+    else:
+        print(f"\nTensorBoard:  tensorboard --logdir {run_dir} --host 127.0.0.1")
     print(f"Table again:  python analysis/best_configs.py {run_dir}")

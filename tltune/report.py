@@ -11,6 +11,7 @@ import math
 import time
 from pathlib import Path
 
+from tltune import storage
 from tltune.errors import UserError
 from tltune.experiments import EXPERIMENTS
 from tltune.results import DATASET_NAMES, EXPERIMENT_FILE, SUMMARY_FILE, ExperimentResult, load_run
@@ -23,10 +24,10 @@ def collect(paths: list[str | Path]) -> dict[str, ExperimentResult]:
     them); a finished result beats a newer unfinished one."""
     found: dict[str, ExperimentResult] = {}
     for path in paths:
-        path = Path(path).expanduser()
-        if not path.exists():
+        path = storage.absolute(str(path))
+        if not storage.exists(path):
             raise UserError(f"{path} does not exist: pass run directories or the folder holding them (./results)")
-        run_dirs = {p.parent.parent for p in path.glob(f"**/{EXPERIMENT_FILE}")}
+        run_dirs = {p.rsplit("/", 2)[0] for p in storage.find(path, EXPERIMENT_FILE)}
         for run_dir in sorted(run_dirs):
             for exp in load_run(run_dir):
                 if _rank(exp) > _rank(found.get(exp.name)):
@@ -39,8 +40,8 @@ def collect(paths: list[str | Path]) -> dict[str, ExperimentResult]:
 def _rank(exp: ExperimentResult | None) -> tuple:
     if exp is None:
         return (-1, 0)
-    finished = (exp.path / SUMMARY_FILE).is_file()
-    return (int(finished), (exp.path / (SUMMARY_FILE if finished else EXPERIMENT_FILE)).stat().st_mtime)
+    finished = exp.summary is not None
+    return (int(finished), storage.mtime(storage.join(exp.path, SUMMARY_FILE if finished else EXPERIMENT_FILE)))
 
 
 def _pct(value: float | None) -> str:
@@ -64,7 +65,7 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
         ours, diff, config, run = "not run", "", "", ""
         best = exp.best() if exp else None
         if exp is not None:
-            run = f"`{exp.path.parent.name}`"
+            run = f"`{exp.path.rstrip('/').rsplit('/', 2)[-2]}`"
             ours = "no finished trial"
         if best is not None:
             config = _config_text(best["config"]) + f" ({best.get('epochs_trained')} epochs trained)"

@@ -1,6 +1,7 @@
 """Read finished or interrupted runs from disk (no Ray) and format the seed's table.
 
-A run directory (one invocation of a sweep script) holds one Tune experiment directory per
+Run directories may be local paths or storage URIs (``s3://bucket/prefix/run``): every read
+goes through :mod:`tltune.storage`. A run directory (one invocation of a sweep script) holds one Tune experiment directory per
 experiment; each has ``tltune_experiment.json`` from the start, a trial directory per
 trial (``params.json``, ``result.json`` with one JSON line per epoch), and, once the
 experiment finished, ``tltune_best.json`` with the best trial's test accuracy.
@@ -10,9 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tltune import storage
 from tltune.errors import UserError
 
 EXPERIMENT_FILE = "tltune_experiment.json"
@@ -43,14 +46,14 @@ class Trial:
 
 @dataclass
 class ExperimentResult:
-    path: Path
+    path: str  # local path or URI
     record: dict  # tltune_experiment.json
     summary: dict | None  # tltune_best.json, None while unfinished
     trials: list[Trial] = field(default_factory=list)
 
     @property
     def name(self) -> str:
-        return self.record.get("name", self.path.name)
+        return self.record.get("name", _basename(self.path))
 
     def best(self) -> dict | None:
         """The best trial: from the summary when the experiment finished, else by last val_acc."""
@@ -68,10 +71,14 @@ class ExperimentResult:
         }
 
 
-def _read_json_lines(path: Path) -> list[dict]:
+def _basename(path: str) -> str:
+    return path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def _read_json_lines(path: str) -> list[dict]:
     rows = []
-    if path.is_file():
-        for line in path.read_text().splitlines():
+    if storage.is_file(path):
+        for line in storage.read_text(path).splitlines():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError:  # a line cut short by a crash
@@ -79,45 +86,51 @@ def _read_json_lines(path: Path) -> list[dict]:
     return rows
 
 
-def load_trials(exp_dir: Path) -> list[Trial]:
+def load_trials(exp_dir: str) -> list[Trial]:
     trials = []
-    for params in sorted(exp_dir.glob("*/params.json")):
-        trial_dir = params.parent
+    for name in storage.list_dir(exp_dir):
+        trial_dir = storage.join(exp_dir, name)
+        params = storage.join(trial_dir, "params.json")
+        if not storage.is_file(params):
+            continue
         try:
-            config = json.loads(params.read_text())
+            config = json.loads(storage.read_text(params))
         except json.JSONDecodeError:
             continue
         epochs = {}
-        for row in _read_json_lines(trial_dir / "result.json"):
+        for row in _read_json_lines(storage.join(trial_dir, "result.json")):
             epochs[row.get("training_iteration")] = row  # a resumed trial may repeat an epoch: keep the last
-        errored = (trial_dir / "error.txt").exists() or (trial_dir / "error.pkl").exists()
-        trials.append(Trial(trial_dir.name, config, [epochs[k] for k in sorted(epochs, key=lambda k: k or 0)], errored))
+        files = set(storage.list_dir(trial_dir))
+        errored = bool(files & {"error.txt", "error.pkl"})
+        trials.append(Trial(name, config, [epochs[k] for k in sorted(epochs, key=lambda k: k or 0)], errored))
     return trials
 
 
-def load_experiment(exp_dir: Path) -> ExperimentResult:
-    record = json.loads((exp_dir / EXPERIMENT_FILE).read_text())
-    summary_path = exp_dir / SUMMARY_FILE
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+def load_experiment(exp_dir: str) -> ExperimentResult:
+    record = json.loads(storage.read_text(storage.join(exp_dir, EXPERIMENT_FILE)))
+    summary_path = storage.join(exp_dir, SUMMARY_FILE)
+    summary = json.loads(storage.read_text(summary_path)) if storage.is_file(summary_path) else None
     return ExperimentResult(exp_dir, record, summary, load_trials(exp_dir))
 
 
 def load_run(path: str | Path) -> list[ExperimentResult]:
     """All experiments in a run directory (or the one experiment, given its directory)."""
-    path = Path(path).expanduser()
-    if (path / EXPERIMENT_FILE).is_file():
+    path = storage.absolute(str(path))
+    if storage.is_file(storage.join(path, EXPERIMENT_FILE)):
         return [load_experiment(path)]
-    if not path.is_dir():
+    if not storage.is_dir(path):
         raise UserError(f"{path} does not exist: pass a run directory printed by a sweep (under ./results by default)")
-    records = sorted(path.glob(f"*/{EXPERIMENT_FILE}"), key=lambda p: p.stat().st_mtime_ns)  # run order
-    experiments = [load_experiment(p.parent) for p in records]
+    records = [storage.join(path, name, EXPERIMENT_FILE) for name in storage.list_dir(path)]
+    records = sorted((r for r in records if storage.is_file(r)), key=storage.mtime)  # run order
+    experiments = [load_experiment(r.rsplit("/", 1)[0]) for r in records]
     if not experiments:
         raise UserError(f"{path} holds no tltune experiment (no */{EXPERIMENT_FILE}): pass a run directory of a sweep")
     return experiments
 
 
 def best_checkpoint(path: str | Path, experiment: str) -> tuple[dict, Path]:
-    """(config, latest checkpoint directory) of the best trial of ``experiment`` in a run."""
+    """(config, latest checkpoint directory on local disk) of the best trial of ``experiment``
+    in a run; a checkpoint in cloud storage is downloaded to a temporary directory."""
     hint = f"run '{experiment}' first (sweeps/mnist_to_svhn.py runs it before the transfer), or pass --source-run RUN_DIR"
     try:
         matches = [e for e in load_run(path) if e.name == experiment] if str(path) else []
@@ -126,10 +139,14 @@ def best_checkpoint(path: str | Path, experiment: str) -> tuple[dict, Path]:
     best = matches[0].best() if matches else None
     if best is None:
         raise UserError(f"no finished trial of '{experiment}' in {path or 'this run'}: {hint}")
-    checkpoints = sorted((matches[0].path / best["best_trial"]).glob("checkpoint_*"))
+    trial_dir = storage.join(matches[0].path, best["best_trial"])
+    checkpoints = sorted(name for name in storage.list_dir(trial_dir) if name.startswith("checkpoint_"))
     if not checkpoints:
         raise UserError(f"the best trial of '{experiment}' in {path} kept no checkpoint: {hint}")
-    return best["config"], checkpoints[-1]
+    latest = storage.join(trial_dir, checkpoints[-1])
+    if storage.is_uri(latest):
+        return best["config"], storage.download(latest, tempfile.mkdtemp(prefix="tltune-checkpoint-"))
+    return best["config"], Path(latest)
 
 
 def top_configs(path: str | Path, experiment: str, k: int = 3) -> list[dict]:

@@ -1,0 +1,86 @@
+"""A local sweep's Ray (GCS, raylet, object manager, agents, workers, driver) listens on
+127.0.0.1 only: read from the kernel's socket tables while the sweep runs."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+LISTEN = "0A"
+
+
+def descendants(pid: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        found.add(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def socket_inodes(pids: set[int]) -> set[str]:
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    return inodes
+
+
+def listening(inodes: set[str]) -> list[str]:
+    """Local addresses (hex, as the kernel writes them) of the listening TCP sockets among ``inodes``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == LISTEN and fields[9] in inodes:
+                found.append(fields[1])
+    return found
+
+
+def is_loopback(hex_address: str) -> bool:
+    host = hex_address.split(":")[0]
+    if len(host) == 8:  # IPv4, little-endian: 127.x.x.x ends in 7F
+        return host.endswith("7F")
+    # IPv6: four little-endian words; ::1, or ::ffff:127.x.x.x
+    return host == "00000000000000000000000001000000" or (host.startswith("0000000000000000FFFF0000") and host.endswith("7F"))
+
+
+def test_a_local_sweep_listens_on_loopback_only(real_data_root, tmp_path):
+    argv = [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", "cifar10-cnn-search",
+            "--num-samples", "2", "--epochs-range", "3", "3", "--max-epochs", "3", "--train-subset", "2000", "--test-subset", "100",
+            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "loopback"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 300
+        seen: list[str] = []
+        while time.time() < deadline and not list((tmp_path / "loopback").glob("*/*/result.json")):
+            time.sleep(0.5)
+        for _ in range(5):  # trials running: GCS, raylet, agents and workers are all up
+            seen += listening(socket_inodes(descendants(driver.pid)))
+            time.sleep(1)
+        assert driver.poll() is None, driver.stdout.read()[-3000:]
+    finally:
+        driver.terminate()
+        driver.wait(timeout=60)
+    assert len(set(seen)) >= 3, f"the sweep's Ray processes listen on some ports: {seen}"
+    assert all(is_loopback(a) for a in seen), f"listening beyond 127.0.0.1: {sorted(set(a for a in seen if not is_loopback(a)))}"

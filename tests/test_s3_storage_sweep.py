@@ -1,0 +1,110 @@
+"""Sweeps whose --storage-path is a bucket on a real S3-compatible server (moto, 127.0.0.1):
+every file lands in the bucket, the analysis reads it there, and a killed sweep resumes from it.
+A bad storage URI is one line and exit 2 before anything runs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from s3server import s3, s3_server  # noqa: F401
+
+from conftest import ROOT
+from tltune import storage
+
+EXPERIMENT = "cifar10-cnn-search"
+
+
+def sweep_argv(data_root, storage_path, name, *extra):
+    return [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", EXPERIMENT,
+            "--data-root", str(data_root), "--storage-path", storage_path, "--name", name, *extra]  # fmt: skip
+
+
+def trial_rows(exp_dir: str) -> dict[str, list[dict]]:
+    rows = {}
+    for path in storage.find(exp_dir, "result.json"):
+        trial = path.rsplit("/", 2)[-2]
+        rows[trial] = [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+    return rows
+
+
+@pytest.mark.slow
+def test_sweep_to_a_bucket_survives_kill_9_and_is_analysed_there(s3, real_data_root, tmp_path):
+    run_dir = storage.join(s3.root, "run")
+    exp_dir = storage.join(run_dir, EXPERIMENT)
+    argv = sweep_argv(real_data_root, s3.root, "run", "--num-samples", "4", "--train-subset", "1500", "--test-subset", "200",
+                      "--max-epochs", "3", "--epochs-range", "3", "3", "--grace-period", "3", "--max-concurrent-trials", "2")  # fmt: skip
+    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # what the bucket holds: one trial finished, another part-way
+        rows = trial_rows(exp_dir)
+        if any(len(r) == 3 for r in rows.values()) and any(1 <= len(r) < 3 for r in rows.values()):
+            break
+        assert driver.poll() is None, "the sweep ended before it could be killed"
+        time.sleep(1)
+    else:
+        raise AssertionError("the bucket never showed a sweep part-way")
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    time.sleep(2)
+    before = trial_rows(exp_dir)
+    assert not storage.exists(storage.join(exp_dir, "tltune_best.json"))
+
+    resumed = subprocess.run([sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--resume", run_dir],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    after = trial_rows(exp_dir)
+    assert len(after) == 4, "every trial exactly once"
+    for trial, rows in after.items():
+        assert [r["training_iteration"] for r in rows] == [1, 2, 3], f"{trial}: each epoch once"
+        assert rows[: len(before.get(trial, []))] == before.get(trial, []), "what the bucket held is kept"
+    summary = json.loads(storage.read_text(storage.join(exp_dir, "tltune_best.json")))
+    assert summary["trials"] == 4 and "test_acc" in summary
+    assert storage.is_file(storage.join(run_dir, "runs.jsonl"))
+    assert storage.is_file(storage.join(exp_dir, "tltune_experiment.json"))
+    events = [n for trial in after for n in storage.list_dir(storage.join(exp_dir, trial)) if n.startswith("events.out.tfevents")]
+    assert len(events) >= 4, "TensorBoard event files of every trial are in the bucket"
+
+    table = subprocess.run([sys.executable, str(ROOT / "analysis" / "best_configs.py"), run_dir], capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "| CIFAR-10 | small CNN" in table.stdout, table.stderr
+    report = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), s3.root, "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert report.returncode == 0, report.stderr[-3000:]
+    assert "cifar10-cnn-search" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "storage_path, unset, message",
+    [
+        ("s3://no-such-bucket/runs", (), "bucket 'no-such-bucket' does not exist"),
+        ("nosuchfs://bucket/runs", (), "no filesystem for 'nosuchfs://'"),
+        ("s3://{bucket}/runs", ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"), "no AWS credentials"),
+    ],
+)
+def test_a_bad_storage_uri_is_one_line_before_anything_runs(s3, real_data_root, storage_path, unset, message):
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    argv = sweep_argv(real_data_root, storage_path.format(bucket=s3.bucket), "bad")
+    started = time.time()
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith("error: ") and message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "results:" not in out.stdout
+    assert time.time() - started < 60
+
+
+def test_an_unreachable_endpoint_is_one_line(s3, real_data_root):
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}"}
+    out = subprocess.run(sweep_argv(real_data_root, f"s3://{s3.bucket}/runs", "x"), capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2 and "cannot reach" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

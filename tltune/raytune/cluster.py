@@ -1,0 +1,211 @@
+"""Starting or joining Ray, and sizing trials to what the cluster has or can add.
+
+A local Ray listens on 127.0.0.1 only. A joined cluster may be autoscaling: with no GPU
+worker up yet, the GPUs a trial gets come from the node types the autoscaler can launch,
+never from the nodes that happen to be alive when the sweep starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+from dataclasses import dataclass
+
+import ray
+
+from tltune.errors import UserError
+
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class NodeShape:
+    """The resources of one node, alive or of a type the autoscaler can launch."""
+
+    name: str
+    cpus: float
+    gpus: float
+    count: int = 1  # nodes of this shape: 1 alive, or as many as the autoscaler may launch
+
+    def trials(self, cpus: float, gpus: float) -> int:
+        """How many trials of (cpus, gpus) fit on the nodes of this shape at once."""
+        per_node = min(self.cpus // cpus if cpus else math.inf, self.gpus // gpus if gpus else math.inf)
+        return int(per_node * self.count) if per_node != math.inf else 0
+
+
+@dataclass(frozen=True)
+class TrialSize:
+    cpus: float
+    gpus: float
+    concurrent: int  # trials started together: Tune asks the searcher and the autoscaler for this many
+
+
+def cluster_address(address: str | None) -> str | None:
+    """The cluster to join: ``--address``, else ``$RAY_ADDRESS``, else None (start a local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast: ray.init waits minutes on an address where nothing answers."""
+    if address in ("auto", "local"):
+        return
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--address {address}: expected HOST:PORT (e.g. 127.0.0.1:6379) or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise UserError(
+            f"no Ray cluster answers at {address} ({exc}): check the address and that the cluster is up "
+            "(`ray status`), or leave --address out to start a local Ray"
+        ) from None
+
+
+def connect(address: str | None) -> None:
+    """Join the cluster at ``address``, or start a local Ray bound to the loopback interface."""
+    if address is None:
+        # Every Ray server binds to the node's IP, and Ray swaps a loopback node IP for the
+        # machine's outward one unless this flag (meant for single-machine platforms) is off.
+        # It is read only while the node starts, so it is restored at once.
+        from ray._private import ray_constants
+
+        saved = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING", _node_ip_address=LOOPBACK)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = saved
+        return
+    try:
+        ray.init(address=address, logging_level="WARNING")
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise UserError(f"cannot connect to the Ray cluster at {address} ({exc}): check the address, or leave --address out to start a local Ray") from None
+
+
+def disconnect() -> None:
+    ray.shutdown()
+
+
+def alive_nodes() -> list[NodeShape]:
+    return [
+        NodeShape(n["NodeID"][:8], n["Resources"].get("CPU", 0.0), n["Resources"].get("GPU", 0.0))
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
+
+
+def launchable_node_types() -> list[NodeShape] | None:
+    """Node types the cluster's autoscaler can add; [] when it launches nothing (a local Ray, a
+    cluster started by hand), None when it cannot be told.
+
+    Ray publishes no node types while none of them runs, so this reads the config file the
+    head's autoscaler monitor was started with, as the monitor itself does: from this machine
+    when the driver runs on the head, else through a task pinned to the head node."""
+    gcs_port = ray.get_runtime_context().gcs_address.rpartition(":")[2]
+    found, config = _monitor_config(gcs_port)
+    if not found:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        heads = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n["Resources"]]
+        if not heads:
+            return None
+        on_head = NodeAffinitySchedulingStrategy(heads[0], soft=False)
+        try:
+            reader = ray.remote(num_cpus=0, max_retries=0)(_monitor_config)
+            found, config = ray.get(reader.options(scheduling_strategy=on_head).remote(gcs_port), timeout=60)
+        except Exception:  # a head that cannot run the task: nothing can be told
+            return None
+    if not found or config is None:
+        return None
+    cluster_max = config.get("max_workers", float("inf"))
+    shapes = []
+    for name, spec in (config.get("available_node_types") or {}).items():
+        spec = spec or {}
+        if min(spec.get("max_workers", 0), cluster_max) <= 0:  # the head's type, or switched off
+            continue
+        resources = spec.get("resources") or {}
+        if not resources:  # left for the cloud to detect: `ray up` fills the head's copy, a hand-started one does not
+            return None
+        count = int(min(spec.get("max_workers", 0), cluster_max))
+        shapes.append(NodeShape(name, float(resources.get("CPU", 0)), float(resources.get("GPU", 0)), count))
+    return shapes
+
+
+def _monitor_config(gcs_port: str) -> tuple[bool, dict | None]:
+    """(found, config) of the autoscaler monitor of the cluster whose GCS listens on
+    ``gcs_port``, among this machine's processes; config {} for a monitor without one
+    (it launches nothing), None for one whose file cannot be read."""
+    import yaml
+
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if not any(a.endswith(("/autoscaler/_private/monitor.py", "/autoscaler/v2/monitor.py")) for a in argv[:3]):
+            continue
+        flags = dict(a[2:].split("=", 1) for a in argv if a.startswith("--") and "=" in a)
+        if flags.get("gcs-address", "").rpartition(":")[2] != gcs_port:
+            continue  # another cluster's monitor on this machine
+        path = flags.get("autoscaling-config")
+        if not path:
+            return True, {}
+        path = os.path.join(os.readlink(f"/proc/{pid}/cwd"), os.path.expanduser(path))
+        try:
+            with open(path) as f:
+                return True, yaml.safe_load(f) or {}
+        except (OSError, yaml.YAMLError):
+            return True, None
+    return False, None
+
+
+def size_trials(
+    cpus_per_trial: float | None, gpus_per_trial: float | None, num_samples: int, max_concurrent: int | None, joined: bool
+) -> TrialSize:
+    """CPUs and GPUs per trial and how many trials start together.
+
+    GPUs: the user's, else 1 when the cluster has GPU nodes or its autoscaler can add them,
+    else 0. CPUs: the user's, else the CPUs of the nodes that host such trials shared among
+    the trials that fit there. Concurrency: the user's, else as many trials as the cluster
+    holds at its largest (Tune otherwise starts one at a time with a searcher, so an
+    autoscaler would add one node at a time and idle GPUs would wait).
+
+    A trial that no node has or can get resources for would wait forever: an error. On a
+    joined cluster whose autoscaler cannot be read, that is only a warning."""
+    alive = alive_nodes()
+    launchable = launchable_node_types() if joined else []
+    shapes = alive + (launchable or [])
+    gpus = gpus_per_trial
+    if gpus is None:
+        if any(s.gpus for s in alive):
+            gpus = 1.0
+        elif launchable is None:
+            raise UserError(
+                "this cluster has no GPU node up and its autoscaler's node types cannot be read: "
+                "pass --gpus-per-trial (1 to wait for GPU workers, 0 to train on CPUs)"
+            )
+        elif any(s.gpus for s in launchable):
+            gpus = 1.0
+            types = ", ".join(sorted({s.name for s in launchable if s.gpus}))
+            print(f"no GPU node is up yet: trials get 1 GPU each and wait for the autoscaler to add {types}", file=sys.stderr)
+        else:
+            gpus = 0.0
+    cpus = cpus_per_trial
+    if cpus is None:
+        hosts = [s for s in shapes if s.gpus >= gpus and s.cpus >= 1] if gpus else [s for s in shapes if s.cpus]
+        node = max(hosts or shapes, key=lambda s: (s.cpus, s.gpus))
+        per_node = min(num_samples, node.gpus // gpus) if gpus else min(num_samples, node.cpus)
+        cpus = float(max(1, int(node.cpus // max(1, per_node))))
+    slots = sum(s.trials(cpus, gpus) for s in shapes)
+    if not slots:
+        need = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
+        have = "; ".join(f"{s.name}: {s.cpus:g} CPUs, {s.gpus:g} GPUs" for s in shapes) or "no nodes"
+        problem = f"a trial needs {need} but no node of the cluster has or can add that many ({have})"
+        if launchable is not None:
+            raise UserError(f"{problem}: trials would wait forever; lower --gpus-per-trial/--cpus-per-trial")
+        print(f"warning: {problem}: trials wait until the autoscaler adds such nodes (Ctrl-C if it has none)", file=sys.stderr)
+    return TrialSize(cpus, gpus, max_concurrent or min(num_samples, slots or num_samples))

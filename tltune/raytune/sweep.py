@@ -1,0 +1,252 @@
+"""The sweep: experiments as Ray Tune runs, Optuna searching and ASHA stopping, one after another.
+
+:func:`run_sweep` is the one entry the command line calls: it connects to Ray, sizes the
+trials, records the run, puts the inputs in the object store and runs each experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ray
+from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from tltune import storage
+from tltune.errors import UserError
+from tltune.experiments import Choice, Experiment, IntRange, LogUniform
+from tltune.models import PRETRAINED_MODES
+from tltune.raytune import cluster
+from tltune.raytune.callbacks import TensorBoardCallback, _is_number
+from tltune.raytune.trainable import precompute_features, score_on_test_split, train_trial
+from tltune.results import EXPERIMENT_FILE, METRIC, SUMMARY_FILE, best_checkpoint
+from tltune.settings import SweepPlan
+from tltune.train import load_model_state
+
+MODE = "max"
+RUNS_FILE = "runs.jsonl"  # one line per invocation that wrote to the run directory
+
+
+def to_tune_domain(domain):
+    if isinstance(domain, Choice):
+        return tune.choice(list(domain.options))
+    if isinstance(domain, LogUniform):
+        return tune.loguniform(domain.low, domain.high)
+    if isinstance(domain, IntRange):
+        return tune.randint(domain.low, domain.high + 1)  # randint's upper bound is exclusive
+    raise TypeError(f"unknown search domain {domain!r}")
+
+
+def trial_dirname(trial) -> str:
+    """``<trial id>-<the hyperparameters that vary>``: readable run names in TensorBoard."""
+    parts = [str(trial.config[k]) for k in ("optimizer", "activation") if k in trial.config]
+    parts += [f"lr{trial.config['lr']:.1e}", f"ep{trial.config['epochs']}"]
+    return "-".join([trial.trial_id, *parts])
+
+
+def trial_config(experiment: Experiment, settings: dict) -> tuple[dict, list[dict]]:
+    """The Tune ``param_space`` and ``points_to_evaluate`` (the reference settings first)."""
+    reference, space = settings["reference"], settings["space"]
+    param_space = {
+        **{k: v for k, v in reference.items() if k not in space},
+        **{k: to_tune_domain(v) for k, v in space.items()},
+        "dataset": settings["dataset"],
+        "model": experiment.model,
+        "mode": experiment.mode,
+        "batch_size": settings["batch_size"],
+        "seed": settings["seed"],
+        "image_size": settings["image_size"],
+        "channels": settings["channels"],
+        "cached_features": settings["cached_features"],
+    }
+    # The reference is evaluated first, then the best configurations of a warm-start run;
+    # points outside the (possibly narrowed) space are left out.
+    points = []
+    for point in [{k: reference[k] for k in space}, *settings.get("warm_start", [])]:
+        point = {k: point.get(k) for k in space}
+        if space and point not in points and all(v is not None and space[k].contains(v) for k, v in point.items()):
+            points.append(point)
+    return param_space, points
+
+
+class ResumableOptunaSearch(OptunaSearch):
+    """OptunaSearch that survives a crash between its own save and Tune's.
+
+    After a kill -9, Tune's experiment state can list a trial the searcher's older saved state
+    never suggested; stock OptunaSearch then fails the whole resumed sweep with a KeyError.
+    Here such a trial's results are ignored while it runs, and its final score is given to
+    Optuna as an evaluated point, so nothing learned is lost."""
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._ot_trials:
+            super().on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._ot_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        config = (result or {}).get("config", {})
+        value = (result or {}).get(self.metric)
+        if not error and _is_number(value) and isinstance(self._space, dict):
+            try:
+                self.add_evaluated_point({k: config[k] for k in self._space}, value)
+            except (KeyError, ValueError, TypeError, RuntimeError):
+                pass
+
+
+def new_tuner(experiment: Experiment, settings: dict, trainable, param_space: dict, points: list, run_dir: str):
+    """Optuna (seeded, the reference and warm-start points first) + ASHA, one iteration per epoch."""
+    max_epochs = max(settings["max_epochs"], 1)
+    search = ResumableOptunaSearch(points_to_evaluate=points or None, seed=settings["seed"]) if settings["space"] else None
+    scheduler = ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=max_epochs,
+        grace_period=min(settings["grace_period"], max_epochs),
+        reduction_factor=3,
+    )
+    return tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=search,
+            scheduler=scheduler,
+            num_samples=settings["num_samples"],
+            max_concurrent_trials=settings["max_concurrent_trials"],
+            reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=tune.RunConfig(
+            name=experiment.name,
+            storage_path=run_dir,
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback()],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # a trial whose node dies goes on from its last checkpoint elsewhere
+            failure_config=tune.FailureConfig(max_failures=settings.get("max_failures", 2)),
+            verbose=0,
+        ),
+    )
+
+
+def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir: str) -> dict:
+    """Run one experiment as a Tune sweep in ``run_dir/<experiment name>``; returns its summary."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard writer replaces Ray's
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # per-epoch checkpoints are intended
+    exp_dir = storage.join(run_dir, experiment.name)
+    resuming = tune.Tuner.can_restore(exp_dir)
+    if not resuming:  # a new experiment, or one killed before Tune saved any state
+        storage.write_text(storage.join(exp_dir, EXPERIMENT_FILE), json.dumps(experiment_record(experiment, settings), indent=2, default=str))
+
+    if settings["cached_features"]:
+        started = time.time()
+        task = ray.remote(num_cpus=settings["cpus_per_trial"], num_gpus=settings["gpus_per_trial"])(precompute_features)
+        input_config = {
+            "model": experiment.model,
+            "activation": settings["reference"].get("activation", "relu"),
+            "image_size": settings["image_size"],
+            "channels": settings["channels"],
+        }
+        features = task.remote(input_config, inputs)
+        ray.wait([features], fetch_local=False)
+        inputs = {**inputs, "splits": features}
+        print(f"backbone features ready in {time.time() - started:.1f}s (computed once, or from the cache)")
+    param_space, points = trial_config(experiment, settings)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, inputs=inputs),
+        {"cpu": settings["cpus_per_trial"], "gpu": settings["gpus_per_trial"]},
+    )
+    if resuming:  # keeps the searcher's and ASHA's state; unfinished trials go on from their checkpoints
+        print(f"resuming {exp_dir}")
+        try:
+            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
+        except (ValueError, RuntimeError, OSError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot resume {exp_dir} ({first_line}): start a new run instead") from None
+    else:
+        tuner = new_tuner(experiment, settings, trainable, param_space, points, run_dir)
+    started = time.time()
+    results = tuner.fit()
+    summary = {
+        "experiment": experiment.name,
+        "wall_s": round(time.time() - started, 1),
+        "trials": len(results),
+        "errored_trials": results.num_errors,
+    }
+    try:
+        best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
+    except RuntimeError:  # no trial reported a finite val_acc
+        best = None
+    if best is not None and best.checkpoint is not None:
+        evaluate_remote = ray.remote(
+            num_cpus=settings["cpus_per_trial"], num_gpus=settings["gpus_per_trial"], max_retries=1
+        )(score_on_test_split)
+        test = ray.get(evaluate_remote.remote(best.config, inputs, best.checkpoint))
+        summary.update(
+            best_trial=best.path.rstrip("/").rsplit("/", 1)[-1],
+            config={k: best.config[k] for k in sorted(best.config)},
+            epochs_trained=best.metrics["training_iteration"],
+            val_acc=best.metrics[METRIC],
+            **test,
+        )
+    storage.write_text(storage.join(exp_dir, SUMMARY_FILE), json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def experiment_record(experiment: Experiment, settings: dict) -> dict:
+    random_init = experiment.mode in PRETRAINED_MODES and settings.get("pretrained") == "none"
+    return {
+        "name": experiment.name,
+        "dataset": settings["dataset"],
+        "model": experiment.model,
+        "mode": experiment.mode,
+        "label": experiment.label + (" (random init: no pretrained weights)" if random_init else ""),
+        "reference": experiment.reference,
+        "reference_accuracy": experiment.reference_accuracy if settings["dataset"] == experiment.dataset else None,
+        "settings": {k: v for k, v in settings.items() if k not in ("space",)},
+        "space": {k: repr(v) for k, v in settings["space"].items()},
+    }
+
+
+def run_sweep(plan: SweepPlan) -> None:
+    """Connect to Ray, size the trials, record the run and run its experiments in order.
+
+    Resources are checked against the cluster before anything is written to the run
+    directory, so a sweep that cannot run leaves nothing behind."""
+    cluster.connect(plan.address)
+    try:
+        settings = {}
+        for experiment in plan.experiments:
+            s = settings[experiment.name] = dict(plan.settings[experiment.name])
+            size = cluster.size_trials(
+                plan.cpus_per_trial, plan.gpus_per_trial, s["num_samples"], s["max_concurrent_trials"], joined=plan.address is not None
+            )
+            s.update(cpus_per_trial=size.cpus, gpus_per_trial=size.gpus, max_concurrent_trials=size.concurrent)
+        storage.append_line(storage.join(plan.run_dir, RUNS_FILE), json.dumps(plan.record, default=str))
+        imagenet_ref, none_ref = ray.put(plan.imagenet_state), ray.put(None)
+        split_refs = {name: ray.put(s) for name, s in plan.splits.items()}
+        print(f"results: {plan.run_dir}")
+        for experiment in plan.experiments:
+            s = settings[experiment.name]
+            pretrained_ref = none_ref
+            if experiment.source:  # the CNN takes the architecture, and maybe the weights, of the source's best trial
+                source_config, checkpoint = best_checkpoint(plan.source_run or plan.run_dir, experiment.source)
+                s["reference"] = {**s["reference"], "activation": source_config["activation"]}
+                s["pretrained"] = str(checkpoint)
+                if experiment.mode in PRETRAINED_MODES:
+                    pretrained_ref = ray.put(load_model_state(checkpoint))
+            elif experiment.model == "alexnet":
+                s["pretrained"] = plan.weights if plan.imagenet_state is not None else "none"
+                pretrained_ref = imagenet_ref
+            print(f"\n== {experiment.name}: {s['num_samples']} trial(s), up to {s['max_epochs']} epochs, "
+                  f"{s['cpus_per_trial']:g} CPU / {s['gpus_per_trial']:g} GPU per trial, up to {s['max_concurrent_trials']} at once")  # fmt: skip
+            inputs = {"splits": split_refs[s["dataset"]], "pretrained_state": pretrained_ref}
+            run_experiment(experiment, s, inputs, plan.run_dir)
+    finally:
+        cluster.disconnect()

@@ -1,0 +1,107 @@
+"""The trial: a Ray Tune function trainable that trains one configuration, reporting once per
+epoch with a checkpoint, plus the Ray tasks that run beside it (test scoring, backbone
+features). The math is in ``tltune.train``; this file only moves data and reports.
+
+The driver puts each dataset in Ray's object store once; every trial reads it from there
+(zero-copy NumPy on the trial's node) and resumes from ``tune.get_checkpoint()``.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+
+import ray
+import torch
+from ray import tune
+
+from tltune.data import Splits, as_tensors
+from tltune.features import feature_splits
+from tltune.train import (
+    DivergedError,
+    build_optimizer,
+    evaluate,
+    load_checkpoint,
+    save_checkpoint,
+    seed_everything,
+    setup_model,
+    train_one_epoch,
+)
+
+
+def trial_device() -> torch.device:
+    """The GPU Ray assigned to this trial (it sets CUDA_VISIBLE_DEVICES), else the CPU."""
+    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+
+
+def train_trial(config: dict, inputs: dict) -> None:
+    """A Ray Tune function trainable: one ``tune.report`` per epoch, with a checkpoint."""
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
+    started_at = time.time()
+    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+    device = trial_device()
+    started = time.perf_counter()
+    splits: Splits = ray.get(inputs["splits"])  # zero-copy from the node's object store
+    data_ready_s = time.perf_counter() - started
+    model, transform = setup_model(config, splits, ray.get(inputs["pretrained_state"]))
+    model.to(device)
+    optimizer = build_optimizer(config["optimizer"], model, config["lr"])
+    epochs_done = 0
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            epochs_done = load_checkpoint(directory, model, optimizer)
+    train_x, train_y = as_tensors(splits.train, device)
+    val_x, val_y = as_tensors(splits.val, device)
+    for epoch in range(epochs_done + 1, config["epochs"] + 1):
+        generator = seed_everything(config["seed"] * 1000 + epoch)  # same batches after a resume
+        train_started = time.perf_counter()
+        try:
+            train = train_one_epoch(model, optimizer, train_x, train_y, transform, config["batch_size"], generator)
+        except DivergedError as exc:
+            # Stop this trial with its reason in the results; val_acc 0 ranks it last for the
+            # searcher and ASHA (a NaN would be dropped, and a retry would diverge again).
+            tune.report({"epoch": epoch, "diverged": True, "stop_reason": str(exc), "val_acc": 0.0, "train_loss": float("nan")})
+            return
+        train_images_per_s = len(train_y) / (time.perf_counter() - train_started)
+        val = evaluate(model, val_x, val_y, transform)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": train.loss,
+            "train_acc": train.accuracy,
+            "val_loss": val.loss,
+            "val_acc": val.accuracy,
+            "train_images_per_s": train_images_per_s,
+            "data_ready_s": data_ready_s,
+            "started_at": started_at,  # this run of the trial (a restored trial starts again)
+            "reported_at": time.time(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+        }
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(directory, model, optimizer, epoch)
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+    del model, optimizer  # reused actors run the next trial in this process
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def score_on_test_split(config: dict, inputs: dict, checkpoint: tune.Checkpoint) -> dict:
+    """Test accuracy of a trial's checkpoint; runs as a Ray task with the trial's resources."""
+    device = trial_device()
+    splits: Splits = ray.get(inputs["splits"])
+    model, transform = setup_model(config, splits, ray.get(inputs["pretrained_state"]))
+    model.to(device)
+    with checkpoint.as_directory() as directory:
+        load_checkpoint(directory, model)
+    test_x, test_y = as_tensors(splits.test, device)
+    stats = evaluate(model, test_x, test_y, transform)
+    return {"test_acc": stats.accuracy, "test_loss": stats.loss, "test_images": len(test_y)}
+
+
+def precompute_features(input_config: dict, inputs: dict) -> Splits:
+    """Backbone features of every image, computed once (or read from the disk cache) on the
+    device a trial would get; runs as a Ray task, its result stays in the object store."""
+    return feature_splits(ray.get(inputs["splits"]), input_config, ray.get(inputs["pretrained_state"]), trial_device())

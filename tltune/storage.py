@@ -1,0 +1,420 @@
+"""Files of a run directory on local disk or on any filesystem ``pyarrow.fs`` opens by URI.
+
+A *path* here is a local path (``results``, ``~/runs/x``) or a URI (``s3://bucket/prefix``,
+``gs://bucket/prefix``, ``file:///abs``, ...). URIs go through
+``pyarrow.fs.FileSystem.from_uri``, exactly as Ray Tune resolves ``RunConfig(storage_path)``,
+so tltune and Ray reach the same place from the same string.
+
+S3 credentials and endpoint come from the standard environment variables only:
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (``AWS_SESSION_TOKEN``), ``AWS_DEFAULT_REGION``,
+and for an S3-compatible server ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), which
+pyarrow itself honours (Ray's worker processes inherit them from the driver on a local Ray;
+a cluster's nodes need them in their own environment). pyarrow's URI query options work
+too: ``s3://bucket/prefix?endpoint_override=http://host:9000&scheme=http``.
+
+Object stores have no real directories: a "directory" exists while something is under it,
+and ``list_dir`` of a missing directory is empty rather than an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import uuid
+from pathlib import Path
+from typing import Callable, TypeVar
+from urllib.parse import urlsplit
+
+import pyarrow.fs as pafs
+
+from tltune.errors import UserError
+
+__all__ = [
+    "absolute", "append_line", "check_writable", "download", "exists", "find", "is_dir", "is_file",
+    "is_uri", "join", "list_dir", "move", "mtime", "read_text", "resolve", "write_text",
+]
+
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")  # 2+ chars: "C:\..." is not a URI
+_PROBE_PREFIX = ".tltune-write-check-"
+# check_writable's S3 client: fail in seconds, not after the SDK's default retries (a closed
+# port takes 6 s with 3 attempts, an endpoint that accepts but never answers over 100 s).
+_PROBE_CONNECT_TIMEOUT_S = 3.0
+_PROBE_REQUEST_TIMEOUT_S = 5.0
+_PROBE_DEADLINE_S = 30.0  # any scheme: the whole check gives up after this
+_T = TypeVar("_T")
+
+
+def is_uri(path: str) -> bool:
+    """Whether ``path`` is a URI (``scheme://...``) rather than a local path."""
+    return bool(_URI.match(str(path)))
+
+
+def join(base: str, *parts: str) -> str:
+    """``base`` with ``parts`` appended by ``/``, for local paths and URIs alike (a URI's
+    ``?query`` stays at the end); no doubled or trailing slashes, empty parts skipped."""
+    base = str(base)
+    query = ""
+    if is_uri(base) and "?" in base:
+        base, query = base.split("?", 1)
+        query = "?" + query
+    tail = [p.strip("/") for p in map(str, parts) if p.strip("/")]
+    if not tail:
+        return base + query
+    head = base if base.endswith("://") or base.strip("/") == "" else base.rstrip("/")
+    sep = "" if head.endswith("/") or not head else "/"
+    return head + sep + "/".join(tail) + query
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (``~`` expanded); a URI unchanged."""
+    path = str(path)
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+
+
+def resolve(path: str) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path on it, as Ray resolves a ``storage_path``: a URI through
+    ``pyarrow.fs.FileSystem.from_uri``, a local path as an absolute path on the local disk.
+
+    An unknown scheme or a malformed URI raises ``UserError``; network errors (for example
+    while pyarrow looks up an AWS bucket's region) are left as ``OSError``. S3 filesystems
+    get ``allow_delayed_open`` so that a small file is one PUT, not a multipart upload.
+    """
+    path = str(path)
+    if not is_uri(path):
+        return pafs.LocalFileSystem(), absolute(path)
+    try:
+        fs, fs_path = pafs.FileSystem.from_uri(path)
+    except ValueError as exc:  # pyarrow.ArrowInvalid: unknown scheme, bad query option
+        scheme = _URI.match(path).group(1)
+        reason = _one_line(exc)
+        if "Unrecognized filesystem type" in reason:
+            reason = f"pyarrow.fs has no filesystem for '{scheme}://' (use a local path, s3://, gs://, hdfs:// or file://)"
+        raise UserError(f"storage path {path}: {reason}") from None
+    if fs.type_name == "s3":
+        fs = _s3_with(fs, allow_delayed_open=True)
+    return fs, fs_path
+
+
+def exists(path: str) -> bool:
+    """Whether a file or directory is at ``path`` (a missing S3 bucket: ``False``)."""
+    fs, fs_path = resolve(path)
+    return fs.get_file_info(fs_path).type != pafs.FileType.NotFound
+
+
+def is_file(path: str) -> bool:
+    """Whether ``path`` is a file."""
+    fs, fs_path = resolve(path)
+    return fs.get_file_info(fs_path).type == pafs.FileType.File
+
+
+def is_dir(path: str) -> bool:
+    """Whether ``path`` is a directory (on an object store: whether anything is under it)."""
+    fs, fs_path = resolve(path)
+    return fs.get_file_info(fs_path).type == pafs.FileType.Directory
+
+
+def list_dir(path: str) -> list[str]:
+    """The names of the entries directly in directory ``path``, sorted; ``[]`` if it is missing."""
+    fs, fs_path = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True, recursive=False))
+    return sorted(info.base_name for info in infos)
+
+
+def find(path: str, name: str) -> list[str]:
+    """Every file called ``name`` anywhere under directory ``path``, as paths like ``path``'s, sorted."""
+    fs, fs_path = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True, recursive=True))
+    root = fs_path.rstrip("/")
+    return sorted(join(path, i.path[len(root):]) for i in infos if i.type == pafs.FileType.File and i.base_name == name)
+
+
+def read_text(path: str) -> str:
+    """The UTF-8 text of file ``path``; ``FileNotFoundError`` if it is missing."""
+    fs, fs_path = resolve(path)
+    with fs.open_input_stream(fs_path) as f:
+        return f.read().decode("utf-8")
+
+
+def write_text(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to file ``path``, replacing it whole: on local disk through a
+    temporary file and ``os.replace`` (readers never see half a file), on an object store as
+    one PUT; parent directories are created as needed."""
+    fs, fs_path = resolve(path)
+    data = text.encode("utf-8")
+    if isinstance(fs, pafs.LocalFileSystem):
+        target = Path(fs_path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "xb") as f:
+                f.write(data)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    _make_parent(fs, fs_path)
+    with fs.open_output_stream(fs_path) as f:
+        f.write(data)
+
+
+def append_line(path: str, line: str) -> None:
+    """Append ``line`` and a newline to file ``path``, creating it. On local disk an append;
+    on an object store (no appends) a read and rewrite, so not safe against a concurrent writer."""
+    fs, fs_path = resolve(path)
+    line = line.rstrip("\n") + "\n"
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(fs_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(fs_path, "a", encoding="utf-8") as f:
+            f.write(line)
+        return
+    try:
+        with fs.open_input_stream(fs_path) as f:
+            old = f.read().decode("utf-8")
+    except FileNotFoundError:
+        old = ""
+    if old and not old.endswith("\n"):
+        old += "\n"
+    write_text(path, old + line)
+
+
+def mtime(path: str) -> float:
+    """Last modification of ``path`` in seconds since the epoch; for a directory on an object
+    store (which has no times) the newest file under it. ``FileNotFoundError`` if missing."""
+    fs, fs_path = resolve(path)
+    info = fs.get_file_info(fs_path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if info.mtime_ns is not None:
+        return info.mtime_ns / 1e9
+    below = fs.get_file_info(pafs.FileSelector(fs_path, recursive=True))
+    times = [i.mtime_ns for i in below if i.mtime_ns is not None]
+    if not times:
+        raise FileNotFoundError(f"no modification time for {path}: nothing under it")
+    return max(times) / 1e9
+
+
+def move(src: str, dst: str) -> None:
+    """Rename file or directory ``src`` to ``dst`` (both on the same filesystem, ``dst`` must
+    not exist). On an object store a directory is copied object by object, then deleted."""
+    fs, src_path = resolve(src)
+    dst_fs, dst_path = resolve(dst)
+    if fs.type_name != dst_fs.type_name:
+        raise ValueError(f"cannot move {src} to {dst}: different filesystems")
+    if fs.get_file_info(dst_path).type != pafs.FileType.NotFound:
+        raise FileExistsError(f"cannot move {src} to {dst}: it exists")
+    info = fs.get_file_info(src_path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file or directory: {src}")
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(dst_path).parent.mkdir(parents=True, exist_ok=True)
+        os.rename(src_path, dst_path)
+    elif info.type == pafs.FileType.File:
+        fs.move(src_path, dst_path)
+    else:  # S3/GCS cannot rename a "directory": server-side copies, then delete
+        for item in fs.get_file_info(pafs.FileSelector(src_path, recursive=True)):
+            if item.type == pafs.FileType.File:
+                target = dst_path.rstrip("/") + item.path[len(src_path.rstrip("/")):]
+                _make_parent(fs, target)
+                fs.copy_file(item.path, target)
+        fs.delete_dir(src_path)
+
+
+def download(path: str, local_dir: str | os.PathLike) -> Path:
+    """A local copy of file or directory ``path`` (e.g. a checkpoint): a directory's contents
+    are copied into ``local_dir`` and ``local_dir`` returned, a file goes to
+    ``local_dir/<name>``. A local ``path`` is returned as it is, nothing copied.
+    ``FileNotFoundError`` if ``path`` is missing."""
+    fs, fs_path = resolve(path)
+    info = fs.get_file_info(fs_path)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such file or directory: {path}")
+    if isinstance(fs, pafs.LocalFileSystem):
+        return Path(fs_path)
+    dest = Path(local_dir).expanduser().resolve()
+    dest.mkdir(parents=True, exist_ok=True)
+    if info.type == pafs.FileType.File:
+        dest = dest / info.base_name
+    pafs.copy_files(fs_path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return dest
+
+
+def check_writable(path: str) -> None:
+    """Prove, before anything runs, that results can be written under directory ``path`` (it
+    may not exist yet) by writing and deleting a small probe file there; nothing is left
+    behind (on S3 at most an empty "directory" marker for ``path``'s parent).
+
+    Raises ``UserError`` with one line for: an unknown scheme or bad URI, a local path that is
+    a file or cannot be created or written, and on an object store a missing bucket, missing
+    or rejected credentials, or an endpoint that does not answer (in seconds: short timeouts,
+    no retries). For ``s3://`` the credentials must be in ``AWS_ACCESS_KEY_ID`` and
+    ``AWS_SECRET_ACCESS_KEY`` (or in the URI); the EC2 metadata service is then never needed,
+    and ``AWS_EC2_METADATA_DISABLED=true`` is set in ``os.environ`` unless already set, so
+    that neither this process nor the Ray workers it starts wait on it.
+    """
+    path = str(path)
+    if not is_uri(path):
+        _check_local(path, Path(absolute(path)))
+        return
+    fs, fs_path = _with_deadline(lambda: _resolve_for_probe(path), path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        _check_local(path, Path(fs_path))
+        return
+    _with_deadline(lambda: _probe(fs, fs_path, path), path)
+
+
+# -- internals -------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, whitespace collapsed, at most ``limit`` chars."""
+    lines = str(exc).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _s3_with(fs: pafs.FileSystem, **options) -> pafs.FileSystem:
+    """``fs`` (an S3FileSystem) rebuilt with ``options`` changed; its other settings, e.g.
+    the endpoint pyarrow took from ``AWS_ENDPOINT_URL``, are kept (read via pickling state)."""
+    try:
+        state = dict(fs.__reduce__()[1][0])
+    except Exception:  # a pyarrow without that state: keep the filesystem as it is
+        return fs
+    state.update(options)
+    return pafs.S3FileSystem(**state)
+
+
+def _make_parent(fs: pafs.FileSystem, fs_path: str) -> None:
+    """Create the parent directory where the filesystem has real directories (not S3/GCS)."""
+    parent = fs_path.rstrip("/").rsplit("/", 1)[0]
+    if fs.type_name not in ("s3", "gcs") and parent and parent != fs_path:
+        fs.create_dir(parent, recursive=True)
+
+
+def _with_deadline(fn: Callable[[], _T], path: str) -> _T:
+    """``fn()`` in a daemon thread; a ``UserError`` if it has not finished within the deadline."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=run, name="tltune-storage-check", daemon=True)
+    worker.start()
+    worker.join(_PROBE_DEADLINE_S)
+    if worker.is_alive():
+        raise UserError(f"storage path {path}: no answer within {_PROBE_DEADLINE_S:.0f} s (is the endpoint reachable?)")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]
+
+
+def _check_local(path: str, target: Path) -> None:
+    existing = target
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == target and not existing.is_dir():
+        raise UserError(f"storage path {path} is a file, not a directory")
+    if not existing.is_dir():
+        raise UserError(f"storage path {path} cannot be created: {existing} is a file")
+    missing = []
+    d = target
+    while d != existing:
+        missing.append(d)
+        d = d.parent
+    created: list[Path] = []
+    try:
+        for d in reversed(missing):
+            d.mkdir()
+            created.append(d)
+        probe = target / f"{_PROBE_PREFIX}{uuid.uuid4().hex}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"storage path {path} is not writable: {exc.strerror or _one_line(exc)}") from None
+    finally:
+        for d in reversed(created):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+
+
+def _resolve_for_probe(path: str) -> tuple[pafs.FileSystem, str]:
+    """``resolve`` plus, for S3, the credential check and a client with short timeouts."""
+    if urlsplit(path).scheme.lower() == "s3":
+        keys = os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")
+        if not keys and "@" not in urlsplit(path).netloc:
+            raise UserError(
+                f"storage path {path}: no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(and AWS_ENDPOINT_URL for an S3-compatible server)"
+            )
+        os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    try:
+        fs, fs_path = resolve(path)
+    except OSError as exc:
+        raise UserError(f"storage path {path}: {_explain(exc, path, None)}") from None
+    if fs.type_name == "s3":
+        fs = _s3_with(
+            fs,
+            connect_timeout=_PROBE_CONNECT_TIMEOUT_S,
+            request_timeout=_PROBE_REQUEST_TIMEOUT_S,
+            retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=1),
+        )
+    return fs, fs_path
+
+
+def _probe(fs: pafs.FileSystem, fs_path: str, path: str) -> None:
+    endpoint = _endpoint(fs)
+    try:
+        info = fs.get_file_info(fs_path)
+        if info.type == pafs.FileType.File:
+            raise UserError(f"storage path {path} is a file, not a directory")
+        probe = fs_path.rstrip("/") + f"/{_PROBE_PREFIX}{uuid.uuid4().hex}"
+        _make_parent(fs, probe)
+        with fs.open_output_stream(probe) as f:
+            f.write(b"tltune")
+        fs.delete_file(probe)
+        if info.type == pafs.FileType.NotFound:  # deleting left an empty marker for fs_path
+            try:
+                if not fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True)):
+                    fs.delete_dir(fs_path)
+            except OSError:
+                pass
+    except OSError as exc:
+        raise UserError(f"storage path {path}: {_explain(exc, path, endpoint)}") from None
+
+
+def _endpoint(fs: pafs.FileSystem) -> str | None:
+    if fs.type_name != "s3":
+        return None
+    try:
+        state = fs.__reduce__()[1][0]
+    except Exception:
+        return None
+    return state.get("endpoint_override") or f"AWS S3 ({state.get('region') or 'default region'})"
+
+
+_DENIED = ("INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "ACCESS_DENIED", "EXPIRED_TOKEN",
+           "INVALID_CLIENT_TOKEN_ID", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
+           "Forbidden", "Unauthorized", "PermissionDenied", "PERMISSION_DENIED")
+
+
+def _explain(exc: OSError, path: str, endpoint: str | None) -> str:
+    """One line saying what went wrong, from pyarrow's (AWS SDK's) error text."""
+    text = " ".join(str(exc).split())
+    detail = text.split(" operation: ", 1)[-1]
+    detail = re.sub(r"\s*\(Request ID: [^)]*\)|curlCode: \d+, |No response body\.", "", detail).strip(" ;.")
+    where = f" at {endpoint}" if endpoint else ""
+    if "NO_SUCH_BUCKET" in text or "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        bucket = urlsplit(path).netloc.rsplit("@", 1)[-1]
+        return f"bucket '{bucket}' does not exist{where}: create it first (neither tltune nor Ray creates buckets)"
+    if any(code in text for code in _DENIED):
+        keys = " (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)" if urlsplit(path).scheme.lower() == "s3" else ""
+        return (f"access denied{where}: the credentials{keys} are wrong or may not write there"
+                + (f" ({_one_line(detail, 200)})" if detail else ""))
+    if "NETWORK_CONNECTION" in text or "curlCode" in text or "Could not connect" in text:
+        return f"cannot reach {endpoint or 'the storage server'}: {_one_line(detail, 200)}"
+    return _one_line(exc)
