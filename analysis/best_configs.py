@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # storage that cannot be listed or reached
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(rows, indent=2))
     elif args.csv:

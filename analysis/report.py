@@ -4,7 +4,8 @@ learning curves, accuracy vs learning rate, fine-tuning vs feature extraction.
     python analysis/report.py results                       # every run under ./results
     python analysis/report.py results/all --out docs/report
 
-Reads result directories only; experiments without results show as "not run".
+Reads result directories only; experiments without results show as "not run", failed ones with
+their reason; damaged files are skipped with a warning on stderr.
 """
 
 import argparse
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
         report = write_report(args.paths, args.out)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # storage that cannot be listed or reached
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     print(f"wrote {report}")
     return 0

@@ -40,7 +40,7 @@ def offline_root(tmp_path, monkeypatch):
         (["--lr-range", "0.1", "0.001"], "need 0 < low < high"),
         (["--epochs-range", "5", "2"], "empty range"),
         (["--num-samples", "0"], "--num-samples must be at least 1"),
-        (["--gpus-per-trial", "-1"], "--gpus-per-trial must be >= 0"),
+        (["--gpus-per-trial", "-1"], "--gpus-per-trial must be a number >= 0"),
         (["--experiments", "cifar10-resnet"], "unknown experiment"),
         (["--dataset", "imagenet22k"], "unknown dataset 'imagenet22k'"),
         (["--weights", "/nonexistent/alexnet.pth"], "does not exist"),

@@ -21,6 +21,8 @@ def test_a_diverging_trial_stops_with_its_reason(tmp_path, real_data_root):
     report = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(tmp_path), "--out", str(tmp_path / "r")],
                             capture_output=True, text=True)  # fmt: skip
     assert report.returncode == 0, report.stderr
-    assert "diverged: training loss became" in (tmp_path / "r" / "report.md").read_text()
+    report_md = (tmp_path / "r" / "report.md").read_text()
+    assert "diverged: training loss became" in report_md
+    assert "| all trials diverged |" in report_md, "no diverged trial is presented as the best"
     table = subprocess.run([sys.executable, str(ROOT / "analysis" / "best_configs.py"), str(tmp_path / "nan")], capture_output=True, text=True)
-    assert table.returncode == 0 and "| CIFAR-10 | small CNN, best of the search |" in table.stdout
+    assert table.returncode == 0 and "| CIFAR-10 | small CNN, best of the search | - | - | all diverged |" in table.stdout

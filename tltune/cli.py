@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from tltune import experiments as registry
-from tltune.errors import UserError
+from tltune import signals, storage
+from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import Experiment, IntRange, LogUniform, check_settings
 from tltune.models import ACTIVATIONS, PRETRAINED_MODES
-from tltune.results import best_checkpoint, top_configs
+from tltune.results import RUNS_FILE, best_checkpoint, top_configs
 from tltune.settings import SweepPlan
 from tltune.train import OPTIMIZERS
 
@@ -146,14 +150,43 @@ def check_args(args) -> None:
             raise UserError(f"--epochs-range must start at 1 or more, got {args.epochs_range[0]}")
     for flag in ("cpus_per_trial", "gpus_per_trial"):
         value = getattr(args, flag)
-        if value is not None and value < 0:
-            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+        if value is not None and not (math.isfinite(value) and value >= 0):  # nan: Ray would wait for "nan CPUs" forever
+            raise UserError(f"--{flag.replace('_', '-')} must be a number >= 0, got {value}")
     if args.cpus_per_trial == 0:
         raise UserError("--cpus-per-trial must be > 0: a trial needs a CPU to run on")
     if args.max_concurrent_trials is not None and args.max_concurrent_trials < 1:
         raise UserError(f"--max-concurrent-trials must be at least 1, got {args.max_concurrent_trials}")
     if args.grace_period is not None and args.grace_period < 1:
         raise UserError(f"--grace-period must be at least 1, got {args.grace_period}")
+    if not 0 <= args.seed < 2**32:
+        raise UserError(f"--seed must be between 0 and 2**32 - 1, got {args.seed}")
+    if not (math.isfinite(args.val_fraction) and 0 < args.val_fraction < 1):
+        raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
+    for flag in ("train_subset", "test_subset", "image_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+
+
+def check_model_input(experiment: Experiment, settings: dict, splits) -> None:
+    """Build the experiment's model as its reference trial would and run two real images
+    through it: an input too small for the model fails here, not in every trial."""
+    import torch
+
+    from tltune.data import as_tensors
+    from tltune.train import setup_model
+
+    config = {**settings["reference"], "model": experiment.model, "mode": experiment.mode,
+              "image_size": settings["image_size"], "channels": settings["channels"]}  # fmt: skip
+    try:
+        model, transform = setup_model(config, splits, None)
+        images, _ = as_tensors(splits.train.subset(np.arange(min(2, len(splits.train)))))
+        with torch.no_grad():
+            model.eval()(transform(images))
+    except (RuntimeError, ValueError) as exc:
+        size = settings["image_size"] or splits.image_size
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"{experiment.name}: a {size}x{size} input does not fit the {experiment.model} model ({first}): pass a larger --image-size") from None
 
 
 def resolve_weights(args, needed: bool) -> dict | None:
@@ -178,8 +211,6 @@ def resolve_weights(args, needed: bool) -> dict | None:
 def run_dir_for(args, script: str, run_all: bool) -> str:
     """A new run directory (local path or URI), not created yet; with ``run_all`` the same one
     every time (``all``), added to."""
-    from tltune import storage
-
     name = args.name or ("all" if run_all else f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = storage.join(storage.absolute(args.storage_path), name)
     if storage.exists(run_dir) and not run_all:
@@ -190,7 +221,6 @@ def run_dir_for(args, script: str, run_all: bool) -> str:
 def skip_finished(chosen: list[Experiment], run_dir: str, set_aside: bool) -> list[Experiment]:
     """Experiments of ``run_dir`` that finished are skipped; an interrupted one is resumed, or
     with ``set_aside`` renamed (never deleted) and run again."""
-    from tltune import storage
     from tltune.results import SUMMARY_FILE
 
     remaining = []
@@ -213,6 +243,7 @@ def main(experiment_names: list[str], description: str, argv: list[str] | None =
     parser = build_parser(description)
     args = parser.parse_args(argv)
     script = Path(sys.argv[0]).stem or "tltune"
+    signals.install()
     try:
         if args.resume:
             args = resumed_args(parser, args)
@@ -220,16 +251,17 @@ def main(experiment_names: list[str], description: str, argv: list[str] | None =
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except signals.Interrupted as stop:
+        print(f"\ninterrupted ({stop}) before the run started: nothing was written", file=sys.stderr)
+        return stop.exit_code
 
 
 def resumed_args(parser: argparse.ArgumentParser, args):
     """The arguments a run directory was started with, so a resume continues the same sweep;
     where Ray runs (--address) may change."""
-    from tltune import storage
-
     run_dir = storage.absolute(args.resume)
     storage.check_writable(run_dir)
-    runs = storage.join(run_dir, "runs.jsonl")
+    runs = storage.join(run_dir, RUNS_FILE)
     if not storage.is_file(runs):
         raise UserError(f"{run_dir} is not a tltune run directory (no runs.jsonl): pass a directory a sweep printed as 'results: ...'")
     try:
@@ -258,6 +290,7 @@ def prepare_inputs(chosen: list[Experiment], settings: dict, args, run_dir: str,
     splits = {}
     for dataset in dict.fromkeys(settings[e.name]["dataset"] for e in chosen):
         started = time.time()
+        print(f"{dataset}: loading...", flush=True)
         try:
             loaded = load_dataset(dataset, args.data_root)
         except UserError as exc:
@@ -266,6 +299,9 @@ def prepare_inputs(chosen: list[Experiment], settings: dict, args, run_dir: str,
         s = splits[dataset] = make_splits(loaded, args.val_fraction, args.seed, **subset)
         print(f"{dataset}: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images, "
               f"{s.image_size}x{s.image_size}x{s.channels}, {s.num_classes} classes ({time.time() - started:.1f}s)")  # fmt: skip
+    for experiment in chosen:
+        if settings[experiment.name]["dataset"] in splits:
+            check_model_input(experiment, settings[experiment.name], splits[settings[experiment.name]["dataset"]])
 
     def pretrained_alexnet(e: Experiment) -> bool:
         return e.model == "alexnet" and e.mode in PRETRAINED_MODES
@@ -285,7 +321,6 @@ def prepare_inputs(chosen: list[Experiment], settings: dict, args, run_dir: str,
 
 
 def _run(experiment_names: list[str], args, script: str, run_all: bool = False) -> int:
-    from tltune import storage
     from tltune.raytune.cluster import check_reachable, cluster_address
 
     check_args(args)
@@ -302,36 +337,41 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
         run_dir = run_dir_for(args, script, run_all)
         if run_all:
             chosen = skip_finished(chosen, run_dir, set_aside=True)
-    chosen, splits, imagenet_state = prepare_inputs(chosen, settings, args, run_dir, run_all)
-    if not chosen:
-        print("nothing to run")
-        return 0
-    plan = SweepPlan(
-        experiments=chosen,
-        settings=settings,
-        splits=splits,
-        imagenet_state=imagenet_state,
-        weights=args.weights or "imagenet",
-        run_dir=run_dir,
-        record={"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "args": vars(args)},
-        source_run=args.source_run,
-        address=address,
-        cpus_per_trial=args.cpus_per_trial,
-        gpus_per_trial=args.gpus_per_trial,
-    )
-    from tltune.raytune import run_sweep  # imports Ray: only once the input is known to be good
-
     try:
+        chosen, splits, imagenet_state = prepare_inputs(chosen, settings, args, run_dir, run_all)
+        if not chosen:
+            print("nothing to run")
+            return 0
+        plan = SweepPlan(
+            experiments=chosen,
+            settings=settings,
+            splits=splits,
+            imagenet_state=imagenet_state,
+            weights=args.weights or "imagenet",
+            run_dir=run_dir,
+            record={"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "args": vars(args)},
+            source_run=args.source_run,
+            address=address,
+            cpus_per_trial=args.cpus_per_trial,
+            gpus_per_trial=args.gpus_per_trial,
+        )
+        from tltune.raytune import run_sweep  # imports Ray: only once the input is known to be good
+
         run_sweep(plan)
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: finished trials are kept in {run_dir}; continue with --resume {run_dir}", file=sys.stderr)
-        return 130
+    except signals.Interrupted as stop:
+        if not storage.is_file(storage.join(run_dir, RUNS_FILE)):
+            raise
+        print(f"\ninterrupted ({stop}): finished trials are kept in {run_dir}; continue with --resume {run_dir}", file=sys.stderr)
+        return stop.exit_code
+    except TrialsFailed as exc:
+        print_report(run_dir)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print_report(run_dir)
     return 0
 
 
 def print_report(run_dir: str) -> None:
-    from tltune import storage
     from tltune.results import best_configs_text, load_run, markdown_table, table_rows
 
     rows = table_rows(load_run(run_dir))

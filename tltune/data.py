@@ -12,10 +12,12 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -25,7 +27,8 @@ from tltune.errors import UserError
 
 TORCHVISION_DATASETS = ("cifar10", "mnist", "svhn")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+CACHE_ARRAYS = [(split, part) for split in ("train", "test") for part in ("images", "labels")]
 
 
 @dataclass
@@ -92,6 +95,47 @@ def cache_dir() -> Path:
     return Path(os.environ.get("TLTUNE_CACHE_DIR") or Path.home() / ".cache" / "tltune").expanduser()
 
 
+class DamagedCache(Exception):
+    """A cache file that cannot be used as it is; ``path`` names it."""
+
+    def __init__(self, path: Path, reason: str | BaseException):
+        if isinstance(reason, BaseException):
+            reason = f"{type(reason).__name__}: {reason}"
+        super().__init__(" ".join(str(reason).split()))  # one line
+        self.path = path
+
+
+def warn(message: str) -> None:
+    """One line on stderr, as the CLI prints its warnings."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write ``path`` with ``write(file)`` into a temporary file beside it, then rename it into
+    place, so that no reader, and no process killed mid-write, sees half a file under ``path``.
+    (No fsync: a power cut may still leave a short file, which the cache loaders detect.)"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.load`` that never unpickles, checked against the shape and dtype recorded when it was saved."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except Exception as exc:  # EOFError, ValueError (a pickle), OSError...: whatever the damage, rebuild
+        raise DamagedCache(path, exc) from None
+    if array.shape != shape or array.dtype != dtype:
+        raise DamagedCache(path, f"{array.dtype} {array.shape}, recorded {dtype} {shape}")
+    return array
+
+
 # ---------------------------------------------------------------------------- loaders
 
 
@@ -106,23 +150,25 @@ def _find_class_folder_root(name: str, root: Path) -> Path | None:
     return None
 
 
+def _is_image_file(entry: os.DirEntry) -> bool:
+    """Skips hidden files (.DS_Store, macOS' ._name.jpg) and others (Thumbs.db, notes.txt)."""
+    return entry.is_file() and not entry.name.startswith(".") and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+
+
 def _list_class_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    classes = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
-    if not classes:
-        raise UserError(f"{split_dir} has no class folders: expected {split_dir}/<class>/<image files>")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if len(classes) < 2:
+        found = f"only one class folder ({classes[0]})" if classes else "no class folders"
+        raise UserError(f"{split_dir} has {found}: a dataset needs at least 2 classes, as {split_dir}/<class>/<image files>")
     files = []
     for label, cls in enumerate(classes):
-        names = sorted(entry.name for entry in os.scandir(split_dir / cls) if entry.is_file())
+        names = sorted(entry.name for entry in os.scandir(split_dir / cls) if _is_image_file(entry))
         if not names:
-            raise UserError(f"class folder {split_dir / cls} is empty: remove it or add its images")
-        for file_name in names:
-            path = split_dir / cls / file_name
-            if path.suffix.lower() not in IMAGE_SUFFIXES:
-                raise UserError(
-                    f"{path} is not an image file (expected one of {', '.join(sorted(IMAGE_SUFFIXES))}): "
-                    "remove it from the class folder"
-                )
-            files.append((path, label))
+            raise UserError(
+                f"class folder {split_dir / cls} is empty (no {', '.join(sorted(IMAGE_SUFFIXES))} files): "
+                "remove it or add its images"
+            )
+        files.extend((split_dir / cls / file_name, label) for file_name in names)
     return classes, files
 
 
@@ -226,10 +272,15 @@ def load_torchvision(name: str, root: Path, local: Path | None) -> Dataset:
                 f"delete it and download or copy it again (expected layout: {EXPECTED_LAYOUT[name].format(root=root)})"
             ) from None
     else:
+        existing = set(root.iterdir())
         try:
-            root.mkdir(parents=True, exist_ok=True)
             splits = [_torchvision_split(name, root, train, download=True) for train in (True, False)]
         except Exception as exc:  # URLError, OSError, checksum RuntimeError...
+            for path in set(root.iterdir()) - existing:  # the folders and partial files of the failed download
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
             raise UserError(
                 f"dataset '{name}' is not under {root} and could not be downloaded "
                 f"({type(exc).__name__}: {exc}). When offline, pass --data-root DIR "
@@ -245,8 +296,8 @@ def _source_signature(source: Path) -> str:
     """Cheap fingerprint of the source files, so an edited dataset is decoded again."""
     parts = []
     for dirpath, dirnames, filenames in os.walk(source):
-        dirnames.sort()
-        for file_name in sorted(filenames):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for file_name in sorted(f for f in filenames if not f.startswith(".")):
             stat = os.stat(os.path.join(dirpath, file_name))
             parts.append(f"{dirpath}/{file_name}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()
@@ -257,6 +308,11 @@ def _source_of(name: str, root: Path) -> tuple[str, Path | None]:
     folder = _find_class_folder_root(name, root)
     if folder is not None:
         return "folder", folder
+    if not root.is_dir():
+        raise UserError(
+            f"data root {root} {'is not a folder' if root.exists() else 'does not exist'}: pass --data-root DIR "
+            "(or set TLTUNE_DATA_ROOT) to the folder holding the datasets, or create it to download mnist, cifar10 or svhn into it"
+        )
     if name in TORCHVISION_DATASETS:
         local = {"mnist": root / "MNIST" / "raw", "cifar10": root / "cifar-10-batches-py", "svhn": root / "svhn"}[name]
         return "torchvision", local if local.is_dir() and any(local.iterdir()) else None
@@ -267,26 +323,40 @@ def _source_of(name: str, root: Path) -> tuple[str, Path | None]:
 
 
 def _save_cache(dataset: Dataset, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    for split in ("train", "test"):
-        arrays = getattr(dataset, split)
-        np.save(tmp / f"{split}_images.npy", arrays.images)
-        np.save(tmp / f"{split}_labels.npy", arrays.labels)
-    (tmp / "meta.json").write_text(json.dumps({"name": dataset.name, "classes": dataset.classes}))
-    try:
-        os.replace(tmp, target)
-    except OSError:  # another process cached it first
-        shutil.rmtree(tmp, ignore_errors=True)
+    """One ``.npy`` per array, then meta.json with their shapes and dtypes: a cache folder
+    without meta.json is incomplete (its writer was killed, or is still writing)."""
+    arrays = {f"{split}_{part}": getattr(getattr(dataset, split), part) for split, part in CACHE_ARRAYS}
+    for file_name, array in arrays.items():
+        atomic_write(target / f"{file_name}.npy", lambda f, array=array: np.save(f, array, allow_pickle=False))
+    meta = {
+        "version": CACHE_VERSION,
+        "name": dataset.name,
+        "classes": dataset.classes,
+        "arrays": {file_name: {"shape": a.shape, "dtype": a.dtype.str} for file_name, a in arrays.items()},
+    }
+    atomic_write(target / "meta.json", lambda f: f.write(json.dumps(meta).encode()))
 
 
 def _load_cache(target: Path) -> Dataset:
-    meta = json.loads((target / "meta.json").read_text())
-    splits = [
-        ImageArrays(np.load(target / f"{split}_images.npy"), np.load(target / f"{split}_labels.npy"))
-        for split in ("train", "test")
-    ]
-    return Dataset(meta["name"], meta["classes"], *splits)
+    """Raises DamagedCache when a file is unreadable or differs from what meta.json recorded."""
+    meta_path = target / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("version") != CACHE_VERSION:
+            raise ValueError(f"cache version {meta.get('version')}, expected {CACHE_VERSION}")
+        name, classes = meta["name"], meta["classes"]
+        recorded = {}  # (split, part) -> (shape, dtype)
+        for split, part in CACHE_ARRAYS:
+            record = meta["arrays"][f"{split}_{part}"]
+            recorded[split, part] = (tuple(record["shape"]), np.dtype(record["dtype"]))
+        for split in ("train", "test"):  # the record itself must be consistent
+            if recorded[split, "images"][0][:1] != recorded[split, "labels"][0][:1]:
+                raise ValueError(f"{split} images and labels recorded with different lengths")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DamagedCache(meta_path, exc) from None
+    arrays = {key: load_npy(target / f"{key[0]}_{key[1]}.npy", *recorded[key]) for key in CACHE_ARRAYS}
+    splits = [ImageArrays(arrays[split, "images"], arrays[split, "labels"]) for split in ("train", "test")]
+    return Dataset(name, classes, *splits)
 
 
 def load_dataset(name: str, data_root: str | Path | None = None, use_cache: bool = True) -> Dataset:
@@ -301,11 +371,12 @@ def load_dataset(name: str, data_root: str | Path | None = None, use_cache: bool
     if use_cache and source is not None:
         fingerprint = f"v{CACHE_VERSION}|{name}|{kind}|{source}|{_source_signature(source)}"
         key = cache_dir() / "datasets" / f"{Path(name).name}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:16]}"
-        if (key / "meta.json").is_file():
+        if (key / "meta.json").exists():
             try:
                 return _load_cache(key)
-            except (OSError, ValueError, KeyError):
-                shutil.rmtree(key, ignore_errors=True)  # damaged cache: decode again
+            except DamagedCache as exc:
+                warn(f"dataset cache {exc.path} was damaged ({exc}); rebuilding it")
+                shutil.rmtree(key, ignore_errors=True)
     dataset = load_class_folders(name, source) if kind == "folder" else load_torchvision(name, root, source)
     if len(dataset.train) == 0 or len(dataset.test) == 0:
         raise UserError(f"dataset '{name}' under {root} has an empty train or test split")
@@ -313,7 +384,7 @@ def load_dataset(name: str, data_root: str | Path | None = None, use_cache: bool
         try:
             _save_cache(dataset, key)
         except OSError as exc:
-            warnings.warn(f"could not cache dataset '{name}' in {key.parent}: {exc}")
+            warn(f"could not cache dataset '{name}' in {key.parent}: {exc}")
     return dataset
 
 
@@ -343,6 +414,13 @@ def make_splits(
             raise UserError(f"--train-subset must be at least 1, got {train_subset}")
         train_idx = train_idx[:train_subset]
         val_idx = val_idx[: max(1, train_subset // 4)]  # a random sample of the same validation images
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        subset = f" and --train-subset {train_subset}" if train_subset is not None else ""
+        raise UserError(
+            f"'{dataset.name}' has {len(order)} training images: with --val-fraction {val_fraction}{subset}, "
+            f"{len(train_idx)} are left for training and {len(val_idx)} for validation; "
+            "both need at least one (lower --val-fraction)"
+        )
     test = dataset.test
     if test_subset is not None:
         if test_subset < 1:

@@ -3,3 +3,8 @@
 
 class UserError(Exception):
     """A problem with the user's input: the CLI prints the message and exits with code 2."""
+
+
+class TrialsFailed(Exception):
+    """Every retry of a trial failed (a deterministic error): its experiment failed. The
+    message names the experiment and the first trial's error, on one line."""

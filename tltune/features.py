@@ -11,17 +11,16 @@ naive path's, and so is the model it describes.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from tltune.data import ImageArrays, Splits, as_tensors, cache_dir, iterate_batches
+from tltune.data import DamagedCache, ImageArrays, Splits, as_tensors, atomic_write, cache_dir, iterate_batches, warn
 
-FEATURE_CACHE_VERSION = 1
+FEATURE_CACHE_VERSION = 2
+SPLIT_NAMES = ("train", "val", "test")
 
 
 def fingerprint_arrays(*arrays: np.ndarray) -> str:
@@ -64,6 +63,24 @@ def compute_features(backbone: nn.Module, arrays: ImageArrays, transform, device
     return torch.cat(chunks).numpy()
 
 
+def load_feature_cache(path: Path, splits: Splits) -> list[np.ndarray]:
+    """The cached features of ``splits``; raises DamagedCache when the file is unreadable, of
+    another version, or not one float16 (N, D) array per split of ``splits``' lengths."""
+    try:
+        with np.load(path, allow_pickle=False) as cached:
+            version = cached["version"] if "version" in cached.files else None
+            if version is None or version.shape != () or int(version) != FEATURE_CACHE_VERSION:
+                raise ValueError(f"cache version {version}, expected {FEATURE_CACHE_VERSION}")
+            features = [cached[name] for name in SPLIT_NAMES]
+    except Exception as exc:  # BadZipFile, EOFError, ValueError (a pickle), KeyError...: whatever the damage, rebuild
+        raise DamagedCache(path, exc) from None
+    for name, array in zip(SPLIT_NAMES, features):
+        n = len(getattr(splits, name))
+        if array.dtype != np.float16 or array.ndim != 2 or len(array) != n or array.shape[1] != features[0].shape[1]:
+            raise DamagedCache(path, f"{name} features are {array.dtype} {array.shape}, expected float16 ({n}, D) like train")
+    return features
+
+
 def feature_splits(splits: Splits, input_config: dict, pretrained_state: dict | None, device="cpu") -> Splits:
     """``splits`` with every image replaced by its backbone features (float16 (N, D)),
     from the disk cache when they were computed before."""
@@ -71,28 +88,26 @@ def feature_splits(splits: Splits, input_config: dict, pretrained_state: dict | 
 
     key = feature_key(splits, pretrained_state, input_config)
     path = cache_dir() / "features" / f"{splits.name}-{key}.npz"
-    names = ("train", "val", "test")
-    if path.is_file():
+    features = None
+    if path.exists():
         try:
-            with np.load(path) as cached:
-                features = [cached[n] for n in names]
-        except (OSError, ValueError, KeyError):
-            features = None
-    else:
-        features = None
+            features = load_feature_cache(path, splits)
+        except DamagedCache as exc:
+            warn(f"feature cache {exc.path} was damaged ({exc}); rebuilding it")
+            path.unlink(missing_ok=True)
     if features is None:
         model, transform = setup_model({**input_config, "mode": "feature_extract"}, splits, pretrained_state)
         model.to(device)
-        features = [compute_features(model.backbone, getattr(splits, n), transform, device) for n in names]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **dict(zip(names, features)))
-        os.replace(tmp, path)  # atomic: concurrent writers leave one whole file
+        features = [compute_features(model.backbone, getattr(splits, n), transform, device) for n in SPLIT_NAMES]
+        arrays = {"version": np.array(FEATURE_CACHE_VERSION), **dict(zip(SPLIT_NAMES, features))}
+        try:
+            atomic_write(path, lambda f: np.savez(f, **arrays))
+        except OSError as exc:
+            warn(f"could not cache features in {path.parent}: {exc}")
     return Splits(
         splits.name,
         splits.classes,
-        *(ImageArrays(f, getattr(splits, n).labels) for f, n in zip(features, names)),
+        *(ImageArrays(f, getattr(splits, n).labels) for f, n in zip(features, SPLIT_NAMES)),
         mean=(),
         std=(),
     )

@@ -2,7 +2,8 @@
 
 It sets every declared experiment beside the seed's reference accuracy, lists the top trials
 of each, and draws learning curves, accuracy against learning rate, and fine-tuning against
-feature extraction. Experiments without results show as "not run".
+feature extraction. Experiments without results show as "not run", failed ones with their
+reason. Damaged files are skipped with a warning (see :mod:`tltune.results`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from tltune import storage
 from tltune.errors import UserError
 from tltune.experiments import EXPERIMENTS
-from tltune.results import DATASET_NAMES, EXPERIMENT_FILE, SUMMARY_FILE, ExperimentResult, load_run
+from tltune.results import DATASET_NAMES, EXPERIMENT_FILE, SUMMARY_FILE, ExperimentResult, experiment_status, load_experiments
 
 TOP_TRIALS = 5
 
@@ -27,9 +28,11 @@ def collect(paths: list[str | Path]) -> dict[str, ExperimentResult]:
         path = storage.absolute(str(path))
         if not storage.exists(path):
             raise UserError(f"{path} does not exist: pass run directories or the folder holding them (./results)")
+        if not storage.is_dir(path):
+            raise UserError(f"{path} is a file: pass run directories or the folder holding them (./results)")
         run_dirs = {p.rsplit("/", 2)[0] for p in storage.find(path, EXPERIMENT_FILE)}
         for run_dir in sorted(run_dirs):
-            for exp in load_run(run_dir):
+            for exp in load_experiments(run_dir):  # damaged experiments: skipped with a warning
                 if _rank(exp) > _rank(found.get(exp.name)):
                     found[exp.name] = exp
     if not found:
@@ -40,12 +43,21 @@ def collect(paths: list[str | Path]) -> dict[str, ExperimentResult]:
 def _rank(exp: ExperimentResult | None) -> tuple:
     if exp is None:
         return (-1, 0)
-    finished = exp.summary is not None
+    finished = exp.finished
     return (int(finished), storage.mtime(storage.join(exp.path, SUMMARY_FILE if finished else EXPERIMENT_FILE)))
 
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _fmt(value, spec: str) -> str:
+    """``value`` formatted if it is a number, else ``-`` (a damaged or foreign params.json)."""
+    return format(value, spec) if _is_number(value) else "-"
 
 
 def _config_text(config: dict) -> str:
@@ -60,7 +72,7 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
     ]
     for name, declared in EXPERIMENTS.items():
         exp = found.get(name)
-        label = exp.record["label"] if exp else declared.label
+        label = exp.record.get("label", declared.label) if exp else declared.label
         reference = f"{declared.reference_accuracy:.2f}%" if declared.reference_accuracy is not None else "(never filled)"
         ours, diff, config, run = "not run", "", "", ""
         best = exp.best() if exp else None
@@ -75,6 +87,8 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
                     diff = f"{100 * best['test_acc'] - declared.reference_accuracy:+.2f}"
             else:
                 ours = f"unfinished (val {_pct(best['val_acc'])})"
+        if exp is not None and (exp.failure is not None or exp.all_diverged):
+            ours, diff = experiment_status(exp), ""
         lines.append(
             f"| {DATASET_NAMES.get(declared.dataset, declared.dataset)} | {label} | {declared.reference['lr']:g} | "
             f"{declared.reference['epochs']} | {reference} | {ours} | {diff} | {config} | {run} |"
@@ -101,14 +115,17 @@ def top_trials(exp: ExperimentResult) -> str:
     scored = sorted(exp.trials, key=lambda t: t.score, reverse=True)[:TOP_TRIALS]
     lines = ["| Trial | Optimizer | Activation | lr | Epochs run / planned | Val acc | Status |", "|---|---|---|---|---|---|---|"]
     for t in scored:
+        planned = t.config.get("epochs")
         if t.errored or t.diverged:
             status = "error" if t.errored else f"diverged: {t.last.get('stop_reason', '')}"
+        elif not t.last:
+            status = "no result yet"
         else:
-            status = "stopped early (ASHA)" if t.last and t.last["training_iteration"] < t.config["epochs"] else "complete"
+            status = "stopped early (ASHA)" if isinstance(planned, int) and t.last["training_iteration"] < planned else "complete"
         epochs = t.last["training_iteration"] if t.last else 0
         lines.append(
             f"| {t.name.split('-')[0]} | {t.config.get('optimizer')} | {t.config.get('activation', '-')} | "
-            f"{t.config['lr']:.2e} | {epochs} / {t.config['epochs']} | "
+            f"{_fmt(t.config.get('lr'), '.2e')} | {epochs} / {planned if planned is not None else '-'} | "
             f"{_pct(t.score) if t.score > -math.inf else '-'} | {status} |"
         )
     return "\n".join(lines)
@@ -123,8 +140,9 @@ def plot_learning_curves(found, out: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         for t in sorted(found[name].trials, key=lambda t: t.score, reverse=True)[:3]:
-            epochs = [r["training_iteration"] for r in t.epochs]
-            ax.plot(epochs, [100 * r["val_acc"] for r in t.epochs], marker="o", label=f"{t.config.get('optimizer')} lr={t.config['lr']:.1e}")
+            rows = [r for r in t.epochs if _is_number(r.get("val_acc"))]
+            epochs = [r["training_iteration"] for r in rows]
+            ax.plot(epochs, [100 * r["val_acc"] for r in rows], marker="o", label=f"{t.config.get('optimizer')} lr={_fmt(t.config.get('lr'), '.1e')}")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("epoch")
         ax.set_ylabel("val accuracy (%)")
@@ -149,7 +167,7 @@ def plot_accuracy_vs_lr(found, out: Path) -> Path:
     colors = dict(zip(["adam", "adamw", "sgd", "rmsprop", "adagrad"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, name in zip(axes.flat, names):
         for t in found[name].trials:
-            if t.score > -math.inf:
+            if t.score > -math.inf and _is_number(t.config.get("lr")):
                 ax.scatter(
                     t.config["lr"], 100 * t.score, color=colors.get(t.config.get("optimizer"), "gray"),
                     marker=markers.get(t.config.get("activation"), "o"), s=36,
@@ -204,6 +222,16 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
     matplotlib.use("Agg")
     found = collect(paths)
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} is a file: pass --out a folder for report.md and its plots")
+    try:
+        return _write(paths, found, out)
+    except OSError as exc:
+        reason = exc.strerror or " ".join(str(exc).split())
+        raise UserError(f"cannot write the report to {out}: {reason}") from None
+
+
+def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_learning_curves(found, out), plot_accuracy_vs_lr(found, out), plot_finetune_vs_extract(found, out)]
     parts = [

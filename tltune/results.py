@@ -4,13 +4,19 @@ Run directories may be local paths or storage URIs (``s3://bucket/prefix/run``):
 goes through :mod:`tltune.storage`. A run directory (one invocation of a sweep script) holds one Tune experiment directory per
 experiment; each has ``tltune_experiment.json`` from the start, a trial directory per
 trial (``params.json``, ``result.json`` with one JSON line per epoch), and, once the
-experiment finished, ``tltune_best.json`` with the best trial's test accuracy.
+experiment finished, ``tltune_best.json`` with the best trial's test accuracy, or, if its
+trials failed for good, ``tltune_failed.json`` (``{"experiment": ..., "reason": ...}``).
+An interrupted experiment has neither.
+
+A damaged file (not JSON, not a JSON object) is skipped with one line on stderr,
+``warning: skipping <path>: <why>``, and the rest of the run is still read.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +26,8 @@ from tltune.errors import UserError
 
 EXPERIMENT_FILE = "tltune_experiment.json"
 SUMMARY_FILE = "tltune_best.json"
+FAILED_FILE = "tltune_failed.json"
+RUNS_FILE = "runs.jsonl"  # one line per invocation that wrote to the run directory
 METRIC = "val_acc"
 
 
@@ -50,16 +58,29 @@ class ExperimentResult:
     record: dict  # tltune_experiment.json
     summary: dict | None  # tltune_best.json, None while unfinished
     trials: list[Trial] = field(default_factory=list)
+    failure: str | None = None  # the reason in tltune_failed.json: the experiment failed
 
     @property
     def name(self) -> str:
-        return self.record.get("name", _basename(self.path))
+        name = self.record.get("name")
+        return name if isinstance(name, str) else _basename(self.path)
+
+    @property
+    def finished(self) -> bool:
+        return self.summary is not None and self.failure is None
+
+    @property
+    def all_diverged(self) -> bool:
+        """Some trial diverged and no other trial reported a val_acc."""
+        return any(t.diverged for t in self.trials) and not any(t.score > -math.inf and not t.diverged for t in self.trials)
 
     def best(self) -> dict | None:
-        """The best trial: from the summary when the experiment finished, else by last val_acc."""
-        if self.summary and "config" in self.summary:
+        """The best trial: from the summary when the experiment finished, else by last val_acc;
+        never a diverged trial (``None`` when all diverged, see ``all_diverged``)."""
+        diverged = {t.name for t in self.trials if t.diverged}
+        if self.summary and "config" in self.summary and self.summary.get("best_trial") not in diverged:
             return self.summary
-        scored = [t for t in self.trials if t.score > -math.inf]
+        scored = [t for t in self.trials if t.score > -math.inf and not t.diverged]
         if not scored:
             return None
         trial = max(scored, key=lambda t: t.score)
@@ -75,56 +96,159 @@ def _basename(path: str) -> str:
     return path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
-def _read_json_lines(path: str) -> list[dict]:
+def warn_skip(what: str, why: str) -> None:
+    """One line on stderr: ``warning: skipping <what>: <why>``."""
+    print(f"warning: skipping {what}: {why}", file=sys.stderr)
+
+
+def _one_line(exc: BaseException) -> str:
+    if isinstance(exc, UnicodeDecodeError):
+        return "not UTF-8 text"
+    if isinstance(exc, json.JSONDecodeError):
+        return f"not JSON ({exc})"
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
+
+
+def _not_an_object(value) -> str:
+    kind = {list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+    return f"a JSON {kind}, not an object"
+
+
+def _read_text(path: str) -> str | None:
+    """The text of file ``path``; ``None`` if it is missing, or (with a warning) unreadable."""
+    try:
+        return storage.read_text(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as exc:
+        warn_skip(path, _one_line(exc))
+        return None
+
+
+def read_json_object(path: str) -> dict | None:
+    """The JSON object in file ``path``. ``None`` if the file is missing, or, with one warning
+    line on stderr, if it cannot be read, is not JSON or is JSON but not an object."""
+    text = _read_text(path)
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        warn_skip(path, _one_line(exc))
+        return None
+    if not isinstance(value, dict):
+        warn_skip(path, _not_an_object(value))
+        return None
+    return value
+
+
+def _read_result_rows(path: str) -> list[dict]:
+    """The rows of a trial's ``result.json``; a row that is not an object with an integer
+    ``training_iteration`` is skipped with a warning."""
     rows = []
-    if storage.is_file(path):
-        for line in storage.read_text(path).splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a crash
-                pass
+    for number, line in enumerate((_read_text(path) or "").splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a crash (and continued by a resume)
+            continue
+        if not isinstance(row, dict):
+            warn_skip(f"line {number} of {path}", _not_an_object(row))
+        elif not isinstance(row.get("training_iteration"), int):
+            warn_skip(f"line {number} of {path}", "no integer training_iteration")
+        else:
+            rows.append(row)
     return rows
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _summary_problem(summary: dict) -> str | None:
+    """Why a summary that names a best trial cannot be used, or ``None``."""
+    if "config" not in summary:  # no trial reported a val_acc
+        return None
+    if not isinstance(summary["config"], dict):
+        return "its config is not a JSON object"
+    if not isinstance(summary.get("best_trial"), str):
+        return "its best_trial is not a string"
+    if not _is_number(summary.get("val_acc")) or not _is_number(summary.get("test_acc", 0)):
+        return "its val_acc or test_acc is not a number"
+    return None
 
 
 def load_trials(exp_dir: str) -> list[Trial]:
     trials = []
     for name in storage.list_dir(exp_dir):
         trial_dir = storage.join(exp_dir, name)
-        params = storage.join(trial_dir, "params.json")
-        if not storage.is_file(params):
-            continue
-        try:
-            config = json.loads(storage.read_text(params))
-        except json.JSONDecodeError:
+        config = read_json_object(storage.join(trial_dir, "params.json"))  # None: not a trial (yet)
+        if config is None:
             continue
         epochs = {}
-        for row in _read_json_lines(storage.join(trial_dir, "result.json")):
-            epochs[row.get("training_iteration")] = row  # a resumed trial may repeat an epoch: keep the last
+        for row in _read_result_rows(storage.join(trial_dir, "result.json")):
+            epochs[row["training_iteration"]] = row  # a resumed trial may repeat an epoch: keep the last
         files = set(storage.list_dir(trial_dir))
         errored = bool(files & {"error.txt", "error.pkl"})
-        trials.append(Trial(name, config, [epochs[k] for k in sorted(epochs, key=lambda k: k or 0)], errored))
+        trials.append(Trial(name, config, [epochs[k] for k in sorted(epochs)], errored))
     return trials
 
 
-def load_experiment(exp_dir: str) -> ExperimentResult:
-    record = json.loads(storage.read_text(storage.join(exp_dir, EXPERIMENT_FILE)))
-    summary_path = storage.join(exp_dir, SUMMARY_FILE)
-    summary = json.loads(storage.read_text(summary_path)) if storage.is_file(summary_path) else None
-    return ExperimentResult(exp_dir, record, summary, load_trials(exp_dir))
+def load_experiment(exp_dir: str) -> ExperimentResult | None:
+    """The experiment in ``exp_dir``; ``None`` (after a warning) if its record is damaged."""
+    record = read_json_object(storage.join(exp_dir, EXPERIMENT_FILE))
+    if record is None:
+        return None
+    summary_path, failed_path = storage.join(exp_dir, SUMMARY_FILE), storage.join(exp_dir, FAILED_FILE)
+    summary = read_json_object(summary_path)
+    problem = _summary_problem(summary) if summary is not None else None
+    if problem:
+        warn_skip(summary_path, problem)
+        summary = None
+    failed = read_json_object(failed_path)
+    failure = None
+    if failed is not None:
+        lines = str(failed.get("reason") or "").strip().splitlines()
+        failure = lines[0].strip() if lines else "no reason given"
+    elif storage.is_file(failed_path):  # there, but damaged (warned): it still failed
+        failure = f"reason unreadable ({FAILED_FILE} is damaged)"
+    if summary is not None and failure is not None:  # a later attempt wrote the other: the newer one holds
+        if storage.mtime(summary_path) >= storage.mtime(failed_path):
+            failure = None
+        else:
+            summary = None
+    return ExperimentResult(exp_dir, record, summary, load_trials(exp_dir), failure)
+
+
+def _experiment_dirs(run_dir: str) -> list[str]:
+    records = [storage.join(run_dir, name, EXPERIMENT_FILE) for name in storage.list_dir(run_dir)]
+    records = sorted((r for r in records if storage.is_file(r)), key=storage.mtime)  # run order
+    return [r.rsplit("/", 1)[0] for r in records]
+
+
+def load_experiments(run_dir: str) -> list[ExperimentResult]:
+    """The readable experiments directly in ``run_dir``, in run order (maybe none);
+    damaged ones are skipped with a warning."""
+    experiments = [load_experiment(d) for d in _experiment_dirs(run_dir)]
+    return [e for e in experiments if e is not None]
 
 
 def load_run(path: str | Path) -> list[ExperimentResult]:
-    """All experiments in a run directory (or the one experiment, given its directory)."""
+    """All experiments in a run directory (or the one experiment, given its directory);
+    ``UserError`` if there is none that can be read."""
     path = storage.absolute(str(path))
     if storage.is_file(storage.join(path, EXPERIMENT_FILE)):
-        return [load_experiment(path)]
-    if not storage.is_dir(path):
+        experiments = [e for e in [load_experiment(path)] if e is not None]
+    elif storage.is_dir(path):
+        exp_dirs = _experiment_dirs(path)
+        if not exp_dirs:
+            raise UserError(f"{path} holds no tltune experiment (no */{EXPERIMENT_FILE}): pass a run directory of a sweep")
+        experiments = [e for e in map(load_experiment, exp_dirs) if e is not None]
+    elif storage.exists(path):
+        raise UserError(f"{path} is a file: pass a run directory printed by a sweep (under ./results by default)")
+    else:
         raise UserError(f"{path} does not exist: pass a run directory printed by a sweep (under ./results by default)")
-    records = [storage.join(path, name, EXPERIMENT_FILE) for name in storage.list_dir(path)]
-    records = sorted((r for r in records if storage.is_file(r)), key=storage.mtime)  # run order
-    experiments = [load_experiment(r.rsplit("/", 1)[0]) for r in records]
     if not experiments:
-        raise UserError(f"{path} holds no tltune experiment (no */{EXPERIMENT_FILE}): pass a run directory of a sweep")
+        raise UserError(f"{path}: every experiment in it is damaged (see the warnings above), nothing to show")
     return experiments
 
 
@@ -154,7 +278,8 @@ def top_configs(path: str | Path, experiment: str, k: int = 3) -> list[dict]:
     matches = [e for e in load_run(path) if e.name == experiment]
     if not matches:
         return []
-    trials = sorted((t for t in matches[0].trials if t.score > -math.inf), key=lambda t: t.score, reverse=True)
+    trials = [t for t in matches[0].trials if t.score > -math.inf and not t.diverged]  # a diverged config would diverge again
+    trials.sort(key=lambda t: t.score, reverse=True)
     return [t.config for t in trials[:k]]
 
 
@@ -164,32 +289,51 @@ DATASET_NAMES = {"cifar10": "CIFAR-10", "mnist": "MNIST", "svhn": "SVHN"}
 HYPERPARAMETERS = ("optimizer", "activation", "lr", "epochs", "batch_size", "image_size")
 
 
+ALL_DIVERGED = "all trials diverged"
+
+
+def experiment_status(exp: ExperimentResult) -> str:
+    """``finished``, ``failed: <reason>``, ``all trials diverged``, ``unfinished ...`` or ``interrupted ...``."""
+    best = exp.best()
+    if exp.failure is not None:
+        return f"failed: {exp.failure}"
+    if exp.all_diverged:
+        return ALL_DIVERGED
+    if best is None:
+        return "finished, but no trial reported a result" if exp.summary is not None else "interrupted (no trial reported a result yet)"
+    if "test_acc" in best:
+        return "finished"
+    return "unfinished (no test accuracy yet)" if exp.summary is None else "finished (best trial not tested)"
+
+
 def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
     """One row per experiment in the seed's format, plus the reference and what we tested on."""
     rows = []
     for exp in experiments:
         best = exp.best()
         record = exp.record
+        dataset = str(record.get("dataset", "?"))
+        reference = record.get("reference_accuracy")
         row = {
             "experiment": exp.name,
-            "Dataset": DATASET_NAMES.get(record["dataset"], record["dataset"]),
-            "Model type": record["label"],
+            "Dataset": DATASET_NAMES.get(dataset, dataset),
+            "Model type": str(record.get("label", exp.name)),
             "Learning rate": None,
             "Epochs": None,
             "Accuracy": None,
             "val_acc": None,
-            "reference": record.get("reference_accuracy"),
-            "status": "not run",
+            "reference": reference if _is_number(reference) else None,
+            "status": experiment_status(exp),
             "config": None,
         }
         if best is not None:
+            lr = best["config"].get("lr")
             row.update(
                 {
-                    "Learning rate": best["config"].get("lr"),
+                    "Learning rate": lr if _is_number(lr) else None,
                     "Epochs": best.get("epochs_trained"),
                     "Accuracy": 100 * best["test_acc"] if "test_acc" in best else None,
                     "val_acc": 100 * best["val_acc"],
-                    "status": "finished" if "test_acc" in best else "unfinished (no test accuracy yet)",
                     "config": {k: best["config"][k] for k in HYPERPARAMETERS if best["config"].get(k) is not None},
                 }
             )
@@ -200,10 +344,14 @@ def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| Dataset | Model type | Learning rate | Epochs | Accuracy |", "|---|---|---|---|---|"]
     for row in rows:
-        if row["Accuracy"] is not None:
+        if row["status"].startswith("failed: "):
+            accuracy = row["status"]
+        elif row["Accuracy"] is not None:
             accuracy = f"{row['Accuracy']:.2f}%"
         elif row["val_acc"] is not None:
             accuracy = f"not tested (val {row['val_acc']:.2f}%)"
+        elif row["status"] == ALL_DIVERGED:
+            accuracy = "all diverged"
         else:
             accuracy = row["status"]
         lr = f"{row['Learning rate']:.3g}" if row["Learning rate"] is not None else "-"
@@ -215,7 +363,7 @@ def markdown_table(rows: list[dict]) -> str:
 def best_configs_text(rows: list[dict]) -> str:
     lines = []
     for row in rows:
-        if row["config"] is None:
+        if row["config"] is None or row["status"].startswith("failed: "):
             lines.append(f"{row['experiment']}: {row['status']}")
             continue
         config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["config"].items())

@@ -18,12 +18,13 @@ and ``list_dir`` of a missing directory is empty rather than an error.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import threading
 import uuid
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
@@ -32,7 +33,7 @@ from tltune.errors import UserError
 
 __all__ = [
     "absolute", "append_line", "check_writable", "download", "exists", "find", "is_dir", "is_file",
-    "is_uri", "join", "list_dir", "move", "mtime", "read_text", "resolve", "write_text",
+    "is_uri", "join", "list_dir", "move", "mtime", "read_text", "resolve", "run_lock", "write_text",
 ]
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")  # 2+ chars: "C:\..." is not a URI
@@ -261,6 +262,35 @@ def check_writable(path: str) -> None:
         _check_local(path, Path(fs_path))
         return
     _with_deadline(lambda: _probe(fs, fs_path, path), path)
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str, lock_dir: str | os.PathLike) -> Iterator[None]:
+    """Hold the lock of run directory ``run_dir`` (a local path or URI) for this process, so
+    two processes never write one run. The lock is a file in ``lock_dir`` on this machine,
+    named after the run: it protects a run from processes on the same machine (on a cluster,
+    the driver's)."""
+    import fcntl
+    import hashlib
+
+    folder = Path(lock_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha1(absolute(run_dir).encode()).hexdigest()[:16]}.lock"
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "another process"
+            raise UserError(f"{run_dir} is being written by {owner}: wait for it to end, or pass another --name") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"tltune process {os.getpid()}")
+        lock.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 # -- internals -------------------------------------------------------------------------

@@ -7,7 +7,10 @@ trials, records the run, puts the inputs in the object store and runs each exper
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
+import sys
 import time
 
 import ray
@@ -16,19 +19,18 @@ from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tltune import storage
-from tltune.errors import UserError
+from tltune import signals, storage
+from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import Choice, Experiment, IntRange, LogUniform
 from tltune.models import PRETRAINED_MODES
 from tltune.raytune import cluster
 from tltune.raytune.callbacks import TensorBoardCallback, _is_number
 from tltune.raytune.trainable import precompute_features, score_on_test_split, train_trial
-from tltune.results import EXPERIMENT_FILE, METRIC, SUMMARY_FILE, best_checkpoint
+from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, best_checkpoint
 from tltune.settings import SweepPlan
 from tltune.train import load_model_state
 
 MODE = "max"
-RUNS_FILE = "runs.jsonl"  # one line per invocation that wrote to the run directory
 
 
 def to_tune_domain(domain):
@@ -139,6 +141,8 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard writer replaces Ray's
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # per-epoch checkpoints are intended
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # tltune.signals decides what a signal does
+    logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its stop notices name Tuner.restore; ours names --resume
     exp_dir = storage.join(run_dir, experiment.name)
     resuming = tune.Tuner.can_restore(exp_dir)
     if not resuming:  # a new experiment, or one killed before Tune saved any state
@@ -172,7 +176,15 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
     else:
         tuner = new_tuner(experiment, settings, trainable, param_space, points, run_dir)
     started = time.time()
-    results = tuner.fit()
+    # A signal makes Tune stop its trials and save its state one last time (Tune's own
+    # SIGUSR1 handler), then Interrupted is raised: no summary, the experiment stays resumable.
+    with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)):
+        results = tuner.fit()
+    failed = [r for r in results if r.error is not None]
+    if failed:  # each failed every retry: the same error again, or a check on its inputs
+        reason = f"{len(failed)} of {len(results)} trials failed; the first: {root_cause(failed[0].error)}"
+        storage.write_text(storage.join(exp_dir, FAILED_FILE), json.dumps({"experiment": experiment.name, "reason": reason}, indent=2))
+        raise TrialsFailed(f"{experiment.name}: {reason}")
     summary = {
         "experiment": experiment.name,
         "wall_s": round(time.time() - started, 1),
@@ -187,6 +199,7 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
         evaluate_remote = ray.remote(
             num_cpus=settings["cpus_per_trial"], num_gpus=settings["gpus_per_trial"], max_retries=1
         )(score_on_test_split)
+        print(f"testing the best trial ({best.path.rstrip('/').rsplit('/', 1)[-1]}) on the test split", flush=True)
         test = ray.get(evaluate_remote.remote(best.config, inputs, best.checkpoint))
         summary.update(
             best_trial=best.path.rstrip("/").rsplit("/", 1)[-1],
@@ -197,6 +210,14 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
         )
     storage.write_text(storage.join(exp_dir, SUMMARY_FILE), json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def root_cause(error: BaseException) -> str:
+    """``Type: message`` of the exception a trial raised, out of Ray's wrappers, on one line."""
+    while getattr(error, "cause", None) is not None and error.cause is not error:
+        error = error.cause
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
 
 
 def experiment_record(experiment: Experiment, settings: dict) -> dict:
@@ -220,6 +241,7 @@ def run_sweep(plan: SweepPlan) -> None:
     Resources are checked against the cluster before anything is written to the run
     directory, so a sweep that cannot run leaves nothing behind."""
     cluster.connect(plan.address)
+    signals.install()  # again: Ray's core worker replaced the SIGTERM handler
     try:
         settings = {}
         for experiment in plan.experiments:
@@ -232,6 +254,7 @@ def run_sweep(plan: SweepPlan) -> None:
         imagenet_ref, none_ref = ray.put(plan.imagenet_state), ray.put(None)
         split_refs = {name: ray.put(s) for name, s in plan.splits.items()}
         print(f"results: {plan.run_dir}")
+        failures = []
         for experiment in plan.experiments:
             s = settings[experiment.name]
             pretrained_ref = none_ref
@@ -247,6 +270,12 @@ def run_sweep(plan: SweepPlan) -> None:
             print(f"\n== {experiment.name}: {s['num_samples']} trial(s), up to {s['max_epochs']} epochs, "
                   f"{s['cpus_per_trial']:g} CPU / {s['gpus_per_trial']:g} GPU per trial, up to {s['max_concurrent_trials']} at once")  # fmt: skip
             inputs = {"splits": split_refs[s["dataset"]], "pretrained_state": pretrained_ref}
-            run_experiment(experiment, s, inputs, plan.run_dir)
+            try:
+                run_experiment(experiment, s, inputs, plan.run_dir)
+            except TrialsFailed as exc:  # the next experiments may still succeed
+                failures.append(str(exc))
+                print(f"error: {exc}", file=sys.stderr)
+        if failures:
+            raise TrialsFailed("; ".join(failures))
     finally:
         cluster.disconnect()

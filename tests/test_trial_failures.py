@@ -1,0 +1,67 @@
+"""A trial that fails in every retry fails its experiment: no summary that looks finished, a
+failure record with the cause, and a non-zero exit. Inputs that would make every trial fail
+are refused before Ray starts."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from tltune.cli import build_parser, experiment_settings
+from tltune.data import ImageArrays, Splits
+from tltune.errors import TrialsFailed
+from tltune.experiments import EXPERIMENTS
+from tltune.results import FAILED_FILE, SUMMARY_FILE
+from tltune.settings import SweepPlan
+
+
+def tiny_splits(n=40):
+    rng = np.random.default_rng(0)
+
+    def arrays(count):
+        return ImageArrays(rng.integers(0, 255, (count, 8, 8, 1), dtype=np.uint8), rng.integers(0, 2, count).astype(np.int64))
+
+    return Splits(name="tiny", classes=["a", "b"], train=arrays(n), val=arrays(n // 4), test=arrays(n // 4), mean=(0.5,), std=(0.25,))
+
+
+def test_a_deterministic_error_in_every_trial_fails_the_experiment(tmp_path):
+    """Inside the trial the CNN refuses a 2-pixel input (the CLI refuses it earlier): each
+    retry fails the same way, and the experiment is recorded as failed with that cause."""
+    from tltune.raytune import run_sweep
+
+    experiment = EXPERIMENTS["mnist-cnn"]
+    args = build_parser("test").parse_args(["--num-samples", "1", "--max-epochs", "1", "--image-size", "2"])
+    settings = {experiment.name: {**experiment_settings(experiment, args), "dataset": "tiny"}}
+    plan = SweepPlan(experiments=[experiment], settings=settings, splits={"tiny": tiny_splits()}, imagenet_state=None,
+                     weights="none", run_dir=str(tmp_path / "run"), record={}, source_run=None, address=None,
+                     cpus_per_trial=1, gpus_per_trial=0)  # fmt: skip
+    with pytest.raises(TrialsFailed) as failure:
+        run_sweep(plan)
+    message = str(failure.value)
+    assert "mnist-cnn: 1 of 1 trials failed" in message and "must be at least 4" in message and "\n" not in message
+    exp_dir = tmp_path / "run" / experiment.name
+    assert not (exp_dir / SUMMARY_FILE).exists(), "a failed experiment never looks finished"
+    assert "must be at least 4" in json.loads((exp_dir / FAILED_FILE).read_text())["reason"]
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--image-size", "2"], "at least 4 for the CNN"),
+        (["--gpus-per-trial", "nan"], "--gpus-per-trial must be a number >= 0"),
+        (["--cpus-per-trial", "nan"], "--cpus-per-trial must be a number >= 0"),
+        (["--seed", "-1"], "--seed must be between 0"),
+        (["--val-fraction", "0"], "--val-fraction must be between 0 and 1"),
+        (["--train-subset", "0"], "--train-subset must be at least 1"),
+    ],
+)
+def test_inputs_every_trial_would_fail_on_are_refused_before_ray(tmp_path, real_data_root, extra, message):
+    argv = [sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--quick", "--experiments", "mnist-cnn", "--train-subset", "300",
+            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "bad", *extra]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: ") and message in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,63 @@
+"""Ctrl-C (SIGINT) and SIGTERM end a sweep the same way at any moment: what finished is
+kept, nothing unfinished is marked finished, and the command exits 130 / 143.
+
+:func:`install` makes both signals raise :class:`Interrupted` in the main thread. While a
+phase that can stop gracefully runs (a Tune sweep, which then saves its state one last
+time), :func:`graceful` hands the first signal to that phase instead; a second signal
+raises at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from typing import Callable, Iterator
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+_graceful_stop: Callable[[], None] | None = None
+_received: list[int] = []
+
+
+class Interrupted(BaseException):
+    """The user stopped the run. A BaseException, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def _handle(signum: int, frame) -> None:
+    global _graceful_stop
+    _received.append(signum)
+    if _graceful_stop is not None:
+        stop, _graceful_stop = _graceful_stop, None  # once: a second signal raises
+        stop()
+        return
+    raise Interrupted(signum)
+
+
+def install() -> None:
+    """Route SIGINT and SIGTERM to :class:`Interrupted` (again after a library replaced them:
+    Ray's core worker installs its own SIGTERM handler, which prints a C++ stack dump)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _handle)
+
+
+@contextlib.contextmanager
+def graceful(stop: Callable[[], None]) -> Iterator[None]:
+    """Within this block the first signal calls ``stop()``; the block must then end soon by
+    itself, and :class:`Interrupted` is raised as it ends."""
+    global _graceful_stop
+    received = len(_received)
+    _graceful_stop = stop
+    try:
+        yield
+    finally:
+        _graceful_stop = None
+    if len(_received) > received:
+        raise Interrupted(_received[-1])
