@@ -268,7 +268,12 @@ def resumed_args(parser: argparse.ArgumentParser, args):
         saved = json.loads(storage.read_text(runs).splitlines()[0])["args"]
     except (json.JSONDecodeError, IndexError, KeyError, TypeError):
         raise UserError(f"{runs} is damaged: cannot tell how the run was started") from None
-    merged = {**vars(parser.parse_args([])), **saved, "resume": run_dir, "address": args.address or saved.get("address")}
+    defaults = vars(parser.parse_args([]))
+    changed = [k for k, v in vars(args).items() if k not in ("resume", "address") and v != defaults.get(k) and v != saved.get(k)]
+    if changed:
+        flags = ", ".join("--" + k.replace("_", "-") for k in changed)
+        raise UserError(f"--resume continues {run_dir} with the settings it was started with: drop {flags} (only --address may change)")
+    merged = {**defaults, **saved, "resume": run_dir, "address": args.address or saved.get("address")}
     return argparse.Namespace(**merged)
 
 
@@ -331,12 +336,18 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
     settings = {e.name: experiment_settings(e, args) for e in chosen}
     if args.resume:
         run_dir = args.resume
-        chosen = skip_finished(chosen, run_dir, set_aside=False)
     else:
         storage.check_writable(args.storage_path)  # first: a bad URI must not hang a later call
         run_dir = run_dir_for(args, script, run_all)
-        if run_all:
-            chosen = skip_finished(chosen, run_dir, set_aside=True)
+    from tltune.data import cache_dir
+
+    with storage.run_lock(run_dir, cache_dir() / "locks"):
+        if args.resume or run_all:
+            chosen = skip_finished(chosen, run_dir, set_aside=not args.resume)
+        return _run_locked(chosen, settings, args, run_dir, run_all, address)
+
+
+def _run_locked(chosen: list[Experiment], settings: dict, args, run_dir: str, run_all: bool, address: str | None) -> int:
     try:
         chosen, splits, imagenet_state = prepare_inputs(chosen, settings, args, run_dir, run_all)
         if not chosen:
