@@ -24,9 +24,9 @@ def test_a_run_being_written_is_refused_to_a_second_process(tmp_path, real_data_
 
 
 def test_resume_refuses_flags_that_change_the_run(tmp_path):
-    saved = vars(build_parser("x").parse_args(["--quick", "--lr", "0.01"]))
+    saved = vars(build_parser("x").parse_args(["--quick", "--lr", "0.01", "--data-root", str(tmp_path / "no-data")]))
     (tmp_path / "runs.jsonl").write_text(json.dumps({"args": saved}) + "\n")
     out = sweep("--resume", str(tmp_path), "--lr", "0.5", "--epochs", "3")
     assert out.returncode == 2 and "drop --lr, --epochs (only --address may change)" in out.stderr, out.stderr
     same = sweep("--resume", str(tmp_path), "--quick", "--lr", "0.01")
-    assert "drop" not in same.stderr, "flags equal to the run's own are accepted"
+    assert "drop" not in same.stderr and "no-data does not exist" in same.stderr, "flags equal to the run's own are accepted"
