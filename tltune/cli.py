@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from tltune.experiments import Experiment, IntRange, LogUniform, check_settings
 from tltune.models import ACTIVATIONS, PRETRAINED_MODES
 from tltune.results import RUNS_FILE, best_checkpoint, top_configs
 from tltune.settings import SweepPlan
-from tltune.train import OPTIMIZERS
+from tltune.train import OPTIMIZERS, PRECISION_CHOICES
 
 # --quick: the same code path on a subset, small AlexNet input, few trials: minutes on a laptop CPU.
 QUICK = {
@@ -59,6 +60,9 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--max-epochs", type=int, help="cap every epoch count (reference and search)")
     model.add_argument("--batch-size", type=int, default=64)
     model.add_argument("--no-feature-cache", action="store_true", help="feature extraction: run the frozen backbone in every epoch instead of once")
+    model.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                       help="auto: bf16 on GPUs that have it (Ampere+), else fp16 with loss scaling; on a CPU bf16 where it is native (AVX512-BF16, AMX), else fp32")
+    model.add_argument("--compile", action="store_true", help="torch.compile each trial's model: minutes of compiling per trial, pays only on long GPU trials (docs/PERFORMANCE.md)")
     model.add_argument("--seed", type=int, default=0)
     sweep = p.add_argument_group("sweep")
     sweep.add_argument("--num-samples", type=int, help="trials per experiment (default: each experiment's own)")
@@ -105,6 +109,8 @@ def experiment_settings(experiment: Experiment, args) -> dict:
         if value is not None and (key != "activation" or experiment.model == "cnn"):
             reference[key] = value
             space.pop(key, None)
+    # Never searched: every trial gets them in its config, through the fixed part of the reference.
+    reference.update(precision=args.precision, compile=args.compile)
     for name, domain in space.items():
         domain.check(name)
     cap = _given(args.max_epochs, QUICK["max_epochs"] if args.quick else None)
@@ -166,6 +172,55 @@ def check_args(args) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    check_device_flags(args)
+
+
+def check_device_flags(args) -> None:
+    """--precision and --compile against the device the trials will run on. A joined cluster
+    (--address) may have GPUs this machine lacks: then only what the flags say is checked."""
+    import torch
+
+    from tltune.train import cpu_has_bf16, gpu_has_bf16
+
+    joined = bool(args.address or os.environ.get("RAY_ADDRESS"))
+    # Without --gpus-per-trial a local sweep gives trials a GPU when it has one (and torch sees it).
+    on_cpu = args.gpus_per_trial == 0 or (not joined and not torch.cuda.is_available())
+    if args.precision == "fp16" and on_cpu:
+        why = "--gpus-per-trial 0" if args.gpus_per_trial == 0 else "no CUDA GPU is visible here"
+        raise UserError(f"--precision fp16 needs a GPU and these trials run on the CPU ({why}): use bf16, fp32 or auto")
+    if args.precision == "bf16" and not joined and not on_cpu:
+        for index in range(torch.cuda.device_count()):
+            if not gpu_has_bf16(index):
+                name, (major, minor) = torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
+                raise UserError(f"--precision bf16: GPU {index} ({name}, compute capability {major}.{minor}) has no bf16 (needs 8.0+): use fp16 or auto")
+    if args.precision == "bf16" and on_cpu and not joined and not cpu_has_bf16():
+        print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): --precision bf16 emulates it, many times slower than fp32", file=sys.stderr)
+    if args.compile:
+        check_compile(None if joined else "cpu" if on_cpu else "cuda")
+
+
+def check_compile(device: str | None) -> None:
+    """torch.compile a trivial function on ``device`` (None: a joined cluster's, unknown
+    here: only whether this Python and platform support torch.compile at all)."""
+    import logging
+
+    import torch
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        raise UserError(f"--compile: torch.compile does not support this platform or Python {sys.version.split()[0]}: drop --compile")
+    if device is None:
+        return
+    quiet = logging.getLogger("torch")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the error below says it in one line
+    try:
+        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2, device=device))
+    except Exception as exc:  # no C++ compiler (CPU), no Triton (GPU)...
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        raise UserError(f"--compile: torch.compile cannot run on this machine's {device} ({type(exc).__name__}: {lines[0] if lines else ''}): drop --compile") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def check_model_input(experiment: Experiment, settings: dict, splits) -> None:

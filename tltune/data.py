@@ -456,34 +456,64 @@ def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, .
 # ---------------------------------------------------------------------------- batches
 
 
-class BatchTransform:
-    """uint8 (B, H, W, C) -> normalised float (B, channels, size, size), on the batch's device."""
+LUMA = (0.299, 0.587, 0.114)  # RGB -> grayscale, ITU-R 601
 
-    def __init__(self, channels: int, size: int, mean, std):
+
+class BatchTransform:
+    """uint8 (B, H, W, C) -> normalised float (B, channels, size, size), on the batch's device:
+    callers move the uint8 batch (a quarter of float32's bytes) and conversion, resizing and
+    normalisation run there. ``memory_format``: the output's (channels_last for conv models);
+    None leaves the layout the operations produce."""
+
+    def __init__(self, channels: int, size: int, mean, std, memory_format: torch.memory_format | None = None):
         self.channels = channels
         self.size = size
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.memory_format = memory_format
+        self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # copied to a device once, not per batch
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(mean, std, luma weights) on ``device``."""
+        if device not in self._constants:
+            luma = torch.tensor(LUMA).view(1, 3, 1, 1)
+            self._constants[device] = tuple(t.to(device) for t in (self.mean, self.std, luma))
+        return self._constants[device]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        mean, std, luma = self.constants(images.device)
         x = images.permute(0, 3, 1, 2).float().div_(255.0)
         if x.shape[1] != self.channels:
             if x.shape[1] == 1:  # grayscale -> RGB
                 x = x.expand(-1, self.channels, -1, -1)
-            elif self.channels == 1:  # RGB -> grayscale (ITU-R 601 luma)
-                x = (x * torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            elif self.channels == 1:  # RGB -> grayscale
+                x = (x * luma).sum(1, keepdim=True)
             else:
                 raise ValueError(f"cannot convert {x.shape[1]} channels to {self.channels}")
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        mean, std = self.mean.to(x.device), self.std.to(x.device)
         if mean.shape[1] != x.shape[1]:  # stats of a 1-channel dataset fed to a 3-channel model
             mean, std = mean.expand(1, x.shape[1], 1, 1), std.expand(1, x.shape[1], 1, 1)
-        return (x - mean) / std
+        x = (x - mean) / std
+        return x if self.memory_format is None else x.contiguous(memory_format=self.memory_format)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A batch on ``device``; from the host to a GPU through pinned memory, without blocking
+    the host (the copy overlaps the GPU's work on earlier batches)."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    # pin_memory() copies into a page-locked buffer of PyTorch's caching host allocator,
+    # which keeps the buffer until the asynchronous copy has finished.
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def as_tensors(arrays: ImageArrays, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Tensors over the arrays without copying on CPU (arrays from Ray's object store are read-only)."""
+    """Tensors over the arrays without copying on CPU (arrays from Ray's object store are
+    read-only). A GPU gets the whole split as uint8 in one plain copy: nothing runs beside a
+    one-off copy to overlap it with, and pinning a whole split would hold that much page-locked
+    host memory for the life of the process."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         images, labels = torch.from_numpy(arrays.images), torch.from_numpy(arrays.labels)
@@ -493,10 +523,11 @@ def as_tensors(arrays: ImageArrays, device: torch.device | str = "cpu") -> tuple
 def iterate_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, shuffle: bool, generator=None):
     """Yield (images, labels) batches by indexing whole tensors: no per-sample Python work."""
     n = len(labels)
-    order = torch.randperm(n, generator=generator) if shuffle else None
+    # Drawn on the host (the generator is a CPU one), copied to the images' device once per epoch.
+    order = torch.randperm(n, generator=generator).to(images.device) if shuffle else None
     for start in range(0, n, batch_size):
         if order is None:
             yield images[start : start + batch_size], labels[start : start + batch_size]
         else:
-            idx = order[start : start + batch_size].to(images.device)
+            idx = order[start : start + batch_size]
             yield images[idx], labels[idx]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from tltune.data import DamagedCache, ImageArrays, Splits, as_tensors, atomic_write, cache_dir, iterate_batches, warn
+from tltune.data import DamagedCache, ImageArrays, Splits, as_tensors, atomic_write, cache_dir, iterate_batches, to_device, warn
 
 FEATURE_CACHE_VERSION = 2
 SPLIT_NAMES = ("train", "val", "test")
@@ -54,13 +54,16 @@ def feature_key(splits: Splits, pretrained_state: dict | None, input_config: dic
 
 @torch.no_grad()
 def compute_features(backbone: nn.Module, arrays: ImageArrays, transform, device, batch_size: int = 256) -> np.ndarray:
+    """The backbone's float16 output per image. The split stays on the host; each uint8
+    batch goes to the device through pinned memory and is transformed there. The features
+    stay on the device until the end, so the host never waits for a batch."""
     backbone.eval()
     images, labels = as_tensors(arrays)
     chunks = [
-        backbone(transform(x.to(device))).to(torch.float16).cpu()
+        backbone(transform(to_device(x, device))).to(torch.float16)
         for x, _ in iterate_batches(images, labels, batch_size, shuffle=False)
     ]
-    return torch.cat(chunks).numpy()
+    return torch.cat(chunks).cpu().numpy()
 
 
 def load_feature_cache(path: Path, splits: Splits) -> list[np.ndarray]:
@@ -84,7 +87,7 @@ def load_feature_cache(path: Path, splits: Splits) -> list[np.ndarray]:
 def feature_splits(splits: Splits, input_config: dict, pretrained_state: dict | None, device="cpu") -> Splits:
     """``splits`` with every image replaced by its backbone features (float16 (N, D)),
     from the disk cache when they were computed before."""
-    from tltune.train import setup_model
+    from tltune.train import Runtime, setup_model
 
     key = feature_key(splits, pretrained_state, input_config)
     path = cache_dir() / "features" / f"{splits.name}-{key}.npz"
@@ -97,7 +100,8 @@ def feature_splits(splits: Splits, input_config: dict, pretrained_state: dict | 
             path.unlink(missing_ok=True)
     if features is None:
         model, transform = setup_model({**input_config, "mode": "feature_extract"}, splits, pretrained_state)
-        model.to(device)
+        # fp32, as the naive path's default; channels_last only changes the layout.
+        Runtime(device, "fp32", channels_last=True).prepare(model, transform)
         features = [compute_features(model.backbone, getattr(splits, n), transform, device) for n in SPLIT_NAMES]
         arrays = {"version": np.array(FEATURE_CACHE_VERSION), **dict(zip(SPLIT_NAMES, features))}
         try:

@@ -1,4 +1,4 @@
-"""The training loop: optimizers by name, one epoch of training, evaluation, checkpoints.
+"""The training loop: optimizers by name, precisions, one epoch of training, evaluation, checkpoints.
 
 Plain PyTorch, no Ray: ``tltune.raytune`` calls these from a trial, and they can be used
 (and are tested) alone.
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tltune.data import BatchTransform, iterate_batches
+from tltune.data import BatchTransform, iterate_batches, to_device
 from tltune.features import FeatureTransform
 from tltune.models import BackboneHead, build_model, input_spec
 
@@ -27,6 +27,16 @@ OPTIMIZERS = {
     "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
     "adagrad": lambda params, lr: torch.optim.Adagrad(params, lr=lr),
 }
+
+
+# name -> (autocast dtype, None for plain fp32; needs a GradScaler). fp16's narrow exponent
+# range underflows small gradients unless the loss is scaled; bf16 has fp32's range.
+PRECISIONS = {
+    "fp32": (None, False),
+    "bf16": (torch.bfloat16, False),
+    "fp16": (torch.float16, True),
+}
+PRECISION_CHOICES = ("auto", *PRECISIONS)
 
 
 class DivergedError(RuntimeError):
@@ -55,6 +65,67 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic (AVX512-BF16 or AMX): there bf16 autocast trains faster than
+    fp32 (docs/PERFORMANCE.md); elsewhere it is emulated and slower."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence getattr
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def gpu_has_bf16(device: torch.device | int | None = None) -> bool:
+    """Ampere (compute capability 8.0) and later; older GPUs only emulate bf16, slowly."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on GPUs with bf16 (fp16 + loss scaling on older ones); on the CPU bf16
+    where it is native, else fp32. Other names are returned as they are."""
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if gpu_has_bf16(device) else "fp16"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+class Runtime:
+    """How a model runs on ``device``: its precision (autocast dtype and loss scaling),
+    channels_last memory format for conv models, cuDNN autotuning, optional torch.compile."""
+
+    def __init__(self, device: torch.device | str, precision: str = "fp32", channels_last: bool = False, compile: bool = False):
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype, scaled = PRECISIONS[self.precision]
+        # Disabled, the scaler passes the loss and the step through: one code path for all.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=scaled)
+        self.channels_last = channels_last
+        self.compile = compile
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+    def prepare(self, model: nn.Module, transform) -> nn.Module:
+        """Move ``model`` to the device in the runtime's format, and make ``transform``'s
+        batches match. Compiled in place (``Module.compile``), so state dicts keep their keys."""
+        model.to(self.device)
+        if self.channels_last and isinstance(transform, BatchTransform):  # image batches, conv models
+            model.to(memory_format=torch.channels_last)
+            transform.memory_format = torch.channels_last
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # a trial's input size is fixed: autotune once
+        if self.compile:
+            model.compile()
+        return model
+
+    def backward_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        self.scaler.scale(loss).backward()
+        self.scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+        self.scaler.update()
+
+
+def default_runtime(model: nn.Module) -> Runtime:
+    return Runtime(next(model.parameters()).device)
+
+
 def train_one_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -63,19 +134,21 @@ def train_one_epoch(
     transform: BatchTransform,
     batch_size: int,
     generator: torch.Generator | None = None,
+    runtime: Runtime | None = None,
 ) -> EpochStats:
     model.train()
-    device = next(model.parameters()).device
+    runtime = runtime or default_runtime(model)
+    device = runtime.device
     # Sums stay on the device: no host sync per batch (it would stall a GPU).
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in iterate_batches(images, labels, batch_size, shuffle=True, generator=generator):
-        x, y = transform(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        x, y = transform(to_device(x, device)), to_device(y, device)
+        with runtime.autocast():
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        runtime.backward_step(loss, optimizer)
         total_loss += loss.detach() * len(y)
         correct += (logits.argmax(1) == y).sum()
     mean_loss = total_loss.item() / len(labels)
@@ -86,16 +159,23 @@ def train_one_epoch(
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform, batch_size: int = 512
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    transform: BatchTransform,
+    batch_size: int = 512,
+    runtime: Runtime | None = None,
 ) -> EpochStats:
     model.eval()
-    device = next(model.parameters()).device
+    runtime = runtime or default_runtime(model)
+    device = runtime.device
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     for x, y in iterate_batches(images, labels, batch_size, shuffle=False):
-        x, y = transform(x.to(device, non_blocking=True)), y.to(device, non_blocking=True)
-        logits = model(x)
-        total_loss += F.cross_entropy(logits, y, reduction="sum")
+        x, y = transform(to_device(x, device)), to_device(y, device)
+        with runtime.autocast():
+            logits = model(x)
+            total_loss += F.cross_entropy(logits, y, reduction="sum").float()
         correct += (logits.argmax(1) == y).sum()
     n = len(labels)
     loss = total_loss.item() / n
@@ -106,14 +186,19 @@ def evaluate(
 CHECKPOINT_FILE = "model.pt"
 
 
-def save_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int) -> None:
-    """Model and optimizer state after ``epoch`` epochs. Frozen parameters are left out
-    (they equal the pretrained weights the model is built from), which keeps
-    feature-extraction checkpoints small."""
+def save_checkpoint(
+    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, scaler: torch.amp.GradScaler | None = None
+) -> None:
+    """Model and optimizer state after ``epoch`` epochs (and fp16's loss scale). Frozen
+    parameters are left out (they equal the pretrained weights the model is built from),
+    which keeps feature-extraction checkpoints small."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     frozen = {name for name, _ in model.named_parameters()} - trainable
     state = {k: v for k, v in model.state_dict().items() if k not in frozen}
-    torch.save({"model": state, "optimizer": optimizer.state_dict(), "epoch": epoch}, Path(directory) / CHECKPOINT_FILE)
+    checkpoint = {"model": state, "optimizer": optimizer.state_dict(), "epoch": epoch}
+    if scaler is not None and scaler.is_enabled():
+        checkpoint["scaler"] = scaler.state_dict()
+    torch.save(checkpoint, Path(directory) / CHECKPOINT_FILE)
 
 
 def load_model_state(directory: str | Path) -> dict:
@@ -121,7 +206,9 @@ def load_model_state(directory: str | Path) -> dict:
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"]
 
 
-def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> int:
+def load_checkpoint(
+    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, scaler: torch.amp.GradScaler | None = None
+) -> int:
     """Restore what :func:`save_checkpoint` wrote; returns the number of epochs done."""
     state = torch.load(Path(directory) / CHECKPOINT_FILE, map_location=next(model.parameters()).device, weights_only=True)
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
@@ -133,6 +220,8 @@ def load_checkpoint(directory: str | Path, model: nn.Module, optimizer: torch.op
         raise ValueError(f"checkpoint in {directory} does not fit the model: {result}")
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+    if scaler is not None and scaler.is_enabled() and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     return int(state["epoch"])
 
 

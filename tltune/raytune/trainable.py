@@ -20,6 +20,7 @@ from tltune.data import Splits, as_tensors
 from tltune.features import feature_splits
 from tltune.train import (
     DivergedError,
+    Runtime,
     build_optimizer,
     evaluate,
     load_checkpoint,
@@ -35,6 +36,13 @@ def trial_device() -> torch.device:
     return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
 
+def trial_runtime(config: dict, device: torch.device, compile: bool = True) -> Runtime:
+    """The config's precision (``auto`` is resolved for ``device``) and torch.compile if it
+    asks and ``compile`` allows, with channels_last for conv models. Configs of runs from
+    before these settings: fp32, no compile."""
+    return Runtime(device, config.get("precision", "fp32"), channels_last=True, compile=compile and config.get("compile", False))
+
+
 def train_trial(config: dict, inputs: dict) -> None:
     """A Ray Tune function trainable: one ``tune.report`` per epoch, with a checkpoint."""
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
@@ -46,27 +54,30 @@ def train_trial(config: dict, inputs: dict) -> None:
     splits: Splits = ray.get(inputs["splits"])  # zero-copy from the node's object store
     data_ready_s = time.perf_counter() - started
     model, transform = setup_model(config, splits, ray.get(inputs["pretrained_state"]))
-    model.to(device)
+    runtime = trial_runtime(config, device)
+    if runtime.compile:  # a reused actor: the last trial's graphs would count toward Dynamo's recompile limit
+        torch._dynamo.reset()
+    runtime.prepare(model, transform)
     optimizer = build_optimizer(config["optimizer"], model, config["lr"])
     epochs_done = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
-            epochs_done = load_checkpoint(directory, model, optimizer)
+            epochs_done = load_checkpoint(directory, model, optimizer, runtime.scaler)
     train_x, train_y = as_tensors(splits.train, device)
     val_x, val_y = as_tensors(splits.val, device)
     for epoch in range(epochs_done + 1, config["epochs"] + 1):
         generator = seed_everything(config["seed"] * 1000 + epoch)  # same batches after a resume
         train_started = time.perf_counter()
         try:
-            train = train_one_epoch(model, optimizer, train_x, train_y, transform, config["batch_size"], generator)
+            train = train_one_epoch(model, optimizer, train_x, train_y, transform, config["batch_size"], generator, runtime)
         except DivergedError as exc:
             # Stop this trial with its reason in the results; val_acc 0 ranks it last for the
             # searcher and ASHA (a NaN would be dropped, and a retry would diverge again).
             tune.report({"epoch": epoch, "diverged": True, "stop_reason": str(exc), "val_acc": 0.0, "train_loss": float("nan")})
             return
         train_images_per_s = len(train_y) / (time.perf_counter() - train_started)
-        val = evaluate(model, val_x, val_y, transform)
+        val = evaluate(model, val_x, val_y, transform, runtime=runtime)
         metrics = {
             "epoch": epoch,
             "train_loss": train.loss,
@@ -79,9 +90,10 @@ def train_trial(config: dict, inputs: dict) -> None:
             "reported_at": time.time(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
+            "precision_used": runtime.precision,  # what config["precision"] (maybe "auto") became on this device
         }
         with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(directory, model, optimizer, epoch)
+            save_checkpoint(directory, model, optimizer, epoch, runtime.scaler)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
     del model, optimizer  # reused actors run the next trial in this process
     if device.type == "cuda":
@@ -93,11 +105,12 @@ def score_on_test_split(config: dict, inputs: dict, checkpoint: tune.Checkpoint)
     device = trial_device()
     splits: Splits = ray.get(inputs["splits"])
     model, transform = setup_model(config, splits, ray.get(inputs["pretrained_state"]))
-    model.to(device)
+    runtime = trial_runtime(config, device, compile=False)  # one pass over the test split: compiling does not pay
+    runtime.prepare(model, transform)
     with checkpoint.as_directory() as directory:
         load_checkpoint(directory, model)
     test_x, test_y = as_tensors(splits.test, device)
-    stats = evaluate(model, test_x, test_y, transform)
+    stats = evaluate(model, test_x, test_y, transform, runtime=runtime)
     return {"test_acc": stats.accuracy, "test_loss": stats.loss, "test_images": len(test_y)}
 
 
