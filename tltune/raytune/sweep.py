@@ -102,6 +102,7 @@ class ResumableOptunaSearch(OptunaSearch):
 def new_tuner(experiment: Experiment, settings: dict, trainable, param_space: dict, points: list, run_dir: str):
     """Optuna (seeded, the reference and warm-start points first) + ASHA, one iteration per epoch."""
     max_epochs = max(settings["max_epochs"], 1)
+    remote = storage.is_uri(run_dir)
     search = ResumableOptunaSearch(points_to_evaluate=points or None, seed=settings["seed"]) if settings["space"] else None
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
@@ -126,7 +127,11 @@ def new_tuner(experiment: Experiment, settings: dict, trainable, param_space: di
             name=experiment.name,
             storage_path=run_dir,
             callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback()],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # On cloud storage Ray uploads its experiment state only every sync_period but
+            # deletes superseded checkpoints at once: after a kill -9 the state in the bucket
+            # can name a checkpoint already gone, so there every checkpoint is kept.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if remote else 1),
+            sync_config=tune.SyncConfig(sync_period=5) if remote else None,
             # a trial whose node dies goes on from its last checkpoint elsewhere
             failure_config=tune.FailureConfig(max_failures=settings.get("max_failures", 2)),
             verbose=0,
