@@ -11,8 +11,9 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Dataset caches of the tests go to a temporary folder, never the user's ~/.cache."""
+    """Dataset caches and the run-signing key of the tests go to temporary folders, never the user's."""
     os.environ["TLTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("tltune-cache"))
+    os.environ["TLTUNE_KEY_FILE"] = str(tmp_path_factory.mktemp("tltune-key") / "run-signing.key")  # nor ~/.config
 
 
 @pytest.fixture(scope="session")

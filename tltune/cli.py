@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tltune import experiments as registry
-from tltune import signals, storage
+from tltune import signals, storage, trust
 from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import Experiment, IntRange, LogUniform, check_settings
 from tltune.models import ACTIVATIONS, PRETRAINED_MODES
@@ -399,6 +399,9 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
     with storage.run_lock(run_dir, cache_dir() / "locks"):
         if args.resume or run_all:
             chosen = skip_finished(chosen, run_dir, set_aside=not args.resume)
+        if args.resume:  # before anything is unpickled, and before Ray starts
+            for experiment in chosen:
+                trust.signed_state_files(storage.join(run_dir, experiment.name))
         return _run_locked(chosen, settings, args, run_dir, run_all, address)
 
 

@@ -130,11 +130,16 @@ def find(path: str, name: str) -> list[str]:
     return sorted(join(path, i.path[len(root):]) for i in infos if i.type == pafs.FileType.File and i.base_name == name)
 
 
-def read_text(path: str) -> str:
-    """The UTF-8 text of file ``path``; ``FileNotFoundError`` if it is missing."""
+def read_bytes(path: str) -> bytes:
+    """The content of file ``path``; ``FileNotFoundError`` if it is missing."""
     fs, fs_path = resolve(path)
     with fs.open_input_stream(fs_path) as f:
-        return f.read().decode("utf-8")
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    """The UTF-8 text of file ``path``; ``FileNotFoundError`` if it is missing."""
+    return read_bytes(path).decode("utf-8")
 
 
 def write_text(path: str, text: str) -> None:

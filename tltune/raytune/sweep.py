@@ -6,20 +6,23 @@ trials, records the run, puts the inputs in the object store and runs each exper
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import ray
 from ray import tune
+from ray.tune.execution.tune_controller import TuneController
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tltune import signals, storage
+from tltune import signals, storage, trust
 from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import Choice, Experiment, IntRange, LogUniform
 from tltune.models import PRETRAINED_MODES
@@ -149,7 +152,8 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # tltune.signals decides what a signal does
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its stop notices name Tuner.restore; ours names --resume
     exp_dir = storage.join(run_dir, experiment.name)
-    resuming = tune.Tuner.can_restore(exp_dir)
+    # tuner.pkl alone (killed before Tune saved any state): nothing ran, start it anew
+    resuming = tune.Tuner.can_restore(exp_dir) and trust.has_saved_state(storage.list_dir(exp_dir))
     if not resuming:  # a new experiment, or one killed before Tune saved any state
         storage.write_text(storage.join(exp_dir, EXPERIMENT_FILE), json.dumps(experiment_record(experiment, settings), indent=2, default=str))
 
@@ -173,6 +177,7 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
     )
     if resuming:  # keeps the searcher's and ASHA's state; unfinished trials go on from their checkpoints
         print(f"resuming {exp_dir}")
+        trust.signed_state_files(exp_dir)  # checked before (cli), again just before Ray unpickles
         try:
             tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
         except (ValueError, RuntimeError, OSError) as exc:
@@ -180,10 +185,11 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
             raise UserError(f"cannot resume {exp_dir} ({first_line}): start a new run instead") from None
     else:
         tuner = new_tuner(experiment, settings, trainable, param_space, points, run_dir)
+        trust.sign(exp_dir, {"tuner.pkl": storage.read_bytes(storage.join(exp_dir, "tuner.pkl"))})
     started = time.time()
     # A signal makes Tune stop its trials and save its state one last time (Tune's own
     # SIGUSR1 handler), then Interrupted is raised: no summary, the experiment stays resumable.
-    with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)):
+    with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)), signing_saved_state(exp_dir):
         results = tuner.fit()
     failed = [r for r in results if r.error is not None]
     if failed:  # each failed every retry: the same error again, or a check on its inputs
@@ -215,6 +221,29 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
         )
     storage.write_text(storage.join(exp_dir, SUMMARY_FILE), json.dumps(summary, indent=2, default=str))
     return summary
+
+
+@contextlib.contextmanager
+def signing_saved_state(exp_dir: str):
+    """Tune saves its state to a local staging folder, then uploads it to ``exp_dir``; here
+    each saved version is signed (:mod:`tltune.trust`) before that upload starts, so the
+    state in ``exp_dir`` is always one tltune signed, whenever the driver dies."""
+    save = TuneController.save_to_dir
+    signed = set()
+
+    def save_and_sign(controller: TuneController) -> None:
+        save(controller)
+        staging = Path(controller._storage.experiment_driver_staging_path)
+        saved = {p.name: p.read_bytes() for p in staging.iterdir() if p.is_file() and trust.is_pickled_state(p.name)}
+        unsigned = {name: data for name, data in saved.items() if (name, data) not in signed}
+        trust.sign(exp_dir, unsigned)
+        signed.update(unsigned.items())
+
+    TuneController.save_to_dir = save_and_sign
+    try:
+        yield
+    finally:
+        TuneController.save_to_dir = save
 
 
 def root_cause(error: BaseException) -> str:
