@@ -1,5 +1,6 @@
 """Markdown report with plots: every experiment beside the seed's reference, top trials,
-learning curves, accuracy vs learning rate, fine-tuning vs feature extraction.
+learning curves (ASHA's stops marked), accuracy vs learning rate, fine-tuning vs feature
+extraction, Optuna's plots of each kept study, and every trial in trials.csv.
 
     python analysis/report.py results                       # every run under ./results
     python analysis/report.py results/all --out docs/report

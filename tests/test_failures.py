@@ -1,5 +1,7 @@
 """A trial whose loss diverges stops with its reason; the sweep and the analysis go on."""
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -14,7 +16,9 @@ def test_a_diverging_trial_stops_with_its_reason(tmp_path, real_data_root):
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     exp_dir = tmp_path / "nan" / "cifar10-cnn-search"
-    for result in exp_dir.glob("*/result.json"):
+    results = sorted(exp_dir.glob("*/result.json"))
+    assert len(results) == 2, f"one result.json per trial (--num-samples 2), found {[str(r) for r in results]}"
+    for result in results:
         last = json.loads(result.read_text().splitlines()[-1])
         assert last["diverged"] is True and "learning rate is probably too high" in last["stop_reason"]
         assert last["training_iteration"] == 1, "a diverged trial stops at once instead of training on NaNs"
@@ -26,3 +30,8 @@ def test_a_diverging_trial_stops_with_its_reason(tmp_path, real_data_root):
     assert "| all trials diverged |" in report_md, "no diverged trial is presented as the best"
     table = subprocess.run([sys.executable, str(ROOT / "analysis" / "best_configs.py"), str(tmp_path / "nan")], capture_output=True, text=True)
     assert table.returncode == 0 and "| CIFAR-10 | small CNN, best of the search | - | - | all diverged |" in table.stdout
+    trials = subprocess.run([sys.executable, str(ROOT / "analysis" / "best_configs.py"), str(tmp_path / "nan"), "--trials", "--csv"],
+                            capture_output=True, text=True)  # fmt: skip
+    rows = list(csv.DictReader(io.StringIO(trials.stdout)))
+    assert trials.returncode == 0 and len(rows) == 2
+    assert all(row["stop_reason"] == "diverged" and row["epochs_run"] == "1" and row["last_val_acc"] == "" for row in rows), rows

@@ -1,23 +1,57 @@
 """A Markdown report with plots, from result directories alone (nothing is re-run).
 
 It sets every declared experiment beside the seed's reference accuracy, lists the top trials
-of each, and draws learning curves, accuracy against learning rate, and fine-tuning against
-feature extraction. Experiments without results show as "not run", failed ones with their
-reason. Damaged files are skipped with a warning (see :mod:`tltune.results`).
+of each, writes every trial with its stop reason to ``trials.csv``, and draws learning curves,
+accuracy against learning rate, and fine-tuning against feature extraction (ours beside the
+reference); per experiment, each trial's validation accuracy per epoch with its stop marked
+and, where the sweep kept the Optuna study (``optuna.journal``), Optuna's optimization
+history, parallel coordinates and parameter importances. Experiments without results show as
+"not run", failed ones with their reason. Damaged files are skipped with a warning (see
+:mod:`tltune.results`); the run directories are only read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import shutil
+import tempfile
 import time
+import warnings
+from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 from tltune import storage
 from tltune.errors import UserError
 from tltune.experiments import EXPERIMENTS
-from tltune.results import DATASET_NAMES, EXPERIMENT_FILE, SUMMARY_FILE, ExperimentResult, experiment_status, load_experiments
+from tltune.results import (
+    ASHA_STOP,
+    COMPLETED,
+    DATASET_NAMES,
+    DIVERGED,
+    ERROR,
+    EXPERIMENT_FILE,
+    INTERRUPTED,
+    OPTUNA_JOURNAL,
+    SUMMARY_FILE,
+    ExperimentResult,
+    experiment_status,
+    load_experiments,
+    stop_kind,
+    stop_reason,
+    trial_rows,
+    val_acc_of,
+    warn_skip,
+    write_trials_csv,
+)
+
+if TYPE_CHECKING:
+    import optuna
 
 TOP_TRIALS = 5
+TRIALS_CSV = "trials.csv"
+TRANSFER_MODES = ("finetune", "feature_extract")
 
 
 def collect(paths: list[str | Path]) -> dict[str, ExperimentResult]:
@@ -116,16 +150,12 @@ def top_trials(exp: ExperimentResult) -> str:
     lines = ["| Trial | Optimizer | Activation | lr | Epochs run / planned | Val acc | Status |", "|---|---|---|---|---|---|---|"]
     for t in scored:
         planned = t.config.get("epochs")
-        if t.errored or t.diverged:
-            status = "error" if t.errored else f"diverged: {t.last.get('stop_reason', '')}"
-        elif not t.last:
-            status = "no result yet"
-        else:
-            status = "stopped early (ASHA)" if isinstance(planned, int) and t.last["training_iteration"] < planned else "complete"
-        epochs = t.last["training_iteration"] if t.last else 0
+        status = stop_reason(t, exp)
+        if status == DIVERGED:
+            status += f": {t.last.get('stop_reason', '')}"
         lines.append(
             f"| {t.name.split('-')[0]} | {t.config.get('optimizer')} | {t.config.get('activation', '-')} | "
-            f"{_fmt(t.config.get('lr'), '.2e')} | {epochs} / {planned if planned is not None else '-'} | "
+            f"{_fmt(t.config.get('lr'), '.2e')} | {t.epochs_run} / {planned if planned is not None else '-'} | "
             f"{_pct(t.score) if t.score > -math.inf else '-'} | {status} |"
         )
     return "\n".join(lines)
@@ -162,58 +192,221 @@ def plot_accuracy_vs_lr(found, out: Path) -> Path:
     names = [n for n in found if len(found[n].trials) > 1]
     cols = min(3, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    legend_h = 0.8  # inches below the plots for the legend
+    fig, axes = plt.subplots(rows, cols, figsize=(max(7.5, 5 * cols), 3.8 * rows + legend_h), squeeze=False)
     markers = dict(zip(["relu", "tanh", "sigmoid", "leaky_relu", "elu", "gelu"], "os^vDP"))
     colors = dict(zip(["adam", "adamw", "sgd", "rmsprop", "adagrad"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, name in zip(axes.flat, names):
         for t in found[name].trials:
             if t.score > -math.inf and _is_number(t.config.get("lr")):
-                ax.scatter(
-                    t.config["lr"], 100 * t.score, color=colors.get(t.config.get("optimizer"), "gray"),
-                    marker=markers.get(t.config.get("activation"), "o"), s=36,
-                )  # fmt: skip
+                color = colors.get(t.config.get("optimizer"), "gray")
+                kind = stop_kind(stop_reason(t, found[name]))
+                if kind == DIVERGED:
+                    style = {"marker": "x", "color": color}
+                elif kind == COMPLETED:
+                    style = {"marker": markers.get(t.config.get("activation"), "o"), "color": color}
+                else:  # hollow: stopped before its planned epochs
+                    style = {"marker": markers.get(t.config.get("activation"), "o"), "facecolors": "none", "edgecolors": color}
+                ax.scatter(t.config["lr"], 100 * t.score, s=36, **style)
         ax.set_xscale("log")
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("learning rate")
         ax.set_ylabel("final val accuracy (%)")
     handles = [plt.Line2D([], [], color=c, marker="o", ls="", label=o) for o, c in colors.items()]
     handles += [plt.Line2D([], [], color="k", marker=m, ls="", label=a) for a, m in markers.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=7)
+    handles += [
+        plt.Line2D([], [], color="k", marker="o", ls="", label="completed"),
+        plt.Line2D([], [], color="k", marker="o", mfc="none", ls="", label="stopped early (ASHA, error, unfinished)"),
+        plt.Line2D([], [], color="k", marker="x", ls="", label="diverged"),
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7)
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))
     path = out / "accuracy_vs_lr.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
 
 
+def finetune_vs_extract_bars(found: dict[str, ExperimentResult]) -> dict[str, dict[str, tuple[float | None, float | None]]]:
+    """``{"cifar10-alexnet": {"finetune": (ours, reference), "feature_extract": (...)}}`` in
+    %: our best trial's test accuracy and the seed's, for every fine-tune and feature-extract
+    experiment that ran or has a reference; ``None`` where there is none."""
+    bars: dict[str, dict] = {}
+    for name in dict.fromkeys([*EXPERIMENTS, *found]):
+        exp, declared = found.get(name), EXPERIMENTS.get(name)
+        mode = exp.record.get("mode") if exp else declared.mode
+        reference = exp.record.get("reference_accuracy") if exp else declared.reference_accuracy  # None on another dataset
+        reference = reference if _is_number(reference) else None
+        if mode not in TRANSFER_MODES or (exp is None and reference is None):
+            continue
+        best = exp.best() if exp else None
+        ours = 100 * best["test_acc"] if best and "test_acc" in best else None
+        bars.setdefault(name.removesuffix(f"-{mode}"), {})[mode] = (ours, reference)
+    return bars
+
+
 def plot_finetune_vs_extract(found, out: Path) -> Path:
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    datasets = ["cifar10", "mnist", "svhn"]
-    fig, ax = plt.subplots(figsize=(7, 3.8))
+    bars = finetune_vs_extract_bars(found)
+    fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(bars)), 4))
     width = 0.2
-    for i, (mode, what) in enumerate([("finetune", "ours"), ("finetune", "reference"), ("feature_extract", "ours"), ("feature_extract", "reference")]):
-        values = []
-        for dataset in datasets:
-            name = f"{dataset}-alexnet-{mode}"
-            if what == "reference":
-                values.append(EXPERIMENTS[name].reference_accuracy)
-            else:
-                best = found[name].best() if name in found else None
-                values.append(100 * best["test_acc"] if best and "test_acc" in best else np.nan)
-        ax.bar(np.arange(3) + (i - 1.5) * width, values, width, label=f"{mode.replace('_', ' ')} ({what})", hatch="//" if what == "reference" else None)
-    ax.set_xticks(range(3), [DATASET_NAMES[d] for d in datasets])
+    colors = dict(zip(TRANSFER_MODES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for g, modes in enumerate(bars.values()):
+        for i, (mode, what) in enumerate([(m, w) for m in TRANSFER_MODES for w in ("ours", "reference")]):
+            value = modes.get(mode, (None, None))[what == "reference"]
+            x = g + (i - 1.5) * width
+            if value is None:
+                ax.text(x, 1, "no result" if what == "ours" else "no ref.", rotation=90, ha="center", va="bottom", fontsize=7)
+                continue
+            ax.bar(x, value, width, color=colors[mode], alpha=1 if what == "ours" else 0.45, hatch="//" if what == "reference" else None)
+            ax.text(x, value + 1, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(bars)), list(bars), fontsize=8)
+    ax.set_ylim(0, 110)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("AlexNet: fine-tuning vs feature extraction (missing bar: not run)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    ax.set_title("Fine-tuning vs feature extraction: our best trial (solid) beside the reference (hatched)", fontsize=9)
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[m], alpha=a, hatch=h, label=f"{m.replace('_', ' ')} ({w})")
+               for m in TRANSFER_MODES for w, a, h in (("ours", 1, None), ("reference", 0.45, "//"))]  # fmt: skip
+    fig.legend(handles=handles, fontsize=7, loc="lower center", ncol=4)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     path = out / "finetune_vs_feature_extraction.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+# Where each trial's curve ends, by how it ended (see tltune.results.stop_reason).
+END_MARKERS = {
+    COMPLETED: {"marker": "o", "color": "tab:green"},
+    ASHA_STOP: {"marker": "X", "color": "tab:red", "s": 70},
+    DIVERGED: {"marker": "v", "color": "black"},
+    ERROR: {"marker": "s", "color": "tab:gray"},
+    INTERRUPTED: {"marker": ">", "color": "tab:orange"},
+}
+
+
+def plot_intermediate_values(exp: ExperimentResult, out: Path) -> Path | None:
+    """Validation accuracy per epoch of every trial (the values ASHA compares), each curve's
+    end marked by how the trial ended, an ASHA stop with its epoch; ``None`` without results."""
+    import matplotlib.pyplot as plt
+
+    trials = [t for t in exp.trials if t.epochs]
+    if not trials:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    kinds = set()
+    for t in trials:
+        points = [(row["training_iteration"], 100 * acc) for row in t.epochs if (acc := val_acc_of(row)) is not None]
+        if points:
+            ax.plot(*zip(*points), lw=1, alpha=0.6)
+        kind = stop_kind(stop_reason(t, exp))
+        kinds.add(kind)
+        end = points[-1] if points and kind != DIVERGED else (t.epochs_run, 0)
+        ax.scatter(*end, zorder=3, **END_MARKERS[kind])
+        if kind == ASHA_STOP:
+            ax.annotate(f"ASHA @ {t.epochs_run}", end, xytext=(4, 4), textcoords="offset points", fontsize=7, color="tab:red")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val accuracy (%)")
+    ax.set_title(f"{exp.name}: every trial's val accuracy per epoch", fontsize=9)
+    handles = [plt.Line2D([], [], ls="", marker=m["marker"], color=m["color"], label=k) for k, m in END_MARKERS.items() if k in kinds]
+    ax.legend(handles=handles, fontsize=7)
+    fig.tight_layout()
+    path = out / f"{exp.name}-intermediate_values.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+@contextlib.contextmanager
+def open_study(exp: ExperimentResult) -> Iterator[optuna.Study | None]:
+    """The experiment's Optuna study while the ``with`` lasts, read from a temporary copy of
+    its journal (downloaded from cloud storage): Optuna's file backend may take lock files beside
+    the file it opens, and the run is only read. ``None`` where there is no journal (no
+    search space, or a run from before studies were kept), or, after a warning, where it
+    cannot be read."""
+    import optuna
+
+    path = storage.join(exp.path, OPTUNA_JOURNAL)
+    if not storage.is_file(path):
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="tltune-study-") as tmp:
+        try:
+            local = storage.download(path, tmp) if storage.is_uri(path) else shutil.copy(path, tmp)
+            journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(local)))
+            study = optuna.load_study(study_name=exp.name, storage=journal)
+            study.get_trials(deepcopy=False)  # replays the whole journal: damage shows here
+        except Exception as exc:  # a damaged journal can fail anywhere in Optuna's replay of it
+            warn_skip(path, exc)
+            study = None
+        yield study
+
+
+def plot_study(study, name: str, out: Path) -> list[str]:
+    """Optuna's plots of ``study`` into ``out``: a markdown image for each, or a note why not."""
+    from optuna.importance import PedAnovaImportanceEvaluator
+    from optuna.trial import TrialState
+    from optuna.visualization import matplotlib as optuna_plots
+
+    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    varying = [p for p in dict.fromkeys(k for t in completed for k in t.params) if len({repr(t.params.get(p)) for t in completed}) > 1]
+    plots = {
+        "optimization_history": (optuna_plots.plot_optimization_history, {}),
+        "parallel_coordinate": (optuna_plots.plot_parallel_coordinate, {}),
+        # PED-ANOVA needs no scikit-learn (Optuna's default, fANOVA, does)
+        "param_importances": (optuna_plots.plot_param_importances, {"evaluator": PedAnovaImportanceEvaluator()}),
+    }
+    lines = []
+    for kind, (draw, options) in plots.items():
+        path = out / f"{name}-{kind}.png"
+        if not completed:
+            why_not = "no completed trial in the study"
+        elif kind == "param_importances" and (len(completed) < 2 or not varying):
+            why_not = "needs 2 completed trials and a hyperparameter that varies"
+        else:
+            why_not = _save_optuna_plot(draw, study, options, path, f"{name}: ")
+        title = kind.replace("_", " ")
+        lines.append(f"![{name}: {title}]({path.name})" if why_not is None else f"_{title}: skipped ({why_not})_")
+    return lines
+
+
+def _save_optuna_plot(draw, study, options: dict, path: Path, title_prefix: str) -> str | None:
+    """``draw(study, **options)`` saved to ``path``; the reason if Optuna could not draw it."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    # rc_context: Optuna switches the style to ggplot for good; the warnings are about its API
+    # being experimental, or degenerate axes of few trials
+    with matplotlib.rc_context(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            ax = draw(study, **options)
+        except Exception as exc:  # Optuna refuses some studies (e.g. importances of constant values)
+            plt.close("all")
+            return " ".join(str(exc).split())[:200] or type(exc).__name__
+        ax.set_title(f"{title_prefix}{ax.get_title()}")
+        fig = ax.get_figure()
+        fig.savefig(path, dpi=90, bbox_inches="tight")
+        plt.close(fig)
+    return None
+
+
+def experiment_section(exp: ExperimentResult, out: Path) -> list[str]:
+    """The report's markdown parts for one experiment: how its trials ended, its top trials,
+    its learning curves and its Optuna study's plots."""
+    kinds = Counter(stop_kind(stop_reason(t, exp)) for t in exp.trials)
+    ended = ", ".join(f"{kinds[kind]} {kind}" for kind in END_MARKERS if kinds[kind])
+    parts = [f"### {exp.name}", f"{len(exp.trials)} trial(s)" + (f": {ended}" if ended else ""), top_trials(exp)]
+    curves = plot_intermediate_values(exp, out)
+    if curves is not None:
+        parts.append(f"![{exp.name}: val accuracy per epoch]({curves.name})")
+    with open_study(exp) as study:
+        if study is not None:
+            parts.append("\n\n".join(plot_study(study, exp.name, out)))
+    return parts
 
 
 def write_report(paths: list[str | Path], out: str | Path) -> Path:
@@ -234,6 +427,7 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
 def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_learning_curves(found, out), plot_accuracy_vs_lr(found, out), plot_finetune_vs_extract(found, out)]
+    write_trials_csv(trial_rows(list(found.values())), out / TRIALS_CSV)
     parts = [
         "# tltune results",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {', '.join(f'`{p}`' for p in paths)}. "
@@ -241,10 +435,11 @@ def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Pat
         "## Against the reference",
         reference_table(found),
         transfer_gain(found),
-        "## Top trials per experiment (by final validation accuracy)",
+        f"Every trial with its configuration, epochs run, stop reason, accuracies and wall time: [{TRIALS_CSV}]({TRIALS_CSV}).",
+        "## Per experiment: top trials (by final validation accuracy), learning curves, Optuna study",
     ]
-    for name, exp in found.items():
-        parts += [f"### {name}", top_trials(exp)]
+    for exp in found.values():
+        parts += experiment_section(exp, out)
     parts += ["## Plots", *(f"![{p.stem}]({p.name})" for p in plots)]
     report = out / "report.md"
     report.write_text("\n\n".join(parts) + "\n")

@@ -1,4 +1,4 @@
-"""Read finished or interrupted runs from disk (no Ray) and format the seed's table.
+"""Read finished or interrupted runs from disk (no Ray), format the seed's table and the per-trial table.
 
 Run directories may be local paths or storage URIs (``s3://bucket/prefix/run``): every read
 goes through :mod:`tltune.storage`. A run directory (one invocation of a sweep script) holds one Tune experiment directory per
@@ -6,7 +6,8 @@ experiment; each has ``tltune_experiment.json`` from the start, a trial director
 trial (``params.json``, ``result.json`` with one JSON line per epoch), and, once the
 experiment finished, ``tltune_best.json`` with the best trial's test accuracy, or, if its
 trials failed for good, ``tltune_failed.json`` (``{"experiment": ..., "reason": ...}``).
-An interrupted experiment has neither.
+An interrupted experiment has neither. An experiment with a search space also keeps its
+Optuna study in ``optuna.journal`` (runs from before the study was kept have none).
 
 A damaged file (not JSON, not a JSON object) is skipped with one line on stderr,
 ``warning: skipping <path>: <why>``, and the rest of the run is still read.
@@ -14,6 +15,8 @@ A damaged file (not JSON, not a JSON object) is skipped with one line on stderr,
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import sys
@@ -28,6 +31,7 @@ EXPERIMENT_FILE = "tltune_experiment.json"
 SUMMARY_FILE = "tltune_best.json"
 FAILED_FILE = "tltune_failed.json"
 RUNS_FILE = "runs.jsonl"  # one line per invocation that wrote to the run directory
+OPTUNA_JOURNAL = "optuna.journal"  # the experiment's Optuna study (JournalStorage, study name = experiment name)
 METRIC = "val_acc"
 
 
@@ -41,6 +45,10 @@ class Trial:
     @property
     def last(self) -> dict | None:
         return self.epochs[-1] if self.epochs else None
+
+    @property
+    def epochs_run(self) -> int:
+        return self.last["training_iteration"] if self.last else 0
 
     @property
     def diverged(self) -> bool:
@@ -87,7 +95,7 @@ class ExperimentResult:
         return {
             "best_trial": trial.name,
             "config": trial.config,
-            "epochs_trained": trial.last["training_iteration"],
+            "epochs_trained": trial.epochs_run,
             "val_acc": trial.score,
         }
 
@@ -96,9 +104,9 @@ def _basename(path: str) -> str:
     return path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
-def warn_skip(what: str, why: str) -> None:
-    """One line on stderr: ``warning: skipping <what>: <why>``."""
-    print(f"warning: skipping {what}: {why}", file=sys.stderr)
+def warn_skip(what: str, why: str | BaseException) -> None:
+    """One line on stderr: ``warning: skipping <what>: <why>`` (an exception: its message on one line)."""
+    print(f"warning: skipping {what}: {why if isinstance(why, str) else _one_line(why)}", file=sys.stderr)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -371,3 +379,111 @@ def best_configs_text(rows: list[dict]) -> str:
         reference = f", reference {row['reference']:.2f}%" if row["reference"] is not None else ""
         lines.append(f"{row['experiment']}: {config} -> val {row['val_acc']:.2f}%, {accuracy}{reference}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- per-trial table
+
+COMPLETED, DIVERGED, ERROR = "completed", "diverged", "error"
+ASHA_STOP, INTERRUPTED = "stopped by ASHA", "interrupted"  # each followed by " at epoch N"
+TRIAL_COLUMNS = ("epochs_run", "stop_reason", "best_val_acc", "last_val_acc", "test_acc", "wall_s")
+
+
+def stop_reason(trial: Trial, exp: ExperimentResult) -> str:
+    """Why ``trial`` ended: ``completed`` (its config's epochs), ``diverged``, ``error``,
+    ``stopped by ASHA at epoch N``, or ``interrupted at epoch N`` (the experiment never finished)."""
+    planned = trial.config.get("epochs")
+    if trial.diverged:
+        return DIVERGED
+    if isinstance(planned, int) and trial.epochs_run >= planned:
+        return COMPLETED  # maybe after a failure it recovered from
+    # With tltune_best.json no trial failed for good (else tltune_failed.json is written): an
+    # error.txt there is a failure Tune retried from a checkpoint.
+    if trial.errored and exp.summary is None:
+        return ERROR
+    if exp.summary is None and exp.failure is None:
+        return f"{INTERRUPTED} at epoch {trial.epochs_run}"
+    return f"{ASHA_STOP} at epoch {trial.epochs_run}"
+
+
+def stop_kind(reason: str) -> str:
+    """A :func:`stop_reason` without its epoch: ``completed``, ``stopped by ASHA``, ``interrupted``, ..."""
+    return reason.split(" at epoch ", 1)[0]
+
+
+def _flat(config: dict, prefix: str = "config/") -> dict:
+    """``{"config/a": 1, "config/b/c": 2}`` for ``{"a": 1, "b": {"c": 2}}`` (Ray's column names)."""
+    flat = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}/"))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def val_acc_of(row: dict) -> float | None:
+    """The val_acc of a result row; ``None`` if it has none, or diverged (its 0 only ranks it last)."""
+    value = row.get(METRIC)
+    return value if _is_number(value) and math.isfinite(value) and not row.get("diverged") else None
+
+
+def _wall_s(trial: Trial) -> float | None:
+    """Seconds the trial trained: Ray's ``time_total_s``, else the span of its timestamps."""
+    if trial.last and _is_number(trial.last.get("time_total_s")):
+        return round(trial.last["time_total_s"], 2)
+    stamps = [row["timestamp"] for row in trial.epochs if _is_number(row.get("timestamp"))]
+    return round(stamps[-1] - stamps[0], 2) if len(stamps) > 1 else None
+
+
+def trial_rows(experiments: list[ExperimentResult]) -> list[dict]:
+    """One row per trial of ``experiments``: experiment, trial, every config value as
+    ``config/<key>`` (the same columns in every row, the common hyperparameters first),
+    epochs run, stop reason (see :func:`stop_reason`), best and last val_acc, test_acc (the
+    experiment's tested best trial only) and wall time in seconds; ``None`` where unknown."""
+    flat_configs = {(exp.name, t.name): _flat(t.config) for exp in experiments for t in exp.trials}
+    keys = {k for config in flat_configs.values() for k in config}
+    first = [f"config/{k}" for k in HYPERPARAMETERS if f"config/{k}" in keys]
+    config_columns = first + sorted(keys - set(first))
+    rows = []
+    for exp in experiments:
+        tested = exp.summary.get("best_trial") if exp.summary else None
+        for trial in exp.trials:
+            accuracies = [a for a in map(val_acc_of, trial.epochs) if a is not None]
+            config = flat_configs[exp.name, trial.name]
+            rows.append(
+                {
+                    "experiment": exp.name,
+                    "trial": trial.name,
+                    **{column: config.get(column) for column in config_columns},
+                    "epochs_run": trial.epochs_run,
+                    "stop_reason": stop_reason(trial, exp),
+                    "best_val_acc": max(accuracies, default=None),
+                    "last_val_acc": val_acc_of(trial.last) if trial.last else None,
+                    "test_acc": exp.summary.get("test_acc") if trial.name == tested else None,
+                    "wall_s": _wall_s(trial),
+                }
+            )
+    return rows
+
+
+def trial_table(run_dir: str | Path) -> list[dict]:
+    """:func:`trial_rows` of every experiment in a run directory (or of the one experiment,
+    given its directory); ``UserError`` as :func:`load_run`."""
+    return trial_rows(load_run(run_dir))
+
+
+def trials_csv(rows: list[dict]) -> str:
+    """``rows`` of :func:`trial_rows` as CSV text: a header, then a line per row; ``None`` is
+    an empty cell, a list a JSON cell."""
+    columns = list(dict.fromkeys(k for row in rows for k in row)) or ["experiment", "trial", *TRIAL_COLUMNS]
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+    return text.getvalue()
+
+
+def write_trials_csv(rows: list[dict], path: str | Path) -> None:
+    """:func:`trials_csv` of ``rows`` written to ``path`` (a local path or storage URI)."""
+    storage.write_text(str(path), trials_csv(rows))

@@ -1,0 +1,65 @@
+"""A real quick sweep on a local Ray (real MNIST, OptunaSearch + ASHA), then the report: a
+``trials.csv`` row per trial whose stop reason agrees with its result.json, and Optuna's plots
+from the study the sweep kept."""
+
+import csv
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from tltune.results import OPTUNA_JOURNAL
+
+NUM_SAMPLES = 4
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, real_data_root):
+    tmp = tmp_path_factory.mktemp("sweep")
+    argv = [
+        sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--quick", "--experiments", "mnist-cnn",
+        "--num-samples", str(NUM_SAMPLES), "--train-subset", "600", "--test-subset", "200", "--max-epochs", "3",
+        "--data-root", str(real_data_root), "--storage-path", str(tmp / "results"), "--name", "e2e",
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = tmp / "results" / "e2e"
+    made = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(run_dir), "--out", str(tmp / "report")],
+                          capture_output=True, text=True)  # fmt: skip
+    assert made.returncode == 0 and "Traceback" not in made.stderr, made.stderr[-3000:]
+    return run_dir / "mnist-cnn", tmp / "report"
+
+
+def test_a_csv_row_per_trial_with_the_stop_reason_its_results_show(report):
+    exp_dir, out = report
+    trial_dirs = sorted(p.parent for p in exp_dir.glob("*/params.json"))
+    assert len(trial_dirs) == NUM_SAMPLES
+    rows = {row["trial"]: row for row in csv.DictReader((out / "trials.csv").open())}
+    assert sorted(rows) == [d.name for d in trial_dirs]
+    for trial_dir in trial_dirs:
+        row, planned = rows[trial_dir.name], json.loads((trial_dir / "params.json").read_text())["epochs"]
+        results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        assert int(row["epochs_run"]) == len(results) and row["config/epochs"] == str(planned)
+        assert re.fullmatch(r"completed|stopped by ASHA at epoch [1-9]", row["stop_reason"]), row["stop_reason"]
+        assert (row["stop_reason"] == "completed") == (len(results) == planned)
+        assert float(row["last_val_acc"]) == results[-1]["val_acc"]
+        assert 0 < float(row["wall_s"]) == pytest.approx(results[-1]["time_total_s"], abs=0.01)
+    summary = json.loads((exp_dir / "tltune_best.json").read_text())
+    assert [name for name, row in rows.items() if row["test_acc"]] == [summary["best_trial"]]
+    assert float(rows[summary["best_trial"]]["test_acc"]) == summary["test_acc"]
+    assert "[trials.csv](trials.csv)" in (out / "report.md").read_text()
+
+
+def test_optuna_plots_from_the_study_the_sweep_kept(report):
+    exp_dir, out = report
+    if not (exp_dir / OPTUNA_JOURNAL).is_file():
+        pytest.skip(f"the sweep kept no {OPTUNA_JOURNAL} (tltune/raytune/sweep.py does not persist the Optuna study yet)")
+    report_md = (out / "report.md").read_text()
+    for kind in ("optimization_history", "parallel_coordinate", "param_importances", "intermediate_values"):
+        data = (out / f"mnist-cnn-{kind}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"](mnist-cnn-{kind}.png)" in report_md
+    assert not list(exp_dir.glob("*.lock")), "the journal is read from a copy"
