@@ -168,3 +168,11 @@ def test_the_key_is_private_and_made_once(tmp_path, monkeypatch):
     key = trust.signing_key()
     assert trust.signing_key() == key and len(key) == 64
     assert (tmp_path / "k" / "run-signing.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_what_ray_never_loads_is_not_checked():
+    """Hidden partial copies a kill leaves mid-upload, and tltune's own JSON records."""
+    assert trust.is_pickled_state("searcher-state-2026-11-27_04-18-26.pkl")
+    assert trust.is_pickled_state("experiment_state-2026-11-27_04-18-26.json") and trust.is_pickled_state("tuner.pkl")
+    assert not trust.is_pickled_state(".30964698-0044-484f-a2ec-3c37246b0fef-tmp-searcher-state-2026-11-27_04-18-26.pkl")
+    assert not trust.is_pickled_state("tltune_best.json") and not trust.is_pickled_state("runs.jsonl")

@@ -66,8 +66,10 @@ def signature(data: bytes, key: bytes) -> str:
 def is_pickled_state(name: str) -> bool:
     """Whether Ray may unpickle file ``name`` of an experiment directory's top when it restores:
     ``tuner.pkl``, ``experiment_state-*.json``, the searcher's and callbacks' ``*.pkl``, the
-    search generators' ``*-state-*.json`` (cloudpickle too) — every .pkl and .json Ray copies back."""
-    return name.endswith((".pkl", ".json")) and not fnmatch.fnmatch(name, OWN_FILES)
+    search generators' ``*-state-*.json`` (cloudpickle too) — every .pkl and .json Ray copies back.
+    Hidden files are not: Ray's patterns never match them, and its uploads leave hidden
+    partial copies (``.<uuid>-tmp-<name>``) behind when killed mid-copy."""
+    return name.endswith((".pkl", ".json")) and not name.startswith(".") and not fnmatch.fnmatch(name, OWN_FILES)
 
 
 def sign(exp_dir: str, files: dict[str, bytes]) -> None:
