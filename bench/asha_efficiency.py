@@ -11,6 +11,7 @@ import tempfile
 
 from common import parser, verdict
 
+from tltune.config import TrialConfig
 from tltune.data import load_dataset, make_splits
 
 GRID = {"optimizer": ["adam", "sgd"], "activation": ["relu", "tanh"], "lr": [3e-4, 1e-3, 3e-3]}
@@ -26,7 +27,8 @@ def sweep(splits, epochs: int, asha: bool, storage: str, seed: int) -> list[list
     from tltune.raytune.trainable import train_trial
 
     inputs = {"splits": ray.put(splits), "pretrained_state": ray.put(None)}
-    fixed = {"model": "cnn", "mode": "scratch", "epochs": epochs, "batch_size": 64, "seed": 0, "image_size": None, "channels": None}
+    # GRID's keys are searched: their values here are replaced by Tune's domains
+    fixed = TrialConfig(dataset="cifar10", model="cnn", mode="scratch", optimizer="adam", lr=1e-3, epochs=epochs, batch_size=64, seed=0).to_dict()
     if asha:
         space = {**fixed, **{k: tune.choice(v) for k, v in GRID.items()}}
         config = dict(search_alg=OptunaSearch(seed=seed), num_samples=12,

@@ -8,28 +8,30 @@ accuracies. Cold = cache built in the timed run; warm = a later trial of the sam
 
 import tempfile
 import time
+from dataclasses import replace
 
 from common import parser, verdict
 
 import torch
 import torchvision
 
+from tltune.config import TrialConfig
 from tltune.data import as_tensors, load_dataset, make_splits
 from tltune.features import feature_splits
 from tltune.train import build_optimizer, evaluate, seed_everything, setup_model, train_one_epoch
 
 
-def run_trial(config, splits, state, epochs, cached, optimizer_name, lr):
+def run_trial(config: TrialConfig, splits, state, cached):
     started = time.perf_counter()
     if cached:
-        splits = feature_splits(splits, config, state)
-        config = {**config, "cached_features": True}
-    seed_everything(0)
+        splits = feature_splits(splits, config.model_spec, state)
+        config = replace(config, cached_features=True)
+    seed_everything(config.seed)
     model, transform = setup_model(config, splits, state)
-    optimizer = build_optimizer(optimizer_name, model, lr)
+    optimizer = build_optimizer(config.optimizer, model, config.lr)
     (x, y), (vx, vy), (tx, ty) = (as_tensors(s) for s in (splits.train, splits.val, splits.test))
-    for epoch in range(epochs):
-        train_one_epoch(model, optimizer, x, y, transform, 64, seed_everything(epoch))
+    for epoch in range(config.epochs):
+        train_one_epoch(model, optimizer, x, y, transform, config.batch_size, seed_everything(epoch))
         evaluate(model, vx, vy, transform)
     test = evaluate(model, tx, ty, transform)
     return time.perf_counter() - started, test.accuracy
@@ -47,16 +49,17 @@ def main():
     torch.manual_seed(0)
     state = torch.load(args.weights, weights_only=True) if args.weights else torchvision.models.alexnet().state_dict()
     splits = make_splits(load_dataset("cifar10", args.data_root), train_subset=args.train_subset, test_subset=args.train_subset // 2)
-    config = {"model": "alexnet", "mode": "feature_extract", "image_size": args.image_size}
+    config = TrialConfig(dataset="cifar10", model="alexnet", mode="feature_extract", optimizer=args.optimizer, lr=args.lr,
+                         epochs=args.epochs, batch_size=64, seed=0, image_size=args.image_size)  # fmt: skip
     print(f"CIFAR-10 {len(splits.train)}/{len(splits.val)}/{len(splits.test)} images at {args.image_size}px, "
           f"{args.epochs} epochs, {torch.get_num_threads()} threads")  # fmt: skip
     with tempfile.TemporaryDirectory() as cache:
         import os
 
         os.environ["TLTUNE_CACHE_DIR"] = cache
-        naive_s, naive_acc = run_trial(config, splits, state, args.epochs, False, args.optimizer, args.lr)
-        cold_s, cold_acc = run_trial(config, splits, state, args.epochs, True, args.optimizer, args.lr)
-        warm_s, warm_acc = run_trial(config, splits, state, args.epochs, True, args.optimizer, args.lr)
+        naive_s, naive_acc = run_trial(config, splits, state, cached=False)
+        cold_s, cold_acc = run_trial(config, splits, state, cached=True)
+        warm_s, warm_acc = run_trial(config, splits, state, cached=True)
     print(f"naive {naive_s:.1f}s (test {100 * naive_acc:.2f}%), cached cold {cold_s:.1f}s (test {100 * cold_acc:.2f}%), "
           f"cached warm {warm_s:.2f}s (test {100 * warm_acc:.2f}%)")  # fmt: skip
     bound = args.epochs * (len(splits.train) + len(splits.val)) / (len(splits.train) + len(splits.val) + len(splits.test))

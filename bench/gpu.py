@@ -30,6 +30,7 @@ import torch
 import torch.multiprocessing as mp
 import torchvision
 
+from tltune.config import ModelSpec
 from tltune.data import BatchTransform, ImageArrays, Splits, load_dataset, make_splits
 from tltune.features import feature_splits
 from tltune.models import IMAGENET_MEAN, IMAGENET_STD, build_model
@@ -136,13 +137,13 @@ def bench_feature_cache(device, sizes: dict, data_root: str | None) -> None:
     splits = cifar_splits(data_root, sizes["feature_images"])
     total = len(splits.train) + len(splits.val) + len(splits.test)
     state = torchvision.models.alexnet().state_dict()  # random weights: the time does not depend on them
-    config = {"model": "alexnet", "image_size": sizes["feature_size"]}
+    spec = ModelSpec("alexnet", image_size=sizes["feature_size"])
     previous = os.environ.get("TLTUNE_CACHE_DIR")
     with tempfile.TemporaryDirectory() as cache:
         os.environ["TLTUNE_CACHE_DIR"] = cache  # an empty cache: this is the build
         try:
             started = time.perf_counter()
-            features = feature_splits(splits, config, state, device)
+            features = feature_splits(splits, spec, state, device)
             build_s = time.perf_counter() - started
         finally:
             if previous is None:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tltune.config import TrialConfig
 from tltune.data import load_dataset, make_splits
 from tltune.models import build_model
 
@@ -45,11 +46,11 @@ def tltune_trials(splits, trials: int, batch_size: int, storage: str) -> list[di
     from tltune.raytune.trainable import train_trial
 
     inputs = {"splits": ray.put(splits), "pretrained_state": ray.put(None)}
-    config = {"model": "cnn", "mode": "scratch", "optimizer": "adam", "activation": "relu", "lr": 1e-3, "epochs": 1,
-              "batch_size": batch_size, "seed": tune.randint(0, 1000), "image_size": None, "channels": None}  # fmt: skip
+    config = TrialConfig(dataset="cifar10", model="cnn", mode="scratch", optimizer="adam", lr=1e-3, epochs=1,
+                         batch_size=batch_size, seed=0)  # fmt: skip
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(train_trial, inputs=inputs), {"cpu": 1}),
-        param_space=config,
+        param_space={**config.to_dict(), "seed": tune.randint(0, 1000)},
         tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=1, reuse_actors=True),
         run_config=tune.RunConfig(storage_path=storage, verbose=0),
     )

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from conftest import write_class_folders
+from tltune.config import ModelSpec
 from tltune.data import Dataset, ImageArrays, load_dataset, make_splits
 from tltune.features import feature_splits
 
@@ -149,7 +150,7 @@ def tiny_splits():
     return make_splits(Dataset("tiny", ["a", "b"], arrays(20), arrays(6)), val_fraction=0.25)
 
 
-CNN = {"model": "cnn", "image_size": 8}
+CNN = ModelSpec("cnn", image_size=8)
 
 
 def cnn_features(splits):

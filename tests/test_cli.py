@@ -96,7 +96,7 @@ def test_every_declared_experiment_validates():
     assert {name: EXPERIMENTS[name].reference_accuracy for name in seed_rows} == seed_rows
     for experiment in EXPERIMENTS.values():
         registry.validate(experiment)
-        assert experiment.max_epochs() >= experiment.reference["epochs"]
+        assert registry.max_epochs(experiment.reference, experiment.space) >= experiment.reference["epochs"]
     search = EXPERIMENTS["cifar10-cnn-search"]
     assert search.reference == {"optimizer": "adam", "activation": "tanh", "lr": 1e-4, "epochs": 3}
     assert search.space["lr"] == LogUniform(1e-5, 1e-1) and "tanh" in search.space["activation"].options

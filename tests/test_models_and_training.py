@@ -1,8 +1,11 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 import torchvision
 
+from tltune.config import TrialConfig
 from tltune.data import BatchTransform, ImageArrays, Splits, as_tensors
 from tltune.errors import UserError
 from tltune.models import ACTIVATIONS, build_model, input_spec, load_imagenet_state
@@ -12,11 +15,15 @@ from tltune.train import (
     build_optimizer,
     evaluate,
     load_checkpoint,
+    load_checkpoint_config,
+    optimizer_extras,
     save_checkpoint,
     seed_everything,
     setup_model,
     train_one_epoch,
 )
+
+TOY = TrialConfig(dataset="toy", model="cnn", mode="scratch", optimizer="adam", lr=1e-3, epochs=3, batch_size=32, seed=0)
 
 
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
@@ -84,8 +91,7 @@ def _separable_splits(n=256, size=8):
 @pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
 def test_every_optimizer_learns_a_separable_problem(optimizer):
     splits = _separable_splits()
-    config = {"model": "cnn", "mode": "scratch", "activation": "relu", "image_size": None}
-    model, transform = setup_model(config, splits, None)
+    model, transform = setup_model(TOY, splits, None)
     opt = build_optimizer(optimizer, model, 0.01 if optimizer in ("sgd", "adagrad") else 0.001)
     x, y = as_tensors(splits.train)
     for epoch in range(3):
@@ -95,7 +101,7 @@ def test_every_optimizer_learns_a_separable_problem(optimizer):
 
 def test_diverging_loss_raises():
     splits = _separable_splits()
-    model, transform = setup_model({"model": "cnn", "mode": "scratch", "activation": "relu"}, splits, None)
+    model, transform = setup_model(TOY, splits, None)
     opt = build_optimizer("sgd", model, 1e12)
     x, y = as_tensors(splits.train)
     with pytest.raises(DivergedError):
@@ -108,7 +114,7 @@ def test_training_is_seeded():
     results = []
     for _ in range(2):
         seed_everything(7)
-        model, transform = setup_model({"model": "cnn", "mode": "scratch", "activation": "tanh"}, splits, None)
+        model, transform = setup_model(replace(TOY, activation="tanh"), splits, None)
         opt = build_optimizer("adam", model, 1e-3)
         x, y = as_tensors(splits.train)
         results.append(train_one_epoch(model, opt, x, y, transform, 32, seed_everything(7)).loss)
@@ -121,8 +127,10 @@ def test_checkpoint_round_trip_leaves_out_frozen_weights(tmp_path):
     opt = build_optimizer("sgd", model, 0.1)
     model(torch.randn(2, 3, 64, 64)).sum().backward()
     opt.step()
-    save_checkpoint(tmp_path, model, opt, epoch=3)
+    config = replace(TOY, model="alexnet", mode="feature_extract", optimizer="sgd", lr=0.1, image_size=64)
+    save_checkpoint(tmp_path, model, opt, 3, config)
     assert (tmp_path / "model.pt").stat().st_size < 1_000_000, "only the head is saved"
+    assert load_checkpoint_config(tmp_path) == config
     restored = build_model("alexnet", "feature_extract", 10, 3, 64, pretrained_state=state)
     restored_opt = build_optimizer("sgd", restored, 0.1)
     assert load_checkpoint(tmp_path, restored, restored_opt) == 3
@@ -140,3 +148,33 @@ def test_cnn_transfer_keeps_the_source_backbone_and_a_new_head():
     assert [n for n, p in target.named_parameters() if p.requires_grad] == ["head.weight", "head.bias"]
     with pytest.raises(UserError, match="does not fit"):
         build_model("cnn", "finetune", 10, 1, 28, "elu", pretrained_state=source.state_dict())
+
+
+def test_checkpoints_carry_their_config_in_plain_types(tmp_path):
+    """Tune's samplers can give NumPy scalars; the checkpoint still loads with weights_only."""
+    model = build_model("cnn", "scratch", 2, 1, 8)
+    opt = build_optimizer("adam", model, 1e-3)
+    config = replace(TOY, lr=np.float64(3e-4), epochs=np.int64(4), seed=np.int64(7), precision="bf16")
+    save_checkpoint(tmp_path, model, opt, 1, config)
+    stored = torch.load(tmp_path / "model.pt", weights_only=True)["config"]
+    assert stored == {**TOY.to_dict(), "lr": 3e-4, "epochs": 4, "seed": 7, "precision": "bf16"}
+    assert type(stored["lr"]) is float and type(stored["epochs"]) is int
+    assert load_checkpoint_config(tmp_path) == config
+
+
+def test_checkpoints_from_before_configs_still_load(tmp_path):
+    model = build_model("cnn", "scratch", 2, 1, 8)
+    opt = build_optimizer("adam", model, 1e-3)
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 2}, tmp_path / "model.pt")
+    assert load_checkpoint_config(tmp_path) is None
+    assert load_checkpoint(tmp_path, build_model("cnn", "scratch", 2, 1, 8), opt) == 2
+
+
+def test_optimizer_extras_are_what_the_optimizers_are_built_with():
+    model = build_model("cnn", "scratch", 2, 1, 8)
+    assert optimizer_extras("sgd") == {"momentum": 0.9} and optimizer_extras("adamw") == {"weight_decay": 0.01}
+    for name in OPTIMIZERS:
+        group = build_optimizer(name, model, 0.05).param_groups[0]
+        assert group["lr"] == 0.05 and all(group[k] == v for k, v in optimizer_extras(name).items())
+    optimizer_extras("sgd")["momentum"] = 0.0
+    assert optimizer_extras("sgd") == {"momentum": 0.9}, "a copy: the table stays as declared"

@@ -13,10 +13,10 @@ import torch
 from conftest import ROOT
 from tltune import train
 from tltune.cli import build_parser, check_args, experiment_settings, main
-from tltune.data import BatchTransform, ImageArrays, Splits, as_tensors
+from tltune.config import TrialConfig
+from tltune.data import BatchTransform, FeatureTransform, ImageArrays, Splits, as_tensors
 from tltune.errors import UserError
 from tltune.experiments import EXPERIMENTS
-from tltune.features import FeatureTransform
 from tltune.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from tltune.raytune.sweep import experiment_record, trial_config
 from tltune.raytune.trainable import trial_runtime
@@ -34,6 +34,7 @@ from tltune.train import (
 )
 
 CPU = torch.device("cpu")
+TOY = TrialConfig(dataset="toy", model="cnn", mode="scratch", optimizer="adam", lr=1e-3, epochs=3, batch_size=32, seed=0)
 
 
 def separable_splits(n=256, size=8):
@@ -47,7 +48,7 @@ def separable_splits(n=256, size=8):
 def train_toy(runtime: Runtime, epochs=3, optimizer="adam"):
     splits = separable_splits()
     seed_everything(0)
-    model, transform = setup_model({"model": "cnn", "mode": "scratch", "activation": "relu"}, splits, None)
+    model, transform = setup_model(TOY, splits, None)
     runtime.prepare(model, transform)
     opt = build_optimizer(optimizer, model, 1e-3 if optimizer == "adam" else 1e-2)
     x, y = as_tensors(splits.train)
@@ -89,10 +90,10 @@ def test_fp16_trains_with_loss_scaling_and_its_scale_is_checkpointed(tmp_path):
     model, opt, losses, stats = train_toy(runtime)
     assert all(np.isfinite(losses)) and stats.accuracy > 0.9
     runtime.scaler.update(1024.0)
-    save_checkpoint(tmp_path, model, opt, 3, runtime.scaler)
+    save_checkpoint(tmp_path, model, opt, 3, TOY, runtime.scaler)
     restored = Runtime(CPU, "fp16")
     assert load_checkpoint(tmp_path, model, opt, restored.scaler) == 3 and restored.scaler.get_scale() == 1024.0
-    save_checkpoint(tmp_path, model, opt, 3, Runtime(CPU, "fp32").scaler)
+    save_checkpoint(tmp_path, model, opt, 3, TOY, Runtime(CPU, "fp32").scaler)
     assert "scaler" not in torch.load(tmp_path / "model.pt", weights_only=True), "no scale to keep without fp16"
 
 
@@ -101,7 +102,7 @@ def test_fp32_runtime_is_the_old_default():
     _, _, explicit, _ = train_toy(Runtime(CPU, "fp32"))
     splits = separable_splits()
     seed_everything(0)
-    model, transform = setup_model({"model": "cnn", "mode": "scratch", "activation": "relu"}, splits, None)
+    model, transform = setup_model(TOY, splits, None)
     opt = build_optimizer("adam", model, 1e-3)
     x, y = as_tensors(splits.train)
     default = [train_one_epoch(model, opt, x, y, transform, 32, seed_everything(e)).loss for e in range(3)]
@@ -158,12 +159,13 @@ def test_precision_reaches_every_trial_config_and_the_record(argv, precision, co
     assert all("precision" not in point for point in points), "fixed, never searched"
     record = json.loads(json.dumps(experiment_record(experiment, settings), default=str))
     assert record["settings"]["reference"]["precision"] == precision
-    runtime = trial_runtime({**param_space, "compile": False}, CPU)
+    runtime = trial_runtime(TrialConfig.from_dict({**param_space, **points[0], "compile": False}), CPU)
     assert runtime.precision == resolve_precision(precision, CPU) and runtime.channels_last
 
 
 def test_configs_from_before_the_flags_train_in_fp32():
-    runtime = trial_runtime({"model": "cnn"}, CPU)
+    before_the_flags = {k: v for k, v in TOY.to_dict().items() if k not in ("precision", "compile")}
+    runtime = trial_runtime(TrialConfig.from_dict(before_the_flags), CPU)
     assert runtime.precision == "fp32" and not runtime.compile
 
 

@@ -1,13 +1,20 @@
+import pytest
 from ray import tune
 
 from tltune.cli import build_parser, experiment_settings
+from tltune.config import ModelSpec, TrialConfig
 from tltune.experiments import EXPERIMENTS, IntRange, LogUniform
 from tltune.raytune.sweep import to_tune_domain, trial_config
 
 
-def settings(**changes):
-    experiment = EXPERIMENTS["cifar10-cnn-search"]
+def settings(name="cifar10-cnn-search", **changes):
+    experiment = EXPERIMENTS[name]
     return experiment, {**experiment_settings(experiment, build_parser("test").parse_args([])), **changes}
+
+
+def sampled(param_space: dict) -> dict:
+    """A trial's config as Tune gives it: every search domain sampled."""
+    return {k: v.sample() if isinstance(v, tune.search.sample.Domain) else v for k, v in param_space.items()}
 
 
 def test_reference_is_the_first_point_and_space_becomes_tune_domains():
@@ -53,3 +60,26 @@ def test_searcher_tolerates_a_trial_it_lost_in_a_crash():
     searcher.on_trial_complete("known", {"val_acc": 0.45, **known})
     values = sorted(t.value for t in searcher._ot_study.trials if t.value is not None)
     assert values == [0.45, 0.6], "the lost trial's score still reaches Optuna"
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_every_experiments_trial_configs_become_a_trial_config(name):
+    experiment, s = settings(name)
+    param_space, _ = trial_config(experiment, s)
+    config = sampled(param_space)
+    trial = TrialConfig.from_dict(config)
+    assert {k: trial.to_dict()[k] for k in config} == config, "every key kept as it was"
+    assert (trial.model, trial.mode, trial.precision) == (experiment.model, experiment.mode, "auto")
+    if experiment.model == "alexnet":
+        assert "activation" not in config and trial.model_spec == ModelSpec("alexnet", "relu", s["image_size"], None)
+
+
+def test_configs_of_older_runs_and_wrong_keys():
+    config = sampled(trial_config(*settings())[0])
+    old = {k: v for k, v in config.items() if k not in ("precision", "compile")}  # runs from before the flags
+    trial = TrialConfig.from_dict(old)
+    assert (trial.precision, trial.compile) == ("fp32", False)
+    with pytest.raises(ValueError, match=r"unknown keys \['momentum'\]"):
+        TrialConfig.from_dict({**config, "momentum": 0.5})
+    with pytest.raises(ValueError, match=r"missing keys \['lr'\]"):
+        TrialConfig.from_dict({k: v for k, v in config.items() if k != "lr"})

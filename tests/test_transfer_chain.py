@@ -7,6 +7,8 @@ import sys
 import pytest
 
 from conftest import ROOT, write_svhn_mat
+from tltune.config import TrialConfig
+from tltune.train import load_checkpoint_config
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +48,15 @@ def test_targets_take_the_source_architecture_and_weights(transfer_run):
         assert record["settings"]["pretrained"].startswith(str(run_dir / "mnist_to_svhn-source" / source["best_trial"]))
         for params in (run_dir / name).glob("*/params.json"):
             assert json.loads(params.read_text())["activation"] == source["config"]["activation"]
+
+
+def test_checkpoints_carry_their_trial_config(transfer_run):
+    run_dir, _, _ = transfer_run
+    checkpoints = list(run_dir.glob("mnist_to_svhn-*/*/checkpoint_*"))
+    assert checkpoints
+    for checkpoint in checkpoints:
+        params = json.loads((checkpoint.parent / "params.json").read_text())
+        assert load_checkpoint_config(checkpoint) == TrialConfig.from_dict(params)
 
 
 def test_transfer_without_a_source_fails_before_ray(transfer_run, tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 from tltune import experiments as registry
 from tltune import signals, storage, trust
 from tltune.errors import TrialsFailed, UserError
-from tltune.experiments import Experiment, IntRange, LogUniform, check_settings
+from tltune.experiments import Experiment, IntRange, LogUniform, check_settings, max_epochs
 from tltune.models import ACTIVATIONS, PRETRAINED_MODES
 from tltune.results import RUNS_FILE, best_checkpoint, top_configs
 from tltune.settings import SweepPlan
@@ -131,7 +131,7 @@ def experiment_settings(experiment: Experiment, args) -> dict:
         "reference": reference,
         "space": space,
         "num_samples": num_samples,
-        "max_epochs": max([reference["epochs"]] + ([space["epochs"].high] if "epochs" in space else [])),
+        "max_epochs": max_epochs(reference, space),
         "batch_size": args.batch_size,
         "seed": args.seed,
         "image_size": image_size,
@@ -228,13 +228,13 @@ def check_model_input(experiment: Experiment, settings: dict, splits) -> None:
     through it: an input too small for the model fails here, not in every trial."""
     import torch
 
+    from tltune.config import ModelSpec
     from tltune.data import as_tensors
-    from tltune.train import setup_model
+    from tltune.train import setup_image_model
 
-    config = {**settings["reference"], "model": experiment.model, "mode": experiment.mode,
-              "image_size": settings["image_size"], "channels": settings["channels"]}  # fmt: skip
+    spec = ModelSpec(experiment.model, settings["reference"].get("activation", "relu"), settings["image_size"], settings["channels"])
     try:
-        model, transform = setup_model(config, splits, None)
+        model, transform = setup_image_model(spec, experiment.mode, splits, None)
         images, _ = as_tensors(splits.train.subset(np.arange(min(2, len(splits.train)))))
         with torch.no_grad():
             model.eval()(transform(images))

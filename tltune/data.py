@@ -25,7 +25,6 @@ import torch.nn.functional as F
 
 from tltune.errors import UserError
 
-TORCHVISION_DATASETS = ("cifar10", "mnist", "svhn")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
 CACHE_VERSION = 2
 CACHE_ARRAYS = [(split, part) for split in ("train", "test") for part in ("images", "labels")]
@@ -141,9 +140,11 @@ def load_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 def _find_class_folder_root(name: str, root: Path) -> Path | None:
     """The folder holding ``train/`` and ``test/`` class folders for ``name``, if any."""
-    candidates = [Path(name).expanduser(), root / name]
-    if name == "cifar10":
-        candidates = [root / "cifar10", root / "CIFAR10"]
+    known = TORCHVISION_DATASETS.get(name)
+    if known is not None and known.class_folders is not None:
+        candidates = [root / folder for folder in known.class_folders]
+    else:
+        candidates = [Path(name).expanduser(), root / name]
     for candidate in candidates:
         if (candidate / "train").is_dir() and (candidate / "test").is_dir():
             return candidate.resolve()
@@ -220,61 +221,94 @@ def _svhn_from_mat(path: Path) -> ImageArrays:
     return ImageArrays(np.ascontiguousarray(mat["X"].transpose(3, 0, 1, 2)), labels)
 
 
-def _torchvision_split(name: str, root: Path, train: bool, download: bool):
-    import torchvision.datasets as tvd
-
-    if name == "svhn" and not download:
-        return _svhn_from_mat(root / "svhn" / f"{'train' if train else 'test'}_32x32.mat")
-    if name == "mnist":
-        return tvd.MNIST(str(root), train=train, download=download)
-    if name == "cifar10":
-        return tvd.CIFAR10(str(root), train=train, download=download)
-    svhn_root = root / "svhn"
-    return tvd.SVHN(str(svhn_root), split="train" if train else "test", download=download)
-
-
-def _to_arrays(name: str, split) -> ImageArrays:
-    if isinstance(split, ImageArrays):
-        return split
-    if name == "mnist":
-        images = split.data.numpy()[..., None]
-        labels = split.targets.numpy()
-    elif name == "cifar10":
-        images = np.asarray(split.data)
-        labels = np.asarray(split.targets)
-    else:  # svhn: (N, 3, H, W); torchvision already maps label 10 to 0
-        images = split.data.transpose(0, 2, 3, 1)
-        labels = split.labels
+def _arrays(images, labels) -> ImageArrays:
     return ImageArrays(np.ascontiguousarray(images, dtype=np.uint8), np.asarray(labels, dtype=np.int64))
 
 
-TORCHVISION_CLASSES = {
-    "mnist": [str(d) for d in range(10)],
-    "svhn": [str(d) for d in range(10)],
-    "cifar10": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
-}
+def _read_mnist(root: Path, train: bool, download: bool) -> ImageArrays:
+    import torchvision.datasets as tvd
 
-EXPECTED_LAYOUT = {
-    "mnist": "{root}/MNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte",
-    "cifar10": "{root}/cifar-10-batches-py/ or {root}/cifar10/{{train,test}}/<class>/*.jpg",
-    "svhn": "{root}/svhn/{{train,test}}_32x32.mat",
+    split = tvd.MNIST(str(root), train=train, download=download)
+    return _arrays(split.data.numpy()[..., None], split.targets.numpy())
+
+
+def _read_cifar10(root: Path, train: bool, download: bool) -> ImageArrays:
+    import torchvision.datasets as tvd
+
+    split = tvd.CIFAR10(str(root), train=train, download=download)
+    return _arrays(split.data, split.targets)
+
+
+def _read_svhn(root: Path, train: bool, download: bool) -> ImageArrays:
+    import torchvision.datasets as tvd
+
+    split_name = "train" if train else "test"
+    if not download:
+        return _svhn_from_mat(root / "svhn" / f"{split_name}_32x32.mat")
+    split = tvd.SVHN(str(root / "svhn"), split=split_name, download=True)
+    return _arrays(split.data.transpose(0, 2, 3, 1), split.labels)  # from (N, 3, H, W); label 10 already mapped to 0
+
+
+@dataclass(frozen=True)
+class TorchvisionDataset:
+    """What tltune knows of a dataset torchvision downloads."""
+
+    classes: tuple[str, ...]
+    channels: int
+    image_size: int
+    local: str  # the folder under the data root that holds a downloaded (or copied) copy
+    layout: str  # what the data root holds, for error messages ({root}: the data root)
+    read_split: Callable[[Path, bool, bool], ImageArrays]  # (data root, train split?, download?)
+    # Where a class-folder copy under the data root is looked for first; None: <root>/<name>
+    # or <name> as a path, as for any dataset.
+    class_folders: tuple[str, ...] | None = None
+
+
+DIGITS = tuple(str(d) for d in range(10))
+TORCHVISION_DATASETS = {
+    "cifar10": TorchvisionDataset(
+        classes=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"),
+        channels=3,
+        image_size=32,
+        local="cifar-10-batches-py",
+        layout="{root}/cifar-10-batches-py/ or {root}/cifar10/{{train,test}}/<class>/*.jpg",
+        read_split=_read_cifar10,
+        class_folders=("cifar10", "CIFAR10"),
+    ),
+    "mnist": TorchvisionDataset(
+        classes=DIGITS,
+        channels=1,
+        image_size=28,
+        local="MNIST/raw",
+        layout="{root}/MNIST/raw/{{train,t10k}}-{{images-idx3,labels-idx1}}-ubyte",
+        read_split=_read_mnist,
+    ),
+    "svhn": TorchvisionDataset(
+        classes=DIGITS,
+        channels=3,
+        image_size=32,
+        local="svhn",
+        layout="{root}/svhn/{{train,test}}_32x32.mat",
+        read_split=_read_svhn,
+    ),
 }
 
 
 def load_torchvision(name: str, root: Path, local: Path | None) -> Dataset:
     """Read the local copy at ``local``; without one, download with torchvision (needs internet)."""
+    known = TORCHVISION_DATASETS[name]
     if local is not None:
         try:
-            splits = [_torchvision_split(name, root, train, download=False) for train in (True, False)]
+            splits = [known.read_split(root, train, False) for train in (True, False)]
         except Exception as exc:  # a truncated IDX file, a corrupt .mat, a missing batch file...
             raise UserError(
                 f"dataset '{name}' under {local} is incomplete or corrupt ({type(exc).__name__}: {exc}): "
-                f"delete it and download or copy it again (expected layout: {EXPECTED_LAYOUT[name].format(root=root)})"
+                f"delete it and download or copy it again (expected layout: {known.layout.format(root=root)})"
             ) from None
     else:
         existing = set(root.iterdir())
         try:
-            splits = [_torchvision_split(name, root, train, download=True) for train in (True, False)]
+            splits = [known.read_split(root, train, True) for train in (True, False)]
         except Exception as exc:  # URLError, OSError, checksum RuntimeError...
             for path in set(root.iterdir()) - existing:  # the folders and partial files of the failed download
                 if path.is_dir():
@@ -284,9 +318,9 @@ def load_torchvision(name: str, root: Path, local: Path | None) -> Dataset:
             raise UserError(
                 f"dataset '{name}' is not under {root} and could not be downloaded "
                 f"({type(exc).__name__}: {exc}). When offline, pass --data-root DIR "
-                f"(or set TLTUNE_DATA_ROOT) to a folder holding {EXPECTED_LAYOUT[name].format(root=root)}"
+                f"(or set TLTUNE_DATA_ROOT) to a folder holding {known.layout.format(root=root)}"
             ) from None
-    return Dataset(name, TORCHVISION_CLASSES[name], *(_to_arrays(name, s) for s in splits))
+    return Dataset(name, list(known.classes), *splits)
 
 
 # ---------------------------------------------------------------------------- disk cache
@@ -314,7 +348,7 @@ def _source_of(name: str, root: Path) -> tuple[str, Path | None]:
             "(or set TLTUNE_DATA_ROOT) to the folder holding the datasets, or create it to download mnist, cifar10 or svhn into it"
         )
     if name in TORCHVISION_DATASETS:
-        local = {"mnist": root / "MNIST" / "raw", "cifar10": root / "cifar-10-batches-py", "svhn": root / "svhn"}[name]
+        local = root / TORCHVISION_DATASETS[name].local
         return "torchvision", local if local.is_dir() and any(local.iterdir()) else None
     raise UserError(
         f"unknown dataset '{name}': use one of {', '.join(TORCHVISION_DATASETS)}, "
@@ -496,6 +530,14 @@ class BatchTransform:
             mean, std = mean.expand(1, x.shape[1], 1, 1), std.expand(1, x.shape[1], 1, 1)
         x = (x - mean) / std
         return x if self.memory_format is None else x.contiguous(memory_format=self.memory_format)
+
+
+class FeatureTransform:
+    """Cached float16 backbone features (tltune.features) -> float32 on the batch's device:
+    the transform that feeds a head trained on them."""
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return features.float()
 
 
 def to_device(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:

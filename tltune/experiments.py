@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from tltune.data import TORCHVISION_DATASETS
 from tltune.errors import UserError
 from tltune.models import ACTIVATIONS, MODELS, MODES
 from tltune.train import OPTIMIZERS
@@ -72,9 +73,11 @@ class Experiment:
     # and, in a pretrained mode, the backbone weights.
     source: str | None = None
 
-    def max_epochs(self) -> int:
-        epochs = self.space.get("epochs")
-        return max(self.reference["epochs"], epochs.high if isinstance(epochs, IntRange) else 0)
+
+def max_epochs(reference: dict, space: dict) -> int:
+    """The most epochs a trial of ``reference`` and ``space`` can train."""
+    epochs = space.get("epochs")
+    return max(reference["epochs"], epochs.high if isinstance(epochs, IntRange) else 0)
 
 
 CNN_SEARCH_SPACE = {
@@ -105,7 +108,7 @@ def alexnet_pair(dataset: str, epochs: int, finetune_accuracy: float, extract_ac
 # MNIST -> SVHN: both as 3-channel 32x32 images, SVHN's native format. MNIST digits are
 # resized 28 -> 32 and their gray channel copied to R, G and B; each dataset is normalised
 # with its own per-channel statistics. The same CNN then fits both without any change.
-MNIST_TO_SVHN_INPUT = {"channels": 3, "image_size": 32}
+MNIST_TO_SVHN_INPUT = {"channels": TORCHVISION_DATASETS["svhn"].channels, "image_size": TORCHVISION_DATASETS["svhn"].image_size}
 
 
 def mnist_to_svhn() -> list[Experiment]:

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from tltune.config import ModelSpec
 from tltune.data import DamagedCache, ImageArrays, Splits, as_tensors, atomic_write, cache_dir, iterate_batches, to_device, warn
+from tltune.train import Runtime, setup_image_model
 
 FEATURE_CACHE_VERSION = 2
 SPLIT_NAMES = ("train", "val", "test")
@@ -41,11 +43,11 @@ def fingerprint_state(state: dict | None) -> str:
     return digest.hexdigest()
 
 
-def feature_key(splits: Splits, pretrained_state: dict | None, input_config: dict) -> str:
+def feature_key(splits: Splits, pretrained_state: dict | None, spec: ModelSpec) -> str:
     """Changes with the images, labels, weights, model, input size and channels."""
     parts = [
         f"v{FEATURE_CACHE_VERSION}",
-        *(f"{k}={input_config.get(k)}" for k in ("model", "activation", "image_size", "channels")),
+        *(f"{k}={getattr(spec, k)}" for k in ("model", "activation", "image_size", "channels")),
         fingerprint_state(pretrained_state),
         *(fingerprint_arrays(s.images, s.labels) for s in (splits.train, splits.val, splits.test)),
     ]
@@ -84,12 +86,10 @@ def load_feature_cache(path: Path, splits: Splits) -> list[np.ndarray]:
     return features
 
 
-def feature_splits(splits: Splits, input_config: dict, pretrained_state: dict | None, device="cpu") -> Splits:
-    """``splits`` with every image replaced by its backbone features (float16 (N, D)),
-    from the disk cache when they were computed before."""
-    from tltune.train import Runtime, setup_model
-
-    key = feature_key(splits, pretrained_state, input_config)
+def feature_splits(splits: Splits, spec: ModelSpec, pretrained_state: dict | None, device="cpu") -> Splits:
+    """``splits`` with every image replaced by the features of ``spec``'s backbone (float16
+    (N, D)), from the disk cache when they were computed before."""
+    key = feature_key(splits, pretrained_state, spec)
     path = cache_dir() / "features" / f"{splits.name}-{key}.npz"
     features = None
     if path.exists():
@@ -99,7 +99,7 @@ def feature_splits(splits: Splits, input_config: dict, pretrained_state: dict | 
             warn(f"feature cache {exc.path} was damaged ({exc}); rebuilding it")
             path.unlink(missing_ok=True)
     if features is None:
-        model, transform = setup_model({**input_config, "mode": "feature_extract"}, splits, pretrained_state)
+        model, transform = setup_image_model(spec, "feature_extract", splits, pretrained_state)
         # fp32, as the naive path's default; channels_last only changes the layout.
         Runtime(device, "fp32", channels_last=True).prepare(model, transform)
         features = [compute_features(model.backbone, getattr(splits, n), transform, device) for n in SPLIT_NAMES]
@@ -115,10 +115,3 @@ def feature_splits(splits: Splits, input_config: dict, pretrained_state: dict | 
         mean=(),
         std=(),
     )
-
-
-class FeatureTransform:
-    """Cached float16 features -> float32 on the batch's device; the 'transform' of the head."""
-
-    def __call__(self, features: torch.Tensor) -> torch.Tensor:
-        return features.float()

@@ -16,16 +16,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tltune.data import BatchTransform, iterate_batches, to_device
-from tltune.features import FeatureTransform
+from tltune.config import ModelSpec, TrialConfig
+from tltune.data import BatchTransform, FeatureTransform, iterate_batches, to_device
 from tltune.models import BackboneHead, build_model, input_spec
 
+# name -> (optimizer class, its keyword arguments besides the learning rate; PyTorch's defaults for the rest)
 OPTIMIZERS = {
-    "adam": lambda params, lr: torch.optim.Adam(params, lr=lr),
-    "adamw": lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=0.01),
-    "sgd": lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=0.9),
-    "rmsprop": lambda params, lr: torch.optim.RMSprop(params, lr=lr),
-    "adagrad": lambda params, lr: torch.optim.Adagrad(params, lr=lr),
+    "adam": (torch.optim.Adam, {}),
+    "adamw": (torch.optim.AdamW, {"weight_decay": 0.01}),
+    "sgd": (torch.optim.SGD, {"momentum": 0.9}),
+    "rmsprop": (torch.optim.RMSprop, {}),
+    "adagrad": (torch.optim.Adagrad, {}),
 }
 
 
@@ -49,8 +50,15 @@ class EpochStats:
     accuracy: float
 
 
+def optimizer_extras(name: str) -> dict:
+    """The keyword arguments optimizer ``name`` is built with besides the learning rate,
+    e.g. ``{"momentum": 0.9}`` for SGD."""
+    return dict(OPTIMIZERS[name][1])
+
+
 def build_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    return OPTIMIZERS[name]([p for p in model.parameters() if p.requires_grad], lr)
+    optimizer_class, extras = OPTIMIZERS[name]
+    return optimizer_class([p for p in model.parameters() if p.requires_grad], lr=lr, **extras)
 
 
 def seed_everything(seed: int) -> torch.Generator:
@@ -59,10 +67,6 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cpu_has_bf16() -> bool:
@@ -187,15 +191,20 @@ CHECKPOINT_FILE = "model.pt"
 
 
 def save_checkpoint(
-    directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, scaler: torch.amp.GradScaler | None = None
+    directory: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    config: TrialConfig,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
-    """Model and optimizer state after ``epoch`` epochs (and fp16's loss scale). Frozen
-    parameters are left out (they equal the pretrained weights the model is built from),
-    which keeps feature-extraction checkpoints small."""
+    """Model and optimizer state after ``epoch`` epochs, the trial config that trained them
+    (and fp16's loss scale). Frozen parameters are left out (they equal the pretrained weights
+    the model is built from), which keeps feature-extraction checkpoints small."""
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     frozen = {name for name, _ in model.named_parameters()} - trainable
     state = {k: v for k, v in model.state_dict().items() if k not in frozen}
-    checkpoint = {"model": state, "optimizer": optimizer.state_dict(), "epoch": epoch}
+    checkpoint = {"model": state, "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config.to_dict()}
     if scaler is not None and scaler.is_enabled():
         checkpoint["scaler"] = scaler.state_dict()
     torch.save(checkpoint, Path(directory) / CHECKPOINT_FILE)
@@ -204,6 +213,13 @@ def save_checkpoint(
 def load_model_state(directory: str | Path) -> dict:
     """The model state dict of a checkpoint (to transfer it to another task)."""
     return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)["model"]
+
+
+def load_checkpoint_config(directory: str | Path) -> TrialConfig | None:
+    """The trial config a checkpoint was trained with; None for checkpoints from before
+    checkpoints carried it. Memory-mapped: the weights are not read."""
+    checkpoint = torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True, mmap=True)
+    return TrialConfig.from_dict(checkpoint["config"]) if "config" in checkpoint else None
 
 
 def load_checkpoint(
@@ -225,28 +241,19 @@ def load_checkpoint(
     return int(state["epoch"])
 
 
-def setup_model(config: dict, splits, pretrained_state: dict | None) -> tuple[nn.Module, BatchTransform]:
+def setup_model(config: TrialConfig, splits, pretrained_state: dict | None) -> tuple[nn.Module, BatchTransform | FeatureTransform]:
     """The model a trial ``config`` describes, and the batch transform that feeds it.
     With ``cached_features`` the splits hold backbone features and the model is the head."""
-    if config.get("cached_features"):
+    if config.cached_features:
         head = nn.Linear(splits.train.images.shape[1], splits.num_classes)
         return BackboneHead(nn.Identity(), head), FeatureTransform()
+    return setup_image_model(config.model_spec, config.mode, splits, pretrained_state)
+
+
+def setup_image_model(spec: ModelSpec, mode: str, splits, pretrained_state: dict | None) -> tuple[BackboneHead, BatchTransform]:
+    """The model ``spec`` describes in ``mode`` for ``splits``' images, and its batch transform."""
     channels, size, mean, std = input_spec(
-        config["model"],
-        splits.channels,
-        splits.image_size,
-        config.get("channels"),
-        config.get("image_size"),
-        splits.mean,
-        splits.std,
+        spec.model, splits.channels, splits.image_size, spec.channels, spec.image_size, splits.mean, splits.std
     )
-    model = build_model(
-        config["model"],
-        config["mode"],
-        splits.num_classes,
-        channels,
-        size,
-        config.get("activation", "relu"),
-        pretrained_state,
-    )
+    model = build_model(spec.model, mode, splits.num_classes, channels, size, spec.activation, pretrained_state)
     return model, BatchTransform(channels, size, mean, std)

@@ -31,7 +31,7 @@ from tltune.raytune.callbacks import TensorBoardCallback, _is_number
 from tltune.raytune.trainable import precompute_features, score_on_test_split, train_trial
 from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, best_checkpoint
 from tltune.settings import SweepPlan
-from tltune.train import load_model_state
+from tltune.train import load_model_state, optimizer_extras
 
 MODE = "max"
 
@@ -256,6 +256,8 @@ def root_cause(error: BaseException) -> str:
 
 def experiment_record(experiment: Experiment, settings: dict) -> dict:
     random_init = experiment.mode in PRETRAINED_MODES and settings.get("pretrained") == "none"
+    searched = settings["space"].get("optimizer")
+    optimizers = sorted({settings["reference"]["optimizer"], *(searched.options if searched else ())})
     return {
         "name": experiment.name,
         "dataset": settings["dataset"],
@@ -266,6 +268,7 @@ def experiment_record(experiment: Experiment, settings: dict) -> dict:
         "reference_accuracy": experiment.reference_accuracy if settings["dataset"] == experiment.dataset else None,
         "settings": {k: v for k, v in settings.items() if k not in ("space",)},
         "space": {k: repr(v) for k, v in settings["space"].items()},
+        "optimizer_extras": {name: optimizer_extras(name) for name in optimizers},  # e.g. SGD's momentum
     }
 
 

@@ -1,6 +1,7 @@
 """The trial: a Ray Tune function trainable that trains one configuration, reporting once per
 epoch with a checkpoint, plus the Ray tasks that run beside it (test scoring, backbone
-features). The math is in ``tltune.train``; this file only moves data and reports.
+features). The math is in ``tltune.train``; this file only moves data and reports, and turns
+Tune's config dicts into :class:`~tltune.config.TrialConfig` (once, as a trial starts).
 
 The driver puts each dataset in Ray's object store once; every trial reads it from there
 (zero-copy NumPy on the trial's node) and resumes from ``tune.get_checkpoint()``.
@@ -16,6 +17,7 @@ import ray
 import torch
 from ray import tune
 
+from tltune.config import ModelSpec, TrialConfig
 from tltune.data import Splits, as_tensors
 from tltune.features import feature_splits
 from tltune.train import (
@@ -36,15 +38,15 @@ def trial_device() -> torch.device:
     return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
 
 
-def trial_runtime(config: dict, device: torch.device, compile: bool = True) -> Runtime:
+def trial_runtime(config: TrialConfig, device: torch.device, compile: bool = True) -> Runtime:
     """The config's precision (``auto`` is resolved for ``device``) and torch.compile if it
-    asks and ``compile`` allows, with channels_last for conv models. Configs of runs from
-    before these settings: fp32, no compile."""
-    return Runtime(device, config.get("precision", "fp32"), channels_last=True, compile=compile and config.get("compile", False))
+    asks and ``compile`` allows, with channels_last for conv models."""
+    return Runtime(device, config.precision, channels_last=True, compile=compile and config.compile)
 
 
-def train_trial(config: dict, inputs: dict) -> None:
+def train_trial(tune_config: dict, inputs: dict) -> None:
     """A Ray Tune function trainable: one ``tune.report`` per epoch, with a checkpoint."""
+    config = TrialConfig.from_dict(tune_config)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     started_at = time.time()
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
@@ -58,7 +60,7 @@ def train_trial(config: dict, inputs: dict) -> None:
     if runtime.compile:  # a reused actor: the last trial's graphs would count toward Dynamo's recompile limit
         torch._dynamo.reset()
     runtime.prepare(model, transform)
-    optimizer = build_optimizer(config["optimizer"], model, config["lr"])
+    optimizer = build_optimizer(config.optimizer, model, config.lr)
     epochs_done = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint:
@@ -66,11 +68,11 @@ def train_trial(config: dict, inputs: dict) -> None:
             epochs_done = load_checkpoint(directory, model, optimizer, runtime.scaler)
     train_x, train_y = as_tensors(splits.train, device)
     val_x, val_y = as_tensors(splits.val, device)
-    for epoch in range(epochs_done + 1, config["epochs"] + 1):
-        generator = seed_everything(config["seed"] * 1000 + epoch)  # same batches after a resume
+    for epoch in range(epochs_done + 1, config.epochs + 1):
+        generator = seed_everything(config.seed * 1000 + epoch)  # same batches after a resume
         train_started = time.perf_counter()
         try:
-            train = train_one_epoch(model, optimizer, train_x, train_y, transform, config["batch_size"], generator, runtime)
+            train = train_one_epoch(model, optimizer, train_x, train_y, transform, config.batch_size, generator, runtime)
         except DivergedError as exc:
             # Stop this trial with its reason in the results; val_acc 0 ranks it last for the
             # searcher and ASHA (a NaN would be dropped, and a retry would diverge again).
@@ -90,18 +92,19 @@ def train_trial(config: dict, inputs: dict) -> None:
             "reported_at": time.time(),
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
-            "precision_used": runtime.precision,  # what config["precision"] (maybe "auto") became on this device
+            "precision_used": runtime.precision,  # what config.precision (maybe "auto") became on this device
         }
         with tempfile.TemporaryDirectory() as directory:
-            save_checkpoint(directory, model, optimizer, epoch, runtime.scaler)
+            save_checkpoint(directory, model, optimizer, epoch, config, runtime.scaler)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
     del model, optimizer  # reused actors run the next trial in this process
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
 
-def score_on_test_split(config: dict, inputs: dict, checkpoint: tune.Checkpoint) -> dict:
+def score_on_test_split(tune_config: dict, inputs: dict, checkpoint: tune.Checkpoint) -> dict:
     """Test accuracy of a trial's checkpoint; runs as a Ray task with the trial's resources."""
+    config = TrialConfig.from_dict(tune_config)
     device = trial_device()
     splits: Splits = ray.get(inputs["splits"])
     model, transform = setup_model(config, splits, ray.get(inputs["pretrained_state"]))
@@ -116,5 +119,6 @@ def score_on_test_split(config: dict, inputs: dict, checkpoint: tune.Checkpoint)
 
 def precompute_features(input_config: dict, inputs: dict) -> Splits:
     """Backbone features of every image, computed once (or read from the disk cache) on the
-    device a trial would get; runs as a Ray task, its result stays in the object store."""
-    return feature_splits(ray.get(inputs["splits"]), input_config, ray.get(inputs["pretrained_state"]), trial_device())
+    device a trial would get; runs as a Ray task, its result stays in the object store.
+    ``input_config``: the fields of :class:`~tltune.config.ModelSpec`."""
+    return feature_splits(ray.get(inputs["splits"]), ModelSpec(**input_config), ray.get(inputs["pretrained_state"]), trial_device())

@@ -1,0 +1,67 @@
+"""A trial's configuration, typed: Ray Tune's config dict as frozen dataclasses.
+
+The sweep (``tltune.raytune.sweep.trial_config``) builds Tune's ``param_space`` as a plain
+dict, and Tune hands each trial a dict with the same keys. ``tltune.raytune.trainable``
+turns it into a :class:`TrialConfig` once; everything below it takes the dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The network a trial builds and the input format it is fed: all that a frozen
+    backbone's features depend on, besides its weights and the images."""
+
+    model: str  # "cnn" or "alexnet"
+    activation: str = "relu"  # the CNN's; AlexNet's configs have none
+    image_size: int | None = None  # None: 224 for AlexNet, the dataset's for the CNN
+    channels: int | None = None  # None: the dataset's (AlexNet always takes 3)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    """Every key of a trial's config. The defaults are those of configs that lack the key:
+    AlexNet's (no activation) and those of runs from before --precision and --compile."""
+
+    dataset: str
+    model: str
+    mode: str  # "scratch", "finetune" or "feature_extract"
+    optimizer: str  # a name in tltune.train.OPTIMIZERS
+    lr: float
+    epochs: int
+    batch_size: int
+    seed: int
+    activation: str = "relu"
+    image_size: int | None = None
+    channels: int | None = None
+    cached_features: bool = False  # the splits hold backbone features and the model is the head
+    precision: str = "fp32"  # a name in tltune.train.PRECISION_CHOICES ("auto" included)
+    compile: bool = False
+
+    @classmethod
+    def from_dict(cls, config: dict) -> "TrialConfig":
+        # Unknown keys are refused, not ignored: no version of tltune put other keys in a
+        # trial's config, so one is a mistake in whoever built the dict.
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - set(fields))
+        required = [name for name, f in fields.items() if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in config]
+        if unknown or missing:
+            problems = [f"{what} {keys}" for what, keys in (("unknown keys", unknown), ("missing keys", missing)) if keys]
+            raise ValueError(f"not a trial config ({', '.join(problems)}): {config}")
+        return cls(**config)
+
+    def to_dict(self) -> dict:
+        """Plain Python values (Tune's samplers may give NumPy scalars), so the dict can go
+        into a checkpoint that ``torch.load(weights_only=True)`` reads, or into JSON."""
+        return {k: v.item() if isinstance(v, np.generic) else v for k, v in dataclasses.asdict(self).items()}
+
+    @property
+    def model_spec(self) -> ModelSpec:
+        return ModelSpec(self.model, self.activation, self.image_size, self.channels)
