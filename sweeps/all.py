@@ -11,7 +11,7 @@ warning. Then: python analysis/report.py results/all
 import sys
 
 from tltune.cli import main
-from tltune.experiments import EXPERIMENTS
+from tltune.experiments import FAMILIES
 
 if __name__ == "__main__":
-    sys.exit(main(list(EXPERIMENTS), __doc__, run_all=True))
+    sys.exit(main(FAMILIES["all"], __doc__, run_all=True))

@@ -7,8 +7,8 @@
 import sys
 
 from tltune.cli import main
+from tltune.experiments import FAMILIES
 
-EXPERIMENTS = ["cifar10-alexnet-finetune", "cifar10-alexnet-feature_extract", "cifar10-cnn-search"]
 
 if __name__ == "__main__":
-    sys.exit(main(EXPERIMENTS, __doc__))
+    sys.exit(main(FAMILIES["cifar10"], __doc__))

@@ -8,6 +8,7 @@
 import sys
 
 from tltune.cli import main
+from tltune.experiments import FAMILIES
 
 if __name__ == "__main__":
-    sys.exit(main(["mnist-cnn", "mnist-alexnet-finetune", "mnist-alexnet-feature_extract"], __doc__))
+    sys.exit(main(FAMILIES["mnist"], __doc__))

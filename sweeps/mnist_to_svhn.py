@@ -11,8 +11,8 @@ channel copied to RGB). SVHN is not bundled offline: --data-root DIR with svhn/{
 import sys
 
 from tltune.cli import main
+from tltune.experiments import FAMILIES
 
-EXPERIMENTS = ["mnist_to_svhn-source", "mnist_to_svhn-finetune", "mnist_to_svhn-feature_extract", "mnist_to_svhn-scratch"]
 
 if __name__ == "__main__":
-    sys.exit(main(EXPERIMENTS, __doc__))
+    sys.exit(main(FAMILIES["mnist_to_svhn"], __doc__))

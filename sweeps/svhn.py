@@ -10,6 +10,7 @@ or let torchvision download it.
 import sys
 
 from tltune.cli import main
+from tltune.experiments import FAMILIES
 
 if __name__ == "__main__":
-    sys.exit(main(["svhn-cnn", "svhn-alexnet-finetune", "svhn-alexnet-feature_extract"], __doc__))
+    sys.exit(main(FAMILIES["svhn"], __doc__))

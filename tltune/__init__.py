@@ -1,9 +1,15 @@
 """tltune: hyperparameter sweeps for transfer-learning experiments on Ray Tune.
 
+    import tltune
+    run = tltune.run("cifar10-cnn-search", quick=True)   # or: tltune sweep cifar10 --quick
+    tltune.load("results/cifar10-20261127-041500").trials()
+
 The training core (``data``, ``models``, ``train``) is plain PyTorch and imports no Ray;
 ``raytune`` is the only package that talks to Ray.
 """
 
-from tltune.errors import UserError
+from tltune.api import ExperimentRun, Run, experiments, load, run
+from tltune.errors import TrialsFailed, UserError
+from tltune.experiments import Choice, Experiment, IntRange, LogUniform
 
-__all__ = ["UserError"]
+__all__ = ["run", "load", "experiments", "Run", "ExperimentRun", "Experiment", "Choice", "LogUniform", "IntRange", "UserError", "TrialsFailed"]

@@ -38,16 +38,16 @@ QUICK = {
 DEFAULT_GRACE_PERIOD = 2
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(description: str, experiment_names: list[str], parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser_class(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few-minute CPU run: %s" % ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    p.add_argument("--experiments", nargs="+", metavar="NAME", help="run only these of the script's experiments")
+    p.add_argument("--experiments", nargs="+", metavar="NAME", choices=experiment_names, help=f"run only these: {', '.join(experiment_names)}")
     data = p.add_argument_group("data")
     data.add_argument("--data-root", help="dataset folder (else $TLTUNE_DATA_ROOT, else ./data)")
     data.add_argument("--dataset", help="run the experiments on another dataset: mnist, svhn, cifar10, or a class-folder dataset under the data root")
     data.add_argument("--train-subset", type=int, help="train on this many images (default: all)")
     data.add_argument("--test-subset", type=int, help="test on this many images (default: all)")
-    data.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out for validation")
+    data.add_argument("--val-fraction", type=float, default=0.1, help="share of the training set held out for validation (default 0.1)")
     data.add_argument("--image-size", type=int, help="model input size (default: 224 for AlexNet, native for the CNN)")
     model = p.add_argument_group("model and training")
     model.add_argument("--weights", help="AlexNet pretrained weights: 'imagenet' (download), 'none', or a state-dict file (default: imagenet)")
@@ -58,12 +58,12 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     model.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="search the learning rate log-uniformly in [LOW, HIGH]")
     model.add_argument("--epochs-range", type=int, nargs=2, metavar=("LOW", "HIGH"), help="search epochs in [LOW, HIGH]")
     model.add_argument("--max-epochs", type=int, help="cap every epoch count (reference and search)")
-    model.add_argument("--batch-size", type=int, default=64)
+    model.add_argument("--batch-size", type=int, default=64, help="default 64")
     model.add_argument("--no-feature-cache", action="store_true", help="feature extraction: run the frozen backbone in every epoch instead of once")
     model.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
-                       help="auto: bf16 on GPUs that have it (Ampere+), else fp16 with loss scaling; on a CPU bf16 where it is native (AVX512-BF16, AMX), else fp32")
+                       help="(default) auto: bf16 on GPUs that have it (Ampere+), else fp16 with loss scaling; on a CPU bf16 where it is native (AVX512-BF16, AMX), else fp32")
     model.add_argument("--compile", action="store_true", help="torch.compile each trial's model: minutes of compiling per trial, pays only on long GPU trials (docs/PERFORMANCE.md)")
-    model.add_argument("--seed", type=int, default=0)
+    model.add_argument("--seed", type=int, default=0, help="seeds the data split, the searcher and every trial (default 0)")
     sweep = p.add_argument_group("sweep")
     sweep.add_argument("--num-samples", type=int, help="trials per experiment (default: each experiment's own)")
     sweep.add_argument("--max-concurrent-trials", type=int, help="default: as many as the cluster holds, its autoscaler's nodes included")
@@ -74,18 +74,15 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     sweep.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its original settings: finished experiments are kept, unfinished trials go on from their checkpoints")
     sweep.add_argument("--warm-start", metavar="RUN_DIR", help="first evaluate the best configurations of the same experiments in a previous run")
     sweep.add_argument("--address", help="join this Ray cluster (else $RAY_ADDRESS, else start a local Ray)")
-    sweep.add_argument("--storage-path", default="results", help="where run directories go: a local folder or a URI (s3://bucket/prefix, gs://...)")
-    sweep.add_argument("--name", help="run directory name (default: <script>-<date>-<time>)")
+    sweep.add_argument("--storage-path", default="results", help="where run directories go: a local folder (default ./results) or a URI (s3://bucket/prefix, gs://...)")
+    sweep.add_argument("--name", help="run directory name (default: the experiments' common name, e.g. cifar10, then -<date>-<time>)")
     return p
 
 
-def choose_experiments(names: list[str], only: list[str] | None) -> list[Experiment]:
+def choose_experiments(experiments: list[str | Experiment], only: list[str] | None) -> list[Experiment]:
+    chosen = [e if isinstance(e, Experiment) else registry.get(e) for e in experiments]
     if only:
-        unknown = [n for n in only if n not in names]
-        if unknown:
-            raise UserError(f"unknown experiment(s) {', '.join(unknown)} for this script: use {', '.join(names)}")
-        names = [n for n in names if n in only]
-    chosen = [registry.get(n) for n in names]
+        chosen = [e for e in chosen if e.name in only]
     for experiment in chosen:
         registry.validate(experiment)
     return chosen
@@ -263,10 +260,22 @@ def resolve_weights(args, needed: bool) -> dict | None:
         raise
 
 
-def run_dir_for(args, script: str, run_all: bool) -> str:
+def run_label(chosen: list[Experiment]) -> str:
+    """What the experiments' names share: ``cifar10`` for cifar10-alexnet-finetune and
+    cifar10-cnn-search, the name itself for one experiment, else ``sweep``."""
+    parts = [e.name.split("-") for e in chosen]
+    common = []
+    for words in zip(*parts):
+        if len(set(words)) > 1:
+            break
+        common.append(words[0])
+    return "-".join(common) or "sweep"
+
+
+def run_dir_for(args, chosen: list[Experiment], run_all: bool) -> str:
     """A new run directory (local path or URI), not created yet; with ``run_all`` the same one
     every time (``all``), added to."""
-    name = args.name or ("all" if run_all else f"{script}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = args.name or ("all" if run_all else f"{run_label(chosen)}-{time.strftime('%Y%m%d-%H%M%S')}")
     run_dir = storage.join(storage.absolute(args.storage_path), name)
     if storage.exists(run_dir) and not run_all:
         raise UserError(f"{run_dir} already exists and is never overwritten: pass another --name")
@@ -292,23 +301,42 @@ def skip_finished(chosen: list[Experiment], run_dir: str, set_aside: bool) -> li
     return remaining
 
 
-def main(experiment_names: list[str], description: str, argv: list[str] | None = None, run_all: bool = False) -> int:
-    """Run the experiments; ``run_all``: keep adding to one run directory, skip what finished,
-    and skip (with a warning) experiments whose data or weights are not available."""
-    parser = build_parser(description)
+def main(experiments: list[str | Experiment], description: str, argv: list[str] | None = None, run_all: bool = False) -> int:
+    """The command line of ``sweeps/*.py`` and ``tltune sweep``: run the experiments and print
+    the best configurations; an exit code (2: bad input, 1: an experiment failed, 128 + signal)."""
+    parser = build_parser(description, [e if isinstance(e, str) else e.name for e in experiments])
     args = parser.parse_args(argv)
-    script = Path(sys.argv[0]).stem or "tltune"
     signals.install()
     try:
-        if args.resume:
-            args = resumed_args(parser, args)
-        return _run(experiment_names, args, script, run_all)
+        run_dir = sweep(experiments, args, parser, run_all)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except signals.Interrupted as stop:
-        print(f"\ninterrupted ({stop}) before the run started: nothing was written", file=sys.stderr)
+        if stop.run_dir:
+            print(f"\ninterrupted ({stop}): finished trials are kept in {stop.run_dir}; continue with --resume {stop.run_dir}", file=sys.stderr)
+        else:
+            print(f"\ninterrupted ({stop}) before the run started: nothing was written", file=sys.stderr)
         return stop.exit_code
+    except TrialsFailed as exc:
+        print_report(exc.run_dir)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if run_dir:
+        print_report(run_dir)
+    return 0
+
+
+def sweep(experiments: list[str | Experiment], args: argparse.Namespace, parser: argparse.ArgumentParser, run_all: bool = False) -> str | None:
+    """Run ``experiments`` as ``args`` (parsed by ``parser``) say; the run directory (``None``:
+    nothing left to run). ``run_all``: keep adding to one run directory, skip what finished,
+    and skip (with a warning) experiments whose data or weights are not available.
+
+    Raises :class:`UserError` (nothing ran), :class:`TrialsFailed` and
+    :class:`signals.Interrupted`, both with ``run_dir`` (``None``: nothing was written)."""
+    if args.resume:
+        args = resumed_args(parser, args)
+    return _run(experiments, args, run_all)
 
 
 def resumed_args(parser: argparse.ArgumentParser, args):
@@ -380,20 +408,20 @@ def prepare_inputs(chosen: list[Experiment], settings: dict, args, run_dir: str,
     return chosen, splits, imagenet_state
 
 
-def _run(experiment_names: list[str], args, script: str, run_all: bool = False) -> int:
+def _run(experiments: list[str | Experiment], args, run_all: bool = False) -> str | None:
     from tltune.raytune.cluster import check_reachable, cluster_address
 
     check_args(args)
     address = cluster_address(args.address)
     if address:
         check_reachable(address)
-    chosen = choose_experiments(experiment_names, args.experiments)
+    chosen = choose_experiments(experiments, args.experiments)
     settings = {e.name: experiment_settings(e, args) for e in chosen}
     if args.resume:
         run_dir = args.resume
     else:
         storage.check_writable(args.storage_path)  # first: a bad URI must not hang a later call
-        run_dir = run_dir_for(args, script, run_all)
+        run_dir = run_dir_for(args, chosen, run_all)
     from tltune.data import cache_dir
 
     with storage.run_lock(run_dir, cache_dir() / "locks"):
@@ -405,12 +433,12 @@ def _run(experiment_names: list[str], args, script: str, run_all: bool = False) 
         return _run_locked(chosen, settings, args, run_dir, run_all, address)
 
 
-def _run_locked(chosen: list[Experiment], settings: dict, args, run_dir: str, run_all: bool, address: str | None) -> int:
+def _run_locked(chosen: list[Experiment], settings: dict, args, run_dir: str, run_all: bool, address: str | None) -> str | None:
     try:
         chosen, splits, imagenet_state = prepare_inputs(chosen, settings, args, run_dir, run_all)
         if not chosen:
             print("nothing to run")
-            return 0
+            return None
         plan = SweepPlan(
             experiments=chosen,
             settings=settings,
@@ -427,17 +455,10 @@ def _run_locked(chosen: list[Experiment], settings: dict, args, run_dir: str, ru
         from tltune.raytune import run_sweep  # imports Ray: only once the input is known to be good
 
         run_sweep(plan)
-    except signals.Interrupted as stop:
-        if not storage.is_file(storage.join(run_dir, RUNS_FILE)):
-            raise
-        print(f"\ninterrupted ({stop}): finished trials are kept in {run_dir}; continue with --resume {run_dir}", file=sys.stderr)
-        return stop.exit_code
-    except TrialsFailed as exc:
-        print_report(run_dir)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print_report(run_dir)
-    return 0
+    except (signals.Interrupted, TrialsFailed) as stop:
+        stop.run_dir = run_dir if storage.is_file(storage.join(run_dir, RUNS_FILE)) else None
+        raise
+    return run_dir
 
 
 def print_report(run_dir: str) -> None:

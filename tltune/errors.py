@@ -8,3 +8,5 @@ class UserError(Exception):
 class TrialsFailed(Exception):
     """Every retry of a trial failed (a deterministic error): its experiment failed. The
     message names the experiment and the first trial's error, on one line."""
+
+    run_dir: str | None = None  # the run holding the failed experiments

@@ -146,6 +146,15 @@ EXPERIMENTS = {
     ]
 }  # fmt: skip
 
+# What ``tltune sweep FAMILY`` and each ``sweeps/FAMILY.py`` run, in order
+FAMILIES = {
+    "cifar10": ["cifar10-alexnet-finetune", "cifar10-alexnet-feature_extract", "cifar10-cnn-search"],
+    "mnist": ["mnist-cnn", "mnist-alexnet-finetune", "mnist-alexnet-feature_extract"],
+    "svhn": ["svhn-cnn", "svhn-alexnet-finetune", "svhn-alexnet-feature_extract"],
+    "mnist_to_svhn": [e.name for e in mnist_to_svhn()],
+    "all": list(EXPERIMENTS),
+}
+
 
 def validate(experiment: Experiment) -> None:
     """Every name known, every range well-formed; raises UserError otherwise."""

@@ -25,6 +25,7 @@ class Interrupted(BaseException):
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+        self.run_dir: str | None = None  # set once the run directory holds something to resume
 
     @property
     def exit_code(self) -> int:
@@ -46,6 +47,18 @@ def install() -> None:
     Ray's core worker installs its own SIGTERM handler, which prints a C++ stack dump)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, _handle)
+
+
+@contextlib.contextmanager
+def installed() -> Iterator[None]:
+    """:func:`install` for a block (a sweep started from Python), then the handlers from before."""
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    install()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager

@@ -28,9 +28,11 @@ from tltune.experiments import Choice, Experiment, IntRange, LogUniform
 from tltune.models import PRETRAINED_MODES
 from tltune.raytune import cluster
 from tltune.raytune.callbacks import TensorBoardCallback, _is_number
+from tltune.raytune.progress import ProgressCallback
 from tltune.raytune.trainable import precompute_features, score_on_test_split, train_trial
 from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, best_checkpoint
 from tltune.settings import SweepPlan
+from tltune.studies import write_study
 from tltune.train import load_model_state, optimizer_extras
 
 MODE = "max"
@@ -129,7 +131,7 @@ def new_tuner(experiment: Experiment, settings: dict, trainable, param_space: di
         run_config=tune.RunConfig(
             name=experiment.name,
             storage_path=run_dir,
-            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback()],
+            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(), ProgressCallback(experiment.name)],
             # On cloud storage Ray uploads its experiment state only every sync_period but
             # deletes superseded checkpoints at once: after a kill -9 the state in the bucket
             # can name a checkpoint already gone, so there every checkpoint is kept.
@@ -150,6 +152,7 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard writer replaces Ray's
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # per-epoch checkpoints are intended
     os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # tltune.signals decides what a signal does
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # its reporter prints a banner even when silent; ours reports
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its stop notices name Tuner.restore; ours names --resume
     exp_dir = storage.join(run_dir, experiment.name)
     # tuner.pkl alone (killed before Tune saved any state): nothing ran, start it anew
@@ -189,8 +192,11 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
     started = time.time()
     # A signal makes Tune stop its trials and save its state one last time (Tune's own
     # SIGUSR1 handler), then Interrupted is raised: no summary, the experiment stays resumable.
-    with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)), signing_saved_state(exp_dir):
-        results = tuner.fit()
+    try:
+        with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)), signing_saved_state(exp_dir):
+            results = tuner.fit()
+    finally:  # finished, failed or interrupted: the Optuna study says so
+        keep_study(exp_dir, settings["space"])
     failed = [r for r in results if r.error is not None]
     if failed:  # each failed every retry: the same error again, or a check on its inputs
         reason = f"{len(failed)} of {len(results)} trials failed; the first: {root_cause(failed[0].error)}"
@@ -244,6 +250,22 @@ def signing_saved_state(exp_dir: str):
         yield
     finally:
         TuneController.save_to_dir = save
+
+
+def keep_study(exp_dir: str, space: dict) -> None:
+    """Write the experiment's Optuna study beside its results (:mod:`tltune.studies`); a
+    failure to do so never hides how the sweep itself ended."""
+    try:
+        write_study(exp_dir, space)
+    except Exception as exc:  # noqa: BLE001  the study is a by-product
+        print(f"warning: the Optuna study of {exp_dir} was not written: {type(exc).__name__}: {exc}", file=sys.stderr)
+
+
+def result_grid(exp_dir: str) -> tune.ResultGrid:
+    """Ray's view of a finished or interrupted experiment (unpickles its state: check it first)."""
+    from ray.tune import ExperimentAnalysis
+
+    return tune.ResultGrid(ExperimentAnalysis(exp_dir, default_metric=METRIC, default_mode=MODE))
 
 
 def root_cause(error: BaseException) -> str:

@@ -1,0 +1,61 @@
+"""tltune from Python, without the command line: run, load, experiments, typed errors."""
+
+import signal
+
+import pytest
+
+import tltune
+from tltune.cli import run_label
+from tltune.experiments import EXPERIMENTS, FAMILIES, CNN_SEARCH_SPACE, Experiment, LogUniform
+
+
+def test_experiments_lists_every_declared_one():
+    assert [e.name for e in tltune.experiments()] == list(EXPERIMENTS)
+    assert all(name in EXPERIMENTS for names in FAMILIES.values() for name in names)
+
+
+def test_run_directories_are_named_after_the_experiments():
+    assert run_label([EXPERIMENTS[n] for n in FAMILIES["cifar10"]]) == "cifar10"
+    assert run_label([EXPERIMENTS[n] for n in FAMILIES["mnist_to_svhn"]]) == "mnist_to_svhn"
+    assert run_label([EXPERIMENTS["mnist-cnn"]]) == "mnist-cnn"
+    assert run_label([EXPERIMENTS["mnist-cnn"], EXPERIMENTS["svhn-cnn"]]) == "sweep"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"num_sample": 3}, "unknown option 'num_sample'"),
+        ({"optimizer": "nope"}, "invalid choice: 'nope'"),
+        ({"seed": -1}, "--seed"),
+        ({"lr_range": (1e-2, 1e-4)}, "lr"),
+        ({"num_samples": "many"}, "invalid int value"),
+    ],
+)
+def test_options_are_checked_like_the_command_line(options, message, tmp_path):
+    with pytest.raises(tltune.UserError, match=message):
+        tltune.run("mnist-cnn", storage_path=str(tmp_path), **options)
+    assert list(tmp_path.iterdir()) == [], "nothing written"
+
+
+def test_run_and_load_from_python(tmp_path, real_data_root):
+    handler = signal.getsignal(signal.SIGINT)
+    own = Experiment("my-mnist", "mnist", "cnn", "scratch", "my CNN", {"optimizer": "adam", "activation": "relu", "lr": 1e-3, "epochs": 2},
+                     None, {"lr": LogUniform(1e-4, 1e-2), "activation": CNN_SEARCH_SPACE["activation"]}, num_samples=3)  # fmt: skip
+    run = tltune.run([own], quick=True, train_subset=600, test_subset=500, max_epochs=2, data_root=str(real_data_root), storage_path=str(tmp_path))
+    assert signal.getsignal(signal.SIGINT) == handler, "the caller's signal handlers are back"
+    assert run.path.rsplit("/", 1)[-1].startswith("my-mnist-")
+    mine = run["my-mnist"]
+    assert mine.status == "finished" and 0 < mine.test_acc <= 1 and 0 < mine.val_acc <= 1
+    assert set(mine.best_config) >= {"lr", "activation", "optimizer", "epochs"}
+    rows = run.trials()
+    assert len(rows) == 3 and all(r["stop_reason"] for r in rows)
+    assert "| MNIST | my CNN |" in run.table()
+
+    loaded = tltune.load(run.path)
+    assert list(loaded.experiments) == ["my-mnist"] and loaded["my-mnist"].test_acc == mine.test_acc
+    grid = loaded["my-mnist"].result_grid()
+    assert len(grid) == 3 and grid.get_best_result().config["lr"] == mine.best_config["lr"]
+    report = loaded.report(tmp_path / "report")
+    assert report.is_file() and (tmp_path / "report" / "trials.csv").is_file()
+    with pytest.raises(KeyError, match="my-mnist"):
+        loaded["cifar10-cnn-search"]

@@ -1,0 +1,5 @@
+import sys
+
+from tltune.command import main
+
+sys.exit(main())

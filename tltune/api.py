@@ -1,0 +1,159 @@
+"""tltune from Python: the sweeps of the command line, as functions.
+
+    import tltune
+    run = tltune.run(["cifar10-cnn-search"], quick=True, num_samples=6)
+    run["cifar10-cnn-search"].test_acc, run["cifar10-cnn-search"].best_config
+    run.trials()                                    # one row per trial, with its stop reason
+    tltune.load("results/cifar10-20261127-041500")  # a finished or interrupted run
+
+``run`` takes the command line's options as keyword arguments (``num_samples=6`` for
+``--num-samples 6``) and checks them the same way; a mistake raises :class:`tltune.UserError`
+with the command line's message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from tltune import cli, signals, storage, trust
+from tltune import experiments as registry
+from tltune.errors import TrialsFailed, UserError
+from tltune.experiments import Experiment
+from tltune.results import ExperimentResult, experiment_status, load_run, markdown_table, table_rows, trial_rows
+
+
+@dataclass
+class ExperimentRun:
+    """One experiment of a run: how it ended and its best trial."""
+
+    result: ExperimentResult
+
+    @property
+    def name(self) -> str:
+        return self.result.name
+
+    @property
+    def path(self) -> str:
+        return self.result.path
+
+    @property
+    def status(self) -> str:
+        """``finished``, ``unfinished``, ``all trials diverged`` or ``failed: <why>``."""
+        return experiment_status(self.result)
+
+    @property
+    def best_config(self) -> dict | None:
+        best = self.result.best()
+        return best["config"] if best else None
+
+    @property
+    def val_acc(self) -> float | None:
+        best = self.result.best()
+        return best.get("val_acc") if best else None
+
+    @property
+    def test_acc(self) -> float | None:
+        """The best trial's accuracy on the test split (once the experiment finished)."""
+        return (self.result.summary or {}).get("test_acc")
+
+    def trials(self) -> list[dict]:
+        return trial_rows([self.result])
+
+    def result_grid(self):
+        """Ray Tune's ``ResultGrid`` of this experiment (its state is checked first: see
+        :mod:`tltune.trust`; Ray unpickles it)."""
+        trust.signed_state_files(self.path)
+        from tltune.raytune.sweep import result_grid
+
+        return result_grid(self.path)
+
+    def __repr__(self) -> str:
+        acc = "" if self.test_acc is None else f", test_acc={self.test_acc:.4f}"
+        return f"ExperimentRun({self.name!r}, {self.status}{acc})"
+
+
+@dataclass
+class Run:
+    """A run directory: its experiments by name, in the order they ran."""
+
+    path: str
+    experiments: dict[str, ExperimentRun]
+
+    def __getitem__(self, name: str) -> ExperimentRun:
+        if name not in self.experiments:
+            raise KeyError(f"{name}: this run has {', '.join(self.experiments) or 'no experiments'}")
+        return self.experiments[name]
+
+    def __iter__(self):
+        return iter(self.experiments.values())
+
+    def __len__(self) -> int:
+        return len(self.experiments)
+
+    def trials(self) -> list[dict]:
+        """One row per trial: config, epochs run, stop reason, val/test accuracy, wall time."""
+        return trial_rows([e.result for e in self])
+
+    def table(self) -> str:
+        """The seed-format Markdown table."""
+        return markdown_table(table_rows([e.result for e in self]))
+
+    def report(self, out: str | Path = "report") -> Path:
+        """Write report.md, its plots and trials.csv to folder ``out``."""
+        from tltune.report import write_report
+
+        return write_report([self.path], out)
+
+
+def experiments() -> list[Experiment]:
+    """Every declared experiment (``tltune list`` prints them)."""
+    return list(registry.EXPERIMENTS.values())
+
+
+def load(run_dir: str | Path) -> Run:
+    """A run directory (local or a URI) as the sweep left it; nothing is re-run."""
+    path = storage.absolute(str(run_dir))
+    found = load_run(path)
+    return Run(path, {e.name: ExperimentRun(e) for e in found})
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # the command line prints usage and exits; here: an exception
+        raise UserError(message)
+
+
+def to_argv(options: dict, parser: argparse.ArgumentParser) -> list[str]:
+    """``{"num_samples": 6, "quick": True}`` → ``["--num-samples", "6", "--quick"]``."""
+    flags = {a.dest: a for a in parser._actions if a.option_strings}
+    argv = []
+    for key, value in options.items():
+        if key not in flags or key == "help":
+            raise UserError(f"unknown option {key!r}: use one of {', '.join(sorted(k for k in flags if k != 'help'))}")
+        action, flag = flags[key], flags[key].option_strings[-1]
+        if action.nargs == 0:  # a switch
+            if value:
+                argv.append(flag)
+        elif value is not None:
+            values = list(value) if isinstance(value, (list, tuple)) else [value]
+            argv += [flag, *(repr(v) if isinstance(v, float) and math.isfinite(v) else str(v) for v in values)]
+    return argv
+
+
+def run(experiments: str | Experiment | list[str | Experiment], **options) -> Run:
+    """Sweep ``experiments`` (names or :class:`Experiment` objects), one after another, into a
+    new run directory (or ``resume=RUN_DIR``), and return it loaded. Options are the command
+    line's flags; a failed experiment does not raise: its ``status`` says why."""
+    chosen = [experiments] if isinstance(experiments, (str, Experiment)) else list(experiments)
+    parser = cli.build_parser("tltune.run", [e if isinstance(e, str) else e.name for e in chosen], parser_class=_Parser)
+    args = parser.parse_args(to_argv(options, parser))
+    with signals.installed():
+        try:
+            run_dir = cli.sweep(chosen, args, parser)
+        except TrialsFailed as exc:
+            run_dir = exc.run_dir
+    if run_dir is None:
+        raise UserError("nothing to run: every experiment of this run has finished")
+    return load(run_dir)

@@ -1,0 +1,123 @@
+"""The ``tltune`` command: sweeps, the experiments, best configurations and reports.
+
+    tltune sweep cifar10 --quick            # a family of experiments (or experiment names)
+    tltune list                             # every experiment, its family and reference accuracy
+    tltune best RUN [--trials] [--csv | --json]
+    tltune report RUN... [--out DIR]
+
+``sweeps/*.py`` and ``analysis/*.py`` are the same commands as scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+
+from tltune import cli
+from tltune.errors import UserError
+from tltune.experiments import EXPERIMENTS, FAMILIES
+
+USAGE = __doc__.split("\n\n")[1]
+
+
+def sweep_main(argv: list[str]) -> int:
+    """``tltune sweep TARGET... [flags]``: TARGETs are families or experiment names."""
+    targets = []
+    while argv and not argv[0].startswith("-"):
+        targets.append(argv.pop(0))
+    if not targets:
+        targets = ["--help"] if "-h" in argv or "--help" in argv else []
+    if not targets or targets == ["--help"]:
+        print(f"usage: tltune sweep FAMILY|EXPERIMENT... [flags]\n  families: {', '.join(FAMILIES)}\n  "
+              f"experiments: tltune list\n  flags: tltune sweep cifar10 --help", file=sys.stderr if not targets else sys.stdout)  # fmt: skip
+        return 2 if not targets else 0
+    names = []
+    for target in targets:
+        if target not in FAMILIES and target not in EXPERIMENTS:
+            print(f"error: unknown family or experiment {target!r}: use one of {', '.join(FAMILIES)} or an experiment name (tltune list)", file=sys.stderr)
+            return 2
+        names += [n for n in FAMILIES.get(target, [target]) if n not in names]
+    description = f"Sweep {' '.join(targets)}: {', '.join(names)}."
+    return cli.main(names, description, argv, run_all=targets == ["all"])
+
+
+def list_main(argv: list[str]) -> int:
+    argparse.ArgumentParser(prog="tltune list", description="Every experiment tltune declares.").parse_args(argv)
+    family_of = {name: family for family, names in FAMILIES.items() if family != "all" for name in names}
+    print(f"{'experiment':34} {'family':14} {'model':8} {'mode':16} {'trials':>6}  reference")
+    for e in EXPERIMENTS.values():
+        ref = "-" if e.reference_accuracy is None else f"{e.reference_accuracy:.2f}%"
+        print(f"{e.name:34} {family_of.get(e.name, '-'):14} {e.model:8} {e.mode:16} {e.num_samples:>6}  {ref}  {e.label}")
+    return 0
+
+
+def best_main(argv: list[str] | None = None, prog: str = "tltune best") -> int:
+    from tltune.results import best_configs_text, load_run, markdown_table, table_rows, trial_rows, trials_csv
+
+    parser = argparse.ArgumentParser(prog=prog, description="Best configurations and the seed-format table of a run, or every trial. Reads the run only.")
+    parser.add_argument("run_dir", help="a run directory printed by a sweep (or one experiment directory in it)")
+    parser.add_argument("--trials", action="store_true", help="one row per trial (config, epochs run, stop reason, accuracies, wall time), as CSV unless --json")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--csv", action="store_true", help="one CSV row per experiment (per trial with --trials) on stdout")
+    output.add_argument("--json", action="store_true", help="a JSON list, one object per experiment (per trial with --trials), on stdout")
+    args = parser.parse_args(argv)
+    rows = _or_exit_2(lambda: (trial_rows if args.trials else table_rows)(load_run(args.run_dir)))
+    if rows is None:
+        return 2
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif args.trials:
+        print(trials_csv(rows), end="")
+    elif args.csv:
+        writer = csv.DictWriter(sys.stdout, fieldnames=[k for k in rows[0] if k != "config"] + ["config"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "config": json.dumps(row["config"])})
+    else:
+        print("Best configuration of each experiment:")
+        print(best_configs_text(rows))
+        print()
+        print(markdown_table(rows))
+    return 0
+
+
+def report_main(argv: list[str] | None = None, prog: str = "tltune report") -> int:
+    from tltune.report import write_report
+
+    parser = argparse.ArgumentParser(prog=prog, description="A Markdown report with plots (learning curves, Optuna's plots, fine-tuning vs feature extraction) and trials.csv. Reads the runs only.")
+    parser.add_argument("paths", nargs="+", help="run directories, or folders holding them")
+    parser.add_argument("--out", default="report", help="folder for report.md, trials.csv and the PNG plots")
+    args = parser.parse_args(argv)
+    report = _or_exit_2(lambda: write_report(args.paths, args.out))
+    if report is None:
+        return 2
+    print(f"wrote {report}")
+    return 0
+
+
+def _or_exit_2(work):
+    """``work()``, or ``None`` after one ``error:`` line for what a user can fix."""
+    try:
+        return work()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:  # storage that cannot be listed or reached
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+    return None
+
+
+COMMANDS = {"sweep": sweep_main, "list": list_main, "best": best_main, "report": report_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage:\n{USAGE}")
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    return command(argv[1:])
