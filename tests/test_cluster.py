@@ -6,7 +6,6 @@ import subprocess
 import sys
 import threading
 import time
-from itertools import combinations
 
 import pytest
 from ray.cluster_utils import Cluster

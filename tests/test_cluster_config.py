@@ -38,10 +38,10 @@ def test_ray_up_uploads_only_the_source():
 
 
 def test_nodes_install_what_readme_installs():
-    readme_install = re.search(r"pip install (-e '\.\[test\]')", (ROOT / "README.md").read_text())
+    readme_install = re.search(r"pip install -e '\.\[test\]' -c constraints\.txt", (ROOT / "README.md").read_text())
     assert readme_install, "README's set-up command installs the project with its test extras"
     installs = [c for c in load()["setup_commands"] if "pip install" in c and "tltune" in c]
-    assert installs and all('-e "$HOME/tltune[test]"' in c for c in installs)
+    assert installs and all('-e "$HOME/tltune[test]" -c "$HOME/tltune/constraints.txt"' in c for c in installs)
 
 
 @pytest.mark.parametrize(

@@ -6,15 +6,14 @@ land"), through tltune.storage, so the same reads are checked on local disk and 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
 from s3server import s3, s3_server  # noqa: F401  (fixtures)
 from tltune import storage
+from tltune.command import best_main, report_main
 from tltune.errors import UserError
 from tltune.report import reference_table, top_trials
 from tltune.results import (
@@ -38,15 +37,7 @@ CORRUPT = {
 }
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"analysis_{name}", ROOT / "analysis" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-best_configs_main = _script("best_configs")
-report_main = _script("report")
+best_configs_main, report_main = best_main, report_main  # what analysis/best_configs.py and analysis/report.py run
 
 
 def write(path: str, text: str) -> None:

@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from tltune.config import TrialConfig
-from tltune.data import BatchTransform, ImageArrays, Splits, as_tensors
+from tltune.data import ImageArrays, Splits, as_tensors
 from tltune.errors import UserError
 from tltune.models import ACTIVATIONS, build_model, input_spec, load_imagenet_state
 from tltune.train import (

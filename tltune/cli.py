@@ -13,7 +13,6 @@ import math
 import os
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -38,10 +37,11 @@ QUICK = {
 DEFAULT_GRACE_PERIOD = 2
 
 
-def build_parser(description: str, experiment_names: list[str], parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
+def build_parser(description: str, experiment_names: list[str] | None = None, parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = parser_class(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few-minute CPU run: %s" % ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    p.add_argument("--experiments", nargs="+", metavar="NAME", choices=experiment_names, help=f"run only these: {', '.join(experiment_names)}")
+    names = experiment_names or list(registry.EXPERIMENTS)
+    p.add_argument("--experiments", nargs="+", metavar="NAME", choices=names, help=f"run only these: {', '.join(names)}")
     data = p.add_argument_group("data")
     data.add_argument("--data-root", help="dataset folder (else $TLTUNE_DATA_ROOT, else ./data)")
     data.add_argument("--dataset", help="run the experiments on another dataset: mnist, svhn, cifar10, or a class-folder dataset under the data root")

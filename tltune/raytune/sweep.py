@@ -240,7 +240,11 @@ def signing_saved_state(exp_dir: str):
     def save_and_sign(controller: TuneController) -> None:
         save(controller)
         staging = Path(controller._storage.experiment_driver_staging_path)
-        saved = {p.name: p.read_bytes() for p in staging.iterdir() if p.is_file() and trust.is_pickled_state(p.name)}
+        saved = {}
+        for path in staging.iterdir():
+            if trust.is_pickled_state(path.name):
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):  # a temporary file Ray just renamed
+                    saved[path.name] = path.read_bytes()
         unsigned = {name: data for name, data in saved.items() if (name, data) not in signed}
         trust.sign(exp_dir, unsigned)
         signed.update(unsigned.items())
