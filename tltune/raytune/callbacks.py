@@ -1,10 +1,35 @@
-"""Tune callbacks that run in the driver: TensorBoard event files and progress lines."""
+"""Tune callbacks that run in the driver: TensorBoard event files and progress lines, and the
+run's one HParams experiment summary.
+
+TensorBoard's HParams dashboard takes its columns (each hyperparameter with its domain, and
+the metrics) from one "experiment" summary and picks an arbitrary one if there are several.
+So trials write only their session start and end (their own hyperparameter values and
+status), and the run directory's root holds the single experiment summary, covering every
+experiment of the run: :func:`write_run_hparams`.
+"""
 
 from __future__ import annotations
 
 import math
+import os
+import socket
+import tempfile
+import time
+import uuid
 
+import pyarrow.fs as pafs
 from ray import tune
+from ray.tune.search.sample import Categorical, Float, Integer
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.plugins.hparams import summary_v2 as hp
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from tltune import storage
+
+# The root's summary is the one events file of the run root ending in this.
+RUN_HPARAMS_SUFFIX = ".tltune_hparams"
 
 
 class TensorBoardCallback(tune.Callback):
@@ -19,18 +44,41 @@ class TensorBoardCallback(tune.Callback):
         "loss/val": "val_loss",
         "accuracy/train": "train_acc",
         "accuracy/val": "val_acc",
+        "train_images_per_s": "train_images_per_s",
+        "lr": "lr",
     }
 
     def __init__(self, print_progress: bool = True):
         self._writers = {}
         self._print_progress = print_progress
+        self._run_domains = None  # the run root's HParams domains, as this driver last read or wrote them
 
     def _writer(self, trial):
+        """The trial's event file writer; a new one starts the trial's HParams session."""
         from torch.utils.tensorboard import SummaryWriter
 
         if trial.trial_id not in self._writers:
-            self._writers[trial.trial_id] = SummaryWriter(self._local_dir(trial), flush_secs=10)
+            writer = SummaryWriter(self._local_dir(trial), flush_secs=10)
+            values = session_values(trial.config)
+            writer.file_writer.add_summary(hp.hparams_pb(values, trial_id=trial.trial_id))
+            self._writers[trial.trial_id] = writer
+            self._cover_in_run_hparams(trial, values)
         return self._writers[trial.trial_id]
+
+    def _cover_in_run_hparams(self, trial, values: dict) -> None:
+        """Widen the run's HParams domains where this trial's values lie outside them: the
+        dashboard's default filters would hide the trial. It happens where a value is only
+        known once the experiment runs (a transfer experiment's activation, taken from its
+        source's best trial)."""
+        fs, root = trial.storage.storage_filesystem, trial.storage.storage_fs_path
+        if self._run_domains is None:
+            self._run_domains = read_run_hparams(fs, root)[1]
+        if not all(name in self._run_domains and covers(self._run_domains[name], v) for name, v in values.items()):
+            self._run_domains = extend_run_hparams(fs, root, {name: frozenset([v]) for name, v in values.items()})
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._writer(trial).flush()
+        self._upload(trial)
 
     @staticmethod
     def _local_dir(trial) -> str:
@@ -43,8 +91,6 @@ class TensorBoardCallback(tune.Callback):
         """Copy the trial's event files to cloud storage (Ray syncs its own files, not these)."""
         if _on_local_disk(trial):
             return
-        import pyarrow.fs as pafs
-
         local = pafs.LocalFileSystem()
         fs = trial.storage.storage_filesystem
         for info in local.get_file_info(pafs.FileSelector(trial.local_path, allow_not_found=True)):
@@ -67,39 +113,169 @@ class TensorBoardCallback(tune.Callback):
                 flush=True,
             )
 
-    def _close(self, trial):
-        """Write the trial's hyperparameters and final metrics for the HParams dashboard, then close."""
-        from torch.utils.tensorboard.summary import hparams
-
+    def _close(self, trial, status: int | None):
+        """Write the trial's final metrics and, given a ``status``, its HParams session end; then close.
+        Without one (the sweep was interrupted) the session stays open: a resume goes on with it."""
         writer = self._writers.pop(trial.trial_id, None)
         if writer is None:
             return
         last = trial.last_result or {}
         metrics = {f"hparams/{k}": float(last[k]) for k in ("val_acc", "val_loss", "train_loss") if _is_number(last.get(k))}
         metrics["hparams/epochs_trained"] = float(last.get("training_iteration", 0))
-        config = {k: _plain(v) for k, v in trial.config.items() if _plain(v) is not None}
-        for summary in hparams(config, metrics):
-            writer.file_writer.add_summary(summary)
         for tag, value in metrics.items():
             if math.isfinite(value):
                 writer.add_scalar(tag, value)
+        if status is not None:
+            writer.file_writer.add_summary(session_end_summary(status))
         writer.close()
         self._upload(trial)
 
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._close(trial)
+    def on_trial_complete(self, iteration, trials, trial, **info):  # finished, or stopped by ASHA
+        self._close(trial, api_pb2.STATUS_SUCCESS)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._close(trial)
+        self._close(trial, api_pb2.STATUS_FAILURE)
 
     def on_experiment_end(self, trials, **info):
         for trial in trials:
-            self._close(trial)
+            self._close(trial, None)
+
+
+# The HParams dashboard's metric columns: scalar tag -> the name shown. Each is the last value
+# a trial wrote under that tag.
+RUN_METRICS = {**TensorBoardCallback.SCALARS, "hparams/epochs_trained": "epochs_trained"}
+
+
+def write_run_hparams(run_dir: str, param_spaces: list[dict]) -> None:
+    """Write the one HParams experiment summary of ``run_dir`` (a local path or URI) at its
+    root: every hyperparameter of the Tune ``param_spaces`` (one per experiment) with its
+    domain, and :data:`RUN_METRICS`. The summary already there (an earlier invocation's, for
+    experiments that this one does not run again) is merged in and replaced, so the run
+    keeps exactly one summary, covering every experiment it holds."""
+    domains = {}
+    for param_space in param_spaces:
+        found = {name: tune_domain(value) for name, value in param_space.items()}
+        # a None (e.g. no image_size: the dataset's own) is no value
+        domains = merge_domains(domains, {name: d for name, d in found.items() if d != frozenset()})
+    extend_run_hparams(*storage.resolve(run_dir), domains)
+
+
+def session_values(config: dict) -> dict:
+    """A trial's hyperparameter values as the plain scalars an HParams session holds (None left out)."""
+    return {k: _plain(v) for k, v in config.items() if _plain(v) is not None}
+
+
+def tune_domain(value):
+    """Where a Tune ``param_space`` entry's values lie: ``(low, high)`` for a numeric range,
+    else the frozenset of its values (of a fixed value: that value)."""
+    if isinstance(value, Integer):
+        return (float(value.lower), float(value.upper - 1))  # Tune's upper bound is exclusive
+    if isinstance(value, Float):
+        return (float(value.lower), float(value.upper))
+    values = value.categories if isinstance(value, Categorical) else [value]
+    return frozenset(_plain(v) for v in values if _plain(v) is not None)
+
+
+def merge_domains(domains: dict, more: dict) -> dict:
+    """Domains (name -> frozenset of values | (low, high) | None for "values of mixed types")
+    that hold the values of both. A numeric set merged with a range widens the range."""
+    merged = dict(domains)
+    for name, domain in more.items():
+        if name not in merged:
+            merged[name] = domain
+        elif isinstance(merged[name], frozenset) and isinstance(domain, frozenset):
+            values = merged[name] | domain
+            merged[name] = values if _value_type(values) else None
+        elif merged[name] is None or domain is None or _value_type([*merged[name], *domain]) is not float:
+            merged[name] = None
+        else:
+            bounds = [*merged[name], *domain]  # a range's ends, a set's values
+            merged[name] = (float(min(bounds)), float(max(bounds)))
+    return merged
+
+
+def covers(domain, value) -> bool:
+    if isinstance(domain, tuple):
+        return _value_type([value]) is float and domain[0] <= value <= domain[1]
+    return domain is None or value in domain
+
+
+def read_run_hparams(fs: pafs.FileSystem, root: str) -> tuple[list[str], dict]:
+    """The run root's summary files and the domains they hold (all of them, should a crash
+    have left two)."""
+    selector = pafs.FileSelector(root, allow_not_found=True)
+    files = sorted(i.path for i in fs.get_file_info(selector) if i.base_name.endswith(RUN_HPARAMS_SUFFIX))
+    domains = {}
+    for path in files:
+        with tempfile.TemporaryDirectory() as directory:
+            local = os.path.join(directory, "events.out.tfevents")
+            with fs.open_input_stream(path) as source, open(local, "wb") as copy:
+                copy.write(source.read())
+            for event in EventFileLoader(local).Load():
+                for value in event.summary.value:
+                    if value.tag == metadata.EXPERIMENT_TAG:
+                        experiment = metadata.parse_experiment_plugin_data(value.metadata.plugin_data.content)
+                        domains = merge_domains(domains, {info.name: _domain_of(info) for info in experiment.hparam_infos})
+    return files, domains
+
+
+def extend_run_hparams(fs: pafs.FileSystem, root: str, domains: dict) -> dict:
+    """Merge ``domains`` into the run root's summary and write it as the root's only one;
+    returns the domains written."""
+    old_files, old_domains = read_run_hparams(fs, root)
+    domains = merge_domains(old_domains, domains)
+    summary = hp.hparams_config_pb(
+        [_hparam(name, domains[name]) for name in sorted(domains)],
+        [hp.Metric(tag, display_name=name) for tag, name in RUN_METRICS.items()],
+        time_created_secs=time.time(),
+    )
+    # A new file first, then the old ones deleted: a crash leaves the old summary, never none.
+    path = f"{root.rstrip('/')}/events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{uuid.uuid4().hex[:12]}{RUN_HPARAMS_SUFFIX}"
+    with fs.open_output_stream(path) as out:
+        records = RecordWriter(out)
+        records.write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        records.write(event_pb2.Event(wall_time=time.time(), summary=summary).SerializeToString())
+    for old in old_files:
+        fs.delete_file(old)
+    return domains
+
+
+def session_end_summary(status: int) -> summary_pb2.Summary:
+    """The HParams session end of a trial (tensorboard's own helper for it needs TensorFlow)."""
+    end = plugin_data_pb2.SessionEndInfo(status=status, end_time_secs=time.time())
+    summary = summary_pb2.Summary()
+    summary.value.add(
+        tag=metadata.SESSION_END_INFO_TAG,
+        metadata=metadata.create_summary_metadata(plugin_data_pb2.HParamsPluginData(session_end_info=end)),
+        tensor=metadata.NULL_TENSOR,
+    )
+    return summary
+
+
+def _hparam(name: str, domain) -> hp.HParam:
+    if isinstance(domain, tuple):
+        return hp.HParam(name, hp.RealInterval(*domain))
+    if domain is None:
+        return hp.HParam(name)  # values of mixed types: listed without a domain
+    value_type = _value_type(domain)
+    return hp.HParam(name, hp.Discrete([value_type(v) for v in domain], dtype=value_type))
+
+
+def _domain_of(info: api_pb2.HParamInfo):
+    if info.HasField("domain_interval"):
+        return (info.domain_interval.min_value, info.domain_interval.max_value)
+    if info.HasField("domain_discrete"):
+        return frozenset(info.domain_discrete)
+    return None
+
+
+def _value_type(values):
+    """bool, float (any number) or str where all ``values`` are of that kind, else None."""
+    kinds = {bool if isinstance(v, bool) else float if isinstance(v, (int, float)) else str if isinstance(v, str) else None for v in values}
+    return kinds.pop() if len(kinds) == 1 else None
 
 
 def _on_local_disk(trial) -> bool:
-    import pyarrow.fs as pafs
-
     return isinstance(trial.storage.storage_filesystem, pafs.LocalFileSystem)
 
 

@@ -27,7 +27,7 @@ from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import Choice, Experiment, IntRange, LogUniform
 from tltune.models import PRETRAINED_MODES
 from tltune.raytune import cluster
-from tltune.raytune.callbacks import TensorBoardCallback, _is_number
+from tltune.raytune.callbacks import TensorBoardCallback, _is_number, write_run_hparams
 from tltune.raytune.progress import ProgressCallback
 from tltune.raytune.trainable import precompute_features, score_on_test_split, train_trial
 from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, best_checkpoint
@@ -314,6 +314,7 @@ def run_sweep(plan: SweepPlan) -> None:
             )
             s.update(cpus_per_trial=size.cpus, gpus_per_trial=size.gpus, max_concurrent_trials=size.concurrent)
         storage.append_line(storage.join(plan.run_dir, RUNS_FILE), json.dumps(plan.record, default=str))
+        write_run_hparams(plan.run_dir, [trial_config(e, settings[e.name])[0] for e in plan.experiments])
         imagenet_ref, none_ref = ray.put(plan.imagenet_state), ray.put(None)
         split_refs = {name: ray.put(s) for name, s in plan.splits.items()}
         print(f"results: {plan.run_dir}")

@@ -87,6 +87,7 @@ def train_trial(tune_config: dict, inputs: dict) -> None:
             "val_loss": val.loss,
             "val_acc": val.accuracy,
             "train_images_per_s": train_images_per_s,
+            "lr": optimizer.param_groups[0]["lr"],  # the rate the optimizer trained with, not the config's
             "data_ready_s": data_ready_s,
             "started_at": started_at,  # this run of the trial (a restored trial starts again)
             "reported_at": time.time(),
