@@ -9,10 +9,9 @@ import torch
 import torchvision
 
 from conftest import ROOT
-from tltune import experiments as registry
 from tltune.cli import main
 from tltune.errors import UserError
-from tltune.experiments import EXPERIMENTS, Experiment, LogUniform
+from tltune.experiments import EXPERIMENTS, Experiment, LogUniform, max_epochs, validate
 
 CIFAR = ["cifar10-alexnet-finetune", "cifar10-alexnet-feature_extract", "cifar10-cnn-search"]
 
@@ -95,8 +94,8 @@ def test_every_declared_experiment_validates():
     }  # fmt: skip
     assert {name: EXPERIMENTS[name].reference_accuracy for name in seed_rows} == seed_rows
     for experiment in EXPERIMENTS.values():
-        registry.validate(experiment)
-        assert registry.max_epochs(experiment.reference, experiment.space) >= experiment.reference["epochs"]
+        validate(experiment)
+        assert max_epochs(experiment.reference, experiment.space) >= experiment.reference["epochs"]
     search = EXPERIMENTS["cifar10-cnn-search"]
     assert search.reference == {"optimizer": "adam", "activation": "tanh", "lr": 1e-4, "epochs": 3}
     assert search.space["lr"] == LogUniform(1e-5, 1e-1) and "tanh" in search.space["activation"].options
@@ -115,7 +114,7 @@ def test_every_declared_experiment_validates():
 def test_bad_declarations_are_rejected(change, message):
     base = EXPERIMENTS["cifar10-cnn-search"].__dict__
     with pytest.raises(UserError, match=message):
-        registry.validate(Experiment(**{**base, **change}))
+        validate(Experiment(**{**base, **change}))
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "sweeps").glob("*.py")))

@@ -36,7 +36,7 @@ def test_list(capsys):
         (["nope"], "unknown command 'nope'"),
         (["sweep"], "families: cifar10, mnist, svhn, mnist_to_svhn, all"),
         (["sweep", "cifar"], "unknown family or experiment 'cifar'"),
-        (["sweep", "mnist", "--experiments", "cifar10-cnn-search"], "invalid choice"),
+        (["sweep", "mnist", "--experiments", "cifar10-cnn-search"], "unknown experiment(s) cifar10-cnn-search here"),
         (["best", "/nonexistent/run"], "does not exist"),
         (["report", "/nonexistent/run"], "does not exist"),
     ],

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tltune import cli, signals, storage, trust
-from tltune import experiments as registry
 from tltune.errors import TrialsFailed, UserError
-from tltune.experiments import Experiment
+from tltune.experiments import EXPERIMENTS, Experiment
 from tltune.results import ExperimentResult, experiment_status, load_run, markdown_table, table_rows, trial_rows
 
 
@@ -110,7 +109,7 @@ class Run:
 
 def experiments() -> list[Experiment]:
     """Every declared experiment (``tltune list`` prints them)."""
-    return list(registry.EXPERIMENTS.values())
+    return list(EXPERIMENTS.values())
 
 
 def load(run_dir: str | Path) -> Run:

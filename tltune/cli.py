@@ -16,10 +16,9 @@ import time
 
 import numpy as np
 
-from tltune import experiments as registry
 from tltune import signals, storage, trust
 from tltune.errors import TrialsFailed, UserError
-from tltune.experiments import Experiment, IntRange, LogUniform, check_settings, max_epochs
+from tltune.experiments import EXPERIMENTS, Experiment, IntRange, LogUniform, check_settings, get_experiment, max_epochs, validate
 from tltune.models import ACTIVATIONS, PRETRAINED_MODES
 from tltune.results import RUNS_FILE, best_checkpoint, top_configs
 from tltune.settings import SweepPlan
@@ -40,8 +39,8 @@ DEFAULT_GRACE_PERIOD = 2
 def build_parser(description: str, experiment_names: list[str] | None = None, parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
     p = parser_class(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a few-minute CPU run: %s" % ", ".join(f"{k}={v}" for k, v in QUICK.items()))
-    names = experiment_names or list(registry.EXPERIMENTS)
-    p.add_argument("--experiments", nargs="+", metavar="NAME", choices=names, help=f"run only these: {', '.join(names)}")
+    names = experiment_names or list(EXPERIMENTS)
+    p.add_argument("--experiments", nargs="+", metavar="NAME", help=f"run only these: {', '.join(names)}")
     data = p.add_argument_group("data")
     data.add_argument("--data-root", help="dataset folder (else $TLTUNE_DATA_ROOT, else ./data)")
     data.add_argument("--dataset", help="run the experiments on another dataset: mnist, svhn, cifar10, or a class-folder dataset under the data root")
@@ -80,11 +79,14 @@ def build_parser(description: str, experiment_names: list[str] | None = None, pa
 
 
 def choose_experiments(experiments: list[str | Experiment], only: list[str] | None) -> list[Experiment]:
-    chosen = [e if isinstance(e, Experiment) else registry.get(e) for e in experiments]
+    chosen = [e if isinstance(e, Experiment) else get_experiment(e) for e in experiments]
     if only:
+        unknown = [n for n in only if n not in {e.name for e in chosen}]
+        if unknown:
+            raise UserError(f"unknown experiment(s) {', '.join(unknown)} here: use {', '.join(e.name for e in chosen)}")
         chosen = [e for e in chosen if e.name in only]
     for experiment in chosen:
-        registry.validate(experiment)
+        validate(experiment)
     return chosen
 
 

@@ -192,7 +192,7 @@ def check_settings(settings: dict, where: str) -> None:
             raise UserError(f"{where}: {key} must be a whole number >= 1, got {settings[key]}")
 
 
-def get(name: str) -> Experiment:
+def get_experiment(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise UserError(f"unknown experiment '{name}': use one of {', '.join(EXPERIMENTS)}")
     return EXPERIMENTS[name]
