@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 from ray import tune
 
@@ -9,7 +11,7 @@ from tltune.raytune.sweep import to_tune_domain, trial_config
 
 def settings(name="cifar10-cnn-search", **changes):
     experiment = EXPERIMENTS[name]
-    return experiment, {**experiment_settings(experiment, build_parser("test").parse_args([])), **changes}
+    return experiment, dataclasses.replace(experiment_settings(experiment, build_parser("test").parse_args([])), **changes)
 
 
 def sampled(param_space: dict) -> dict:
@@ -43,7 +45,7 @@ def test_warm_start_points_follow_the_reference_and_respect_the_space():
 
 def test_reference_outside_a_narrowed_space_is_not_evaluated():
     experiment, s = settings()
-    s["space"]["lr"] = LogUniform(1e-3, 1e-2)
+    s = dataclasses.replace(s, space={**s.space, "lr": LogUniform(1e-3, 1e-2)})
     assert trial_config(experiment, s)[1] == []
 
 
@@ -71,7 +73,7 @@ def test_every_experiments_trial_configs_become_a_trial_config(name):
     assert {k: trial.to_dict()[k] for k in config} == config, "every key kept as it was"
     assert (trial.model, trial.mode, trial.precision) == (experiment.model, experiment.mode, "auto")
     if experiment.model == "alexnet":
-        assert "activation" not in config and trial.model_spec == ModelSpec("alexnet", "relu", s["image_size"], None)
+        assert "activation" not in config and trial.model_spec == ModelSpec("alexnet", "relu", s.image_size, None)
 
 
 def test_configs_of_older_runs_and_wrong_keys():

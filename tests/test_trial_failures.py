@@ -2,6 +2,7 @@
 failure record with the cause, and a non-zero exit. Inputs that would make every trial fail
 are refused before Ray starts."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def test_a_deterministic_error_in_every_trial_fails_the_experiment(tmp_path):
 
     experiment = EXPERIMENTS["mnist-cnn"]
     args = build_parser("test").parse_args(["--num-samples", "1", "--max-epochs", "1", "--image-size", "2"])
-    settings = {experiment.name: {**experiment_settings(experiment, args), "dataset": "tiny"}}
+    settings = {experiment.name: dataclasses.replace(experiment_settings(experiment, args), dataset="tiny")}
     plan = SweepPlan(experiments=[experiment], settings=settings, splits={"tiny": tiny_splits()}, imagenet_state=None,
                      weights="none", run_dir=str(tmp_path / "run"), record={}, source_run=None, address=None,
                      cpus_per_trial=1, gpus_per_trial=0)  # fmt: skip

@@ -21,7 +21,7 @@ from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import EXPERIMENTS, Experiment, IntRange, LogUniform, check_settings, get_experiment, max_epochs, validate
 from tltune.models import ACTIVATIONS, PRETRAINED_MODES
 from tltune.results import RUNS_FILE, best_checkpoint, top_configs
-from tltune.settings import SweepPlan
+from tltune.settings import ExperimentSettings, SweepPlan
 from tltune.train import OPTIMIZERS, PRECISION_CHOICES
 
 # --quick: the same code path on a subset, small AlexNet input, few trials: minutes on a laptop CPU.
@@ -95,7 +95,7 @@ def _given(value, default):
     return default if value is None else value
 
 
-def experiment_settings(experiment: Experiment, args) -> dict:
+def experiment_settings(experiment: Experiment, args) -> ExperimentSettings:
     """The reference and search space of one experiment after the user's flags and presets."""
     reference = dict(experiment.reference)
     space = dict(experiment.space)
@@ -125,22 +125,22 @@ def experiment_settings(experiment: Experiment, args) -> dict:
     quick_size = QUICK["alexnet_image_size"] if args.quick and experiment.model == "alexnet" else None
     image_size = _given(args.image_size, experiment.input.get("image_size", quick_size))
     grace = _given(args.grace_period, QUICK["grace_period"] if args.quick else DEFAULT_GRACE_PERIOD)
-    return {
-        "dataset": args.dataset or experiment.dataset,
-        "reference": reference,
-        "space": space,
-        "num_samples": num_samples,
-        "max_epochs": max_epochs(reference, space),
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "image_size": image_size,
-        "channels": experiment.input.get("channels"),
+    return ExperimentSettings(
+        dataset=args.dataset or experiment.dataset,
+        reference=reference,
+        space=space,
+        num_samples=num_samples,
+        max_epochs=max_epochs(reference, space),
+        batch_size=args.batch_size,
+        seed=args.seed,
+        image_size=image_size,
+        channels=experiment.input.get("channels"),
         # the frozen backbone's output is computed once, unless the backbone itself is searched
-        "cached_features": experiment.mode == "feature_extract" and "activation" not in space and not args.no_feature_cache,
-        "grace_period": grace,
-        "max_concurrent_trials": args.max_concurrent_trials,
-        "warm_start": top_configs(args.warm_start, experiment.name) if args.warm_start else [],
-    }
+        cached_features=experiment.mode == "feature_extract" and "activation" not in space and not args.no_feature_cache,
+        grace_period=grace,
+        max_concurrent_trials=args.max_concurrent_trials,
+        warm_start=tuple(top_configs(args.warm_start, experiment.name)) if args.warm_start else (),
+    )
 
 
 def check_args(args) -> None:
@@ -222,7 +222,7 @@ def check_compile(device: str | None) -> None:
         quiet.setLevel(level)
 
 
-def check_model_input(experiment: Experiment, settings: dict, splits) -> None:
+def check_model_input(experiment: Experiment, settings: ExperimentSettings, splits) -> None:
     """Build the experiment's model as its reference trial would and run two real images
     through it: an input too small for the model fails here, not in every trial."""
     import torch
@@ -231,14 +231,14 @@ def check_model_input(experiment: Experiment, settings: dict, splits) -> None:
     from tltune.data import as_tensors
     from tltune.train import setup_image_model
 
-    spec = ModelSpec(experiment.model, settings["reference"].get("activation", "relu"), settings["image_size"], settings["channels"])
+    spec = ModelSpec(experiment.model, settings.reference.get("activation", "relu"), settings.image_size, settings.channels)
     try:
         model, transform = setup_image_model(spec, experiment.mode, splits, None)
         images, _ = as_tensors(splits.train.subset(np.arange(min(2, len(splits.train)))))
         with torch.no_grad():
             model.eval()(transform(images))
     except (RuntimeError, ValueError) as exc:
-        size = settings["image_size"] or splits.image_size
+        size = settings.image_size or splits.image_size
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{experiment.name}: a {size}x{size} input does not fit the {experiment.model} model ({first}): pass a larger --image-size") from None
 
@@ -378,20 +378,20 @@ def prepare_inputs(chosen: list[Experiment], settings: dict, args, run_dir: str,
         "test_subset": _given(args.test_subset, QUICK["test_subset"] if args.quick else None),
     }
     splits = {}
-    for dataset in dict.fromkeys(settings[e.name]["dataset"] for e in chosen):
+    for dataset in dict.fromkeys(settings[e.name].dataset for e in chosen):
         started = time.time()
         print(f"{dataset}: loading...", flush=True)
         try:
             loaded = load_dataset(dataset, args.data_root)
         except UserError as exc:
-            chosen = skip_or_raise(exc, f"the {dataset} experiments", lambda e: settings[e.name]["dataset"] == dataset)
+            chosen = skip_or_raise(exc, f"the {dataset} experiments", lambda e: settings[e.name].dataset == dataset)
             continue
         s = splits[dataset] = make_splits(loaded, args.val_fraction, args.seed, **subset)
         print(f"{dataset}: {len(s.train)} train / {len(s.val)} val / {len(s.test)} test images, "
               f"{s.image_size}x{s.image_size}x{s.channels}, {s.num_classes} classes ({time.time() - started:.1f}s)")  # fmt: skip
     for experiment in chosen:
-        if settings[experiment.name]["dataset"] in splits:
-            check_model_input(experiment, settings[experiment.name], splits[settings[experiment.name]["dataset"]])
+        if settings[experiment.name].dataset in splits:
+            check_model_input(experiment, settings[experiment.name], splits[settings[experiment.name].dataset])
 
     def pretrained_alexnet(e: Experiment) -> bool:
         return e.model == "alexnet" and e.mode in PRETRAINED_MODES

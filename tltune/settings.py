@@ -2,16 +2,45 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from tltune.data import Splits
 from tltune.experiments import Experiment
 
 
 @dataclass(frozen=True)
+class ExperimentSettings:
+    """One experiment's settings after the user's flags and presets. Frozen: what the sweep
+    learns later (the trials' size on the cluster, a transfer source) makes a changed copy
+    (``dataclasses.replace``)."""
+
+    dataset: str
+    reference: dict  # every trial's fixed values, and the reference's values of the searched ones
+    space: dict  # hyperparameter -> tltune.experiments Choice | LogUniform | IntRange
+    num_samples: int
+    max_epochs: int
+    batch_size: int
+    seed: int
+    image_size: int | None  # None: the dataset's own
+    channels: int | None  # None: the dataset's own
+    cached_features: bool  # feature extraction: the frozen backbone's output computed once
+    grace_period: int  # ASHA: epochs before a trial may be stopped
+    max_concurrent_trials: int | None  # None: as many as the cluster holds
+    warm_start: tuple = ()  # configurations of an earlier run, evaluated after the reference
+    max_failures: int = 2  # retries of a failing trial (its node died, or an error)
+    cpus_per_trial: float | None = None  # None until sized to the cluster
+    gpus_per_trial: float | None = None
+    pretrained: str = "none"  # the source of the starting weights: 'imagenet', a file, a checkpoint
+
+    def record(self) -> dict:
+        """Everything but the search space (recorded on its own, readably)."""
+        return {k: v for k, v in asdict(self).items() if k != "space"}
+
+
+@dataclass(frozen=True)
 class SweepPlan:
     experiments: list[Experiment]  # in the order they run
-    settings: dict[str, dict]  # per experiment: reference, search space, trial counts, input size...
+    settings: dict[str, ExperimentSettings]  # by experiment name
     splits: dict[str, Splits]  # per dataset, loaded once by the driver
     imagenet_state: dict | None  # AlexNet weights, None for random init
     weights: str  # where imagenet_state came from: 'imagenet' or a file path

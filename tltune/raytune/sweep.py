@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -31,7 +32,7 @@ from tltune.raytune.callbacks import TensorBoardCallback, _is_number, write_run_
 from tltune.raytune.progress import ProgressCallback
 from tltune.raytune.trainable import precompute_features, score_on_test_split, train_trial
 from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, best_checkpoint
-from tltune.settings import SweepPlan
+from tltune.settings import ExperimentSettings, SweepPlan
 from tltune.studies import write_study
 from tltune.train import load_model_state, optimizer_extras
 
@@ -55,25 +56,25 @@ def trial_dirname(trial) -> str:
     return "-".join([trial.trial_id, *parts])
 
 
-def trial_config(experiment: Experiment, settings: dict) -> tuple[dict, list[dict]]:
+def trial_config(experiment: Experiment, settings: ExperimentSettings) -> tuple[dict, list[dict]]:
     """The Tune ``param_space`` and ``points_to_evaluate`` (the reference settings first)."""
-    reference, space = settings["reference"], settings["space"]
+    reference, space = settings.reference, settings.space
     param_space = {
         **{k: v for k, v in reference.items() if k not in space},
         **{k: to_tune_domain(v) for k, v in space.items()},
-        "dataset": settings["dataset"],
+        "dataset": settings.dataset,
         "model": experiment.model,
         "mode": experiment.mode,
-        "batch_size": settings["batch_size"],
-        "seed": settings["seed"],
-        "image_size": settings["image_size"],
-        "channels": settings["channels"],
-        "cached_features": settings["cached_features"],
+        "batch_size": settings.batch_size,
+        "seed": settings.seed,
+        "image_size": settings.image_size,
+        "channels": settings.channels,
+        "cached_features": settings.cached_features,
     }
     # The reference is evaluated first, then the best configurations of a warm-start run;
     # points outside the (possibly narrowed) space are left out.
     points = []
-    for point in [{k: reference[k] for k in space}, *settings.get("warm_start", [])]:
+    for point in [{k: reference[k] for k in space}, *settings.warm_start]:
         point = {k: point.get(k) for k in space}
         if space and point not in points and all(v is not None and space[k].contains(v) for k, v in point.items()):
             points.append(point)
@@ -104,15 +105,15 @@ class ResumableOptunaSearch(OptunaSearch):
                 pass
 
 
-def new_tuner(experiment: Experiment, settings: dict, trainable, param_space: dict, points: list, run_dir: str):
+def new_tuner(experiment: Experiment, settings: ExperimentSettings, trainable, param_space: dict, points: list, run_dir: str):
     """Optuna (seeded, the reference and warm-start points first) + ASHA, one iteration per epoch."""
-    max_epochs = max(settings["max_epochs"], 1)
+    max_epochs = max(settings.max_epochs, 1)
     remote = storage.is_uri(run_dir)
-    search = ResumableOptunaSearch(points_to_evaluate=points or None, seed=settings["seed"]) if settings["space"] else None
+    search = ResumableOptunaSearch(points_to_evaluate=points or None, seed=settings.seed) if settings.space else None
     scheduler = ASHAScheduler(
         time_attr="training_iteration",
         max_t=max_epochs,
-        grace_period=min(settings["grace_period"], max_epochs),
+        grace_period=min(settings.grace_period, max_epochs),
         reduction_factor=3,
     )
     return tune.Tuner(
@@ -123,8 +124,8 @@ def new_tuner(experiment: Experiment, settings: dict, trainable, param_space: di
             mode=MODE,
             search_alg=search,
             scheduler=scheduler,
-            num_samples=settings["num_samples"],
-            max_concurrent_trials=settings["max_concurrent_trials"],
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent_trials,
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
         ),
@@ -138,13 +139,13 @@ def new_tuner(experiment: Experiment, settings: dict, trainable, param_space: di
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None if remote else 1),
             sync_config=tune.SyncConfig(sync_period=5) if remote else None,
             # a trial whose node dies goes on from its last checkpoint elsewhere
-            failure_config=tune.FailureConfig(max_failures=settings.get("max_failures", 2)),
+            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
             verbose=0,
         ),
     )
 
 
-def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir: str) -> dict:
+def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs: dict, run_dir: str) -> dict:
     """Run one experiment as a Tune sweep in ``run_dir/<experiment name>``; returns its summary."""
     import optuna
 
@@ -160,14 +161,14 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
     if not resuming:  # a new experiment, or one killed before Tune saved any state
         storage.write_text(storage.join(exp_dir, EXPERIMENT_FILE), json.dumps(experiment_record(experiment, settings), indent=2, default=str))
 
-    if settings["cached_features"]:
+    if settings.cached_features:
         started = time.time()
-        task = ray.remote(num_cpus=settings["cpus_per_trial"], num_gpus=settings["gpus_per_trial"])(precompute_features)
+        task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(precompute_features)
         input_config = {
             "model": experiment.model,
-            "activation": settings["reference"].get("activation", "relu"),
-            "image_size": settings["image_size"],
-            "channels": settings["channels"],
+            "activation": settings.reference.get("activation", "relu"),
+            "image_size": settings.image_size,
+            "channels": settings.channels,
         }
         features = task.remote(input_config, inputs)
         ray.wait([features], fetch_local=False)
@@ -176,7 +177,7 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
     param_space, points = trial_config(experiment, settings)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, inputs=inputs),
-        {"cpu": settings["cpus_per_trial"], "gpu": settings["gpus_per_trial"]},
+        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     if resuming:  # keeps the searcher's and ASHA's state; unfinished trials go on from their checkpoints
         print(f"resuming {exp_dir}")
@@ -196,7 +197,7 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
         with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)), signing_saved_state(exp_dir):
             results = tuner.fit()
     finally:  # finished, failed or interrupted: the Optuna study says so
-        keep_study(exp_dir, settings["space"])
+        keep_study(exp_dir, settings.space)
     failed = [r for r in results if r.error is not None]
     if failed:  # each failed every retry: the same error again, or a check on its inputs
         reason = f"{len(failed)} of {len(results)} trials failed; the first: {root_cause(failed[0].error)}"
@@ -214,7 +215,7 @@ def run_experiment(experiment: Experiment, settings: dict, inputs: dict, run_dir
         best = None
     if best is not None and best.checkpoint is not None:
         evaluate_remote = ray.remote(
-            num_cpus=settings["cpus_per_trial"], num_gpus=settings["gpus_per_trial"], max_retries=1
+            num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial, max_retries=1
         )(score_on_test_split)
         print(f"testing the best trial ({best.path.rstrip('/').rsplit('/', 1)[-1]}) on the test split", flush=True)
         test = ray.get(evaluate_remote.remote(best.config, inputs, best.checkpoint))
@@ -280,20 +281,20 @@ def root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
 
 
-def experiment_record(experiment: Experiment, settings: dict) -> dict:
-    random_init = experiment.mode in PRETRAINED_MODES and settings.get("pretrained") == "none"
-    searched = settings["space"].get("optimizer")
-    optimizers = sorted({settings["reference"]["optimizer"], *(searched.options if searched else ())})
+def experiment_record(experiment: Experiment, settings: ExperimentSettings) -> dict:
+    random_init = experiment.mode in PRETRAINED_MODES and settings.pretrained == "none"
+    searched = settings.space.get("optimizer")
+    optimizers = sorted({settings.reference["optimizer"], *(searched.options if searched else ())})
     return {
         "name": experiment.name,
-        "dataset": settings["dataset"],
+        "dataset": settings.dataset,
         "model": experiment.model,
         "mode": experiment.mode,
         "label": experiment.label + (" (random init: no pretrained weights)" if random_init else ""),
         "reference": experiment.reference,
-        "reference_accuracy": experiment.reference_accuracy if settings["dataset"] == experiment.dataset else None,
-        "settings": {k: v for k, v in settings.items() if k not in ("space",)},
-        "space": {k: repr(v) for k, v in settings["space"].items()},
+        "reference_accuracy": experiment.reference_accuracy if settings.dataset == experiment.dataset else None,
+        "settings": settings.record(),
+        "space": {k: repr(v) for k, v in settings.space.items()},
         "optimizer_extras": {name: optimizer_extras(name) for name in optimizers},  # e.g. SGD's momentum
     }
 
@@ -308,11 +309,9 @@ def run_sweep(plan: SweepPlan) -> None:
     try:
         settings = {}
         for experiment in plan.experiments:
-            s = settings[experiment.name] = dict(plan.settings[experiment.name])
-            size = cluster.size_trials(
-                plan.cpus_per_trial, plan.gpus_per_trial, s["num_samples"], s["max_concurrent_trials"], joined=plan.address is not None
-            )
-            s.update(cpus_per_trial=size.cpus, gpus_per_trial=size.gpus, max_concurrent_trials=size.concurrent)
+            s = plan.settings[experiment.name]
+            size = cluster.size_trials(plan.cpus_per_trial, plan.gpus_per_trial, s.num_samples, s.max_concurrent_trials, joined=plan.address is not None)
+            settings[experiment.name] = replace(s, cpus_per_trial=size.cpus, gpus_per_trial=size.gpus, max_concurrent_trials=size.concurrent)
         storage.append_line(storage.join(plan.run_dir, RUNS_FILE), json.dumps(plan.record, default=str))
         write_run_hparams(plan.run_dir, [trial_config(e, settings[e.name])[0] for e in plan.experiments])
         imagenet_ref, none_ref = ray.put(plan.imagenet_state), ray.put(None)
@@ -324,16 +323,15 @@ def run_sweep(plan: SweepPlan) -> None:
             pretrained_ref = none_ref
             if experiment.source:  # the CNN takes the architecture, and maybe the weights, of the source's best trial
                 source_config, checkpoint = best_checkpoint(plan.source_run or plan.run_dir, experiment.source)
-                s["reference"] = {**s["reference"], "activation": source_config["activation"]}
-                s["pretrained"] = str(checkpoint)
+                s = replace(s, reference={**s.reference, "activation": source_config["activation"]}, pretrained=str(checkpoint))
                 if experiment.mode in PRETRAINED_MODES:
                     pretrained_ref = ray.put(load_model_state(checkpoint))
             elif experiment.model == "alexnet":
-                s["pretrained"] = plan.weights if plan.imagenet_state is not None else "none"
+                s = replace(s, pretrained=plan.weights if plan.imagenet_state is not None else "none")
                 pretrained_ref = imagenet_ref
-            print(f"\n== {experiment.name}: {s['num_samples']} trial(s), up to {s['max_epochs']} epochs, "
-                  f"{s['cpus_per_trial']:g} CPU / {s['gpus_per_trial']:g} GPU per trial, up to {s['max_concurrent_trials']} at once")  # fmt: skip
-            inputs = {"splits": split_refs[s["dataset"]], "pretrained_state": pretrained_ref}
+            print(f"\n== {experiment.name}: {s.num_samples} trial(s), up to {s.max_epochs} epochs, "
+                  f"{s.cpus_per_trial:g} CPU / {s.gpus_per_trial:g} GPU per trial, up to {s.max_concurrent_trials} at once")  # fmt: skip
+            inputs = {"splits": split_refs[s.dataset], "pretrained_state": pretrained_ref}
             try:
                 run_experiment(experiment, s, inputs, plan.run_dir)
             except TrialsFailed as exc:  # the next experiments may still succeed
