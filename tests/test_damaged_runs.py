@@ -163,7 +163,7 @@ def test_one_bad_run_does_not_kill_the_report(tmp_path, capsys):
     warnings = warnings_of(capsys)
     assert len(warnings) == 2, warnings
     report = (tmp_path / "report" / "report.md").read_text()
-    assert "| MNIST | vanilla CNN | 0.001 | 5 | 98.00% | 89.00% |" in report
+    assert "| MNIST | vanilla CNN | 0.001 | 5 | 98.00% | - | 89.00% |" in report
 
 
 def test_warm_start_reads_past_damage(tmp_path, capsys):

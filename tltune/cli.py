@@ -32,7 +32,9 @@ QUICK = {
     "max_epochs": 4,
     "num_samples": 8,
     "grace_period": 1,
+    "repeats": 1,
 }
+DEFAULT_REPEATS = 3
 DEFAULT_GRACE_PERIOD = 2
 
 
@@ -68,6 +70,8 @@ def build_parser(description: str, experiment_names: list[str] | None = None, pa
     sweep.add_argument("--max-concurrent-trials", type=int, help="default: as many as the cluster holds, its autoscaler's nodes included")
     sweep.add_argument("--cpus-per-trial", type=float, help="default: the CPUs of a node shared among the trials")
     sweep.add_argument("--gpus-per-trial", type=float, help="fractions pack trials on one GPU (default: 1 if the cluster has GPU nodes or its autoscaler can add them, else 0)")
+    sweep.add_argument("--repeats", type=int, help=f"after the search, train the reference and the best configuration with this many seeds in all "
+                       f"and report mean ± std (default {DEFAULT_REPEATS}; 1 with --quick: no re-training)")
     sweep.add_argument("--grace-period", type=int, help=f"ASHA: epochs before a trial may be stopped (default {DEFAULT_GRACE_PERIOD})")
     sweep.add_argument("--source-run", metavar="RUN_DIR", help="transfer experiments: take the source CNN from this run (default: this run)")
     sweep.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run with its original settings: finished experiments are kept, unfinished trials go on from their checkpoints")
@@ -125,6 +129,9 @@ def experiment_settings(experiment: Experiment, args) -> ExperimentSettings:
     quick_size = QUICK["alexnet_image_size"] if args.quick and experiment.model == "alexnet" else None
     image_size = _given(args.image_size, experiment.input.get("image_size", quick_size))
     grace = _given(args.grace_period, QUICK["grace_period"] if args.quick else DEFAULT_GRACE_PERIOD)
+    repeats = _given(args.repeats, QUICK["repeats"] if args.quick else DEFAULT_REPEATS)
+    if repeats < 1:
+        raise UserError(f"--repeats must be at least 1, got {repeats}")
     return ExperimentSettings(
         dataset=args.dataset or experiment.dataset,
         reference=reference,
@@ -140,6 +147,7 @@ def experiment_settings(experiment: Experiment, args) -> ExperimentSettings:
         grace_period=grace,
         max_concurrent_trials=args.max_concurrent_trials,
         warm_start=tuple(top_configs(args.warm_start, experiment.name)) if args.warm_start else (),
+        repeats=repeats,
     )
 
 

@@ -36,8 +36,12 @@ from tltune.results import (
     OPTUNA_JOURNAL,
     SUMMARY_FILE,
     ExperimentResult,
+    accuracy_text,
+    difference_text,
     experiment_status,
     load_experiments,
+    spread,
+    seed_accuracies,
     stop_kind,
     stop_reason,
     trial_rows,
@@ -101,14 +105,16 @@ def _config_text(config: dict) -> str:
 
 def reference_table(found: dict[str, ExperimentResult]) -> str:
     lines = [
-        "| Dataset | Model type | lr | Epochs | Reference | Ours (test) | Difference | Our best configuration | Run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| Dataset | Model type | lr | Epochs | Reference | Ours at the reference settings | Ours, best of the search | "
+        "Best − reference | Difference to the seed | Trials | Epochs spent | Wall time | Our best configuration | Run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, declared in EXPERIMENTS.items():
         exp = found.get(name)
         label = exp.record.get("label", declared.label) if exp else declared.label
         reference = f"{declared.reference_accuracy:.2f}%" if declared.reference_accuracy is not None else "(never filled)"
         ours, diff, config, run = "not run", "", "", ""
+        at_reference = vs_reference = trials = epochs = wall = ""
         best = exp.best() if exp else None
         if exp is not None:
             run = f"`{exp.path.rstrip('/').rsplit('/', 2)[-2]}`"
@@ -116,16 +122,21 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
         if best is not None:
             config = _config_text(best["config"]) + f" ({best.get('epochs_trained')} epochs trained)"
             if "test_acc" in best:
-                ours = _pct(best["test_acc"])
+                best_runs, reference_runs = seed_accuracies(exp.summary, "best"), seed_accuracies(exp.summary, "reference")
+                ours, at_reference = accuracy_text(best_runs) if best_runs else _pct(best["test_acc"]), accuracy_text(reference_runs)
+                vs_reference = difference_text(best_runs, reference_runs)
                 if declared.reference_accuracy is not None:
-                    diff = f"{100 * best['test_acc'] - declared.reference_accuracy:+.2f}"
+                    diff = f"{100 * spread(best_runs or [best['test_acc']])[0] - declared.reference_accuracy:+.2f}"
             else:
                 ours = f"unfinished (val {_pct(best['val_acc'])})"
+        if exp is not None and exp.summary:
+            trials, epochs = exp.summary.get("trials", ""), exp.summary.get("epochs_spent", "")
+            wall = f"{exp.summary['wall_s'] / 60:.1f} min" if _is_number(exp.summary.get("wall_s")) else ""
         if exp is not None and (exp.failure is not None or exp.all_diverged):
             ours, diff = experiment_status(exp), ""
         lines.append(
             f"| {DATASET_NAMES.get(declared.dataset, declared.dataset)} | {label} | {declared.reference['lr']:g} | "
-            f"{declared.reference['epochs']} | {reference} | {ours} | {diff} | {config} | {run} |"
+            f"{declared.reference['epochs']} | {reference} | {at_reference} | {ours} | {vs_reference} | {diff} | {trials} | {epochs} | {wall} | {config} | {run} |"
         )
     return "\n".join(lines)
 

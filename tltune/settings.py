@@ -27,6 +27,7 @@ class ExperimentSettings:
     grace_period: int  # ASHA: epochs before a trial may be stopped
     max_concurrent_trials: int | None  # None: as many as the cluster holds
     warm_start: tuple = ()  # configurations of an earlier run, evaluated after the reference
+    repeats: int = 1  # the reference and the best configuration trained with this many seeds in all
     max_failures: int = 2  # retries of a failing trial (its node died, or an error)
     cpus_per_trial: float | None = None  # None until sized to the cluster
     gpus_per_trial: float | None = None

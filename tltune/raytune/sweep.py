@@ -21,6 +21,7 @@ from ray import tune
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from tltune import signals, storage, trust
@@ -37,6 +38,7 @@ from tltune.studies import write_study
 from tltune.train import load_model_state, optimizer_extras
 
 MODE = "max"
+REPEATS_DIR = "repeats"  # in an experiment directory: the re-trainings with other seeds
 
 
 def to_tune_domain(domain):
@@ -105,12 +107,54 @@ class ResumableOptunaSearch(OptunaSearch):
                 pass
 
 
+def is_reference(config: dict, settings: ExperimentSettings) -> bool:
+    """Whether a trial's config holds the reference's values of every searched hyperparameter."""
+    return all(config.get(k) == settings.reference[k] for k in settings.space)
+
+
+class ReferenceExemptASHA(ASHAScheduler):
+    """ASHA that never stops the reference trial early: the seed's settings always train their
+    full epochs and get a test accuracy, beside the search's best."""
+
+    def __init__(self, settings: ExperimentSettings, **kwargs):
+        super().__init__(**kwargs)
+        self.reference = {k: settings.reference[k] for k in settings.space}
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)  # its rungs still see the result
+        if all(trial.config.get(k) == v for k, v in self.reference.items()):
+            return self.CONTINUE
+        return decision
+
+
+def tune_callbacks(name: str) -> list:
+    return [CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(), ProgressCallback(name)]
+
+
+def run_config(name: str, storage_path: str, settings: ExperimentSettings) -> tune.RunConfig:
+    remote = storage.is_uri(storage_path)
+    return tune.RunConfig(
+        name=name,
+        storage_path=storage_path,
+        callbacks=tune_callbacks(name),
+        # On cloud storage Ray uploads its experiment state only every sync_period but
+        # deletes superseded checkpoints at once: after a kill -9 the state in the bucket
+        # can name a checkpoint already gone, so there every checkpoint is kept.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if remote else 1),
+        sync_config=tune.SyncConfig(sync_period=5) if remote else None,
+        # a trial whose node dies goes on from its last checkpoint elsewhere
+        failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        verbose=0,
+    )
+
+
 def new_tuner(experiment: Experiment, settings: ExperimentSettings, trainable, param_space: dict, points: list, run_dir: str):
-    """Optuna (seeded, the reference and warm-start points first) + ASHA, one iteration per epoch."""
+    """Optuna (seeded, the reference and warm-start points first) + ASHA (never stopping the
+    reference), one iteration per epoch."""
     max_epochs = max(settings.max_epochs, 1)
-    remote = storage.is_uri(run_dir)
     search = ResumableOptunaSearch(points_to_evaluate=points or None, seed=settings.seed) if settings.space else None
-    scheduler = ASHAScheduler(
+    scheduler = ReferenceExemptASHA(
+        settings,
         time_attr="training_iteration",
         max_t=max_epochs,
         grace_period=min(settings.grace_period, max_epochs),
@@ -129,24 +173,52 @@ def new_tuner(experiment: Experiment, settings: ExperimentSettings, trainable, p
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=tune.RunConfig(
-            name=experiment.name,
-            storage_path=run_dir,
-            callbacks=[CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(), ProgressCallback(experiment.name)],
-            # On cloud storage Ray uploads its experiment state only every sync_period but
-            # deletes superseded checkpoints at once: after a kill -9 the state in the bucket
-            # can name a checkpoint already gone, so there every checkpoint is kept.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=None if remote else 1),
-            sync_config=tune.SyncConfig(sync_period=5) if remote else None,
-            # a trial whose node dies goes on from its last checkpoint elsewhere
-            failure_config=tune.FailureConfig(max_failures=settings.max_failures),
-            verbose=0,
-        ),
+        run_config=run_config(experiment.name, run_dir, settings),
     )
 
 
+def repeats_tuner(name: str, settings: ExperimentSettings, trainable, param_space: dict, points: list, exp_dir: str):
+    """The given configurations (seeds included) trained to the end, no search, no early stop."""
+    return tune.Tuner(
+        trainable,
+        param_space={**param_space, "seed": tune.randint(0, 2**31 - 1)},  # a domain, so each point sets its own
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=BasicVariantGenerator(points_to_evaluate=points),
+            num_samples=len(points),
+            max_concurrent_trials=settings.max_concurrent_trials,
+            reuse_actors=True,
+            trial_dirname_creator=trial_dirname,
+        ),
+        run_config=run_config(name, exp_dir, settings),
+    )
+
+
+def fit(tune_dir: str, trainable, make_tuner) -> tune.ResultGrid:
+    """``make_tuner()``'s sweep in ``tune_dir``, or the one saved there resumed, with Tune's
+    state signed as it is saved (:mod:`tltune.trust`)."""
+    # tuner.pkl alone (killed before Tune saved any state): nothing ran, start it anew
+    if tune.Tuner.can_restore(tune_dir) and trust.has_saved_state(storage.list_dir(tune_dir)):
+        print(f"resuming {tune_dir}")
+        trust.signed_state_files(tune_dir)  # checked before (cli), again just before Ray unpickles
+        try:  # keeps the searcher's and ASHA's state; unfinished trials go on from their checkpoints
+            tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
+        except (ValueError, RuntimeError, OSError) as exc:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot resume {tune_dir} ({first_line}): start a new run instead") from None
+    else:
+        tuner = make_tuner()
+        trust.sign(tune_dir, {"tuner.pkl": storage.read_bytes(storage.join(tune_dir, "tuner.pkl"))})
+    # A signal makes Tune stop its trials and save its state one last time (Tune's own
+    # SIGUSR1 handler), then Interrupted is raised: no summary, the experiment stays resumable.
+    with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)), signing_saved_state(tune_dir):
+        return tuner.fit()
+
+
 def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs: dict, run_dir: str) -> dict:
-    """Run one experiment as a Tune sweep in ``run_dir/<experiment name>``; returns its summary."""
+    """Run one experiment as a Tune sweep in ``run_dir/<experiment name>``, then test its best
+    trial and the reference's, and re-train both with ``settings.repeats`` seeds; its summary."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -156,9 +228,7 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # its reporter prints a banner even when silent; ours reports
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its stop notices name Tuner.restore; ours names --resume
     exp_dir = storage.join(run_dir, experiment.name)
-    # tuner.pkl alone (killed before Tune saved any state): nothing ran, start it anew
-    resuming = tune.Tuner.can_restore(exp_dir) and trust.has_saved_state(storage.list_dir(exp_dir))
-    if not resuming:  # a new experiment, or one killed before Tune saved any state
+    if not storage.is_file(storage.join(exp_dir, EXPERIMENT_FILE)):
         storage.write_text(storage.join(exp_dir, EXPERIMENT_FILE), json.dumps(experiment_record(experiment, settings), indent=2, default=str))
 
     if settings.cached_features:
@@ -179,54 +249,85 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
         tune.with_parameters(train_trial, inputs=inputs),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
-    if resuming:  # keeps the searcher's and ASHA's state; unfinished trials go on from their checkpoints
-        print(f"resuming {exp_dir}")
-        trust.signed_state_files(exp_dir)  # checked before (cli), again just before Ray unpickles
-        try:
-            tuner = tune.Tuner.restore(exp_dir, trainable=trainable, resume_errored=True)
-        except (ValueError, RuntimeError, OSError) as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot resume {exp_dir} ({first_line}): start a new run instead") from None
-    else:
-        tuner = new_tuner(experiment, settings, trainable, param_space, points, run_dir)
-        trust.sign(exp_dir, {"tuner.pkl": storage.read_bytes(storage.join(exp_dir, "tuner.pkl"))})
     started = time.time()
-    # A signal makes Tune stop its trials and save its state one last time (Tune's own
-    # SIGUSR1 handler), then Interrupted is raised: no summary, the experiment stays resumable.
     try:
-        with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)), signing_saved_state(exp_dir):
-            results = tuner.fit()
+        results = fit(exp_dir, trainable, lambda: new_tuner(experiment, settings, trainable, param_space, points, run_dir))
     finally:  # finished, failed or interrupted: the Optuna study says so
         keep_study(exp_dir, settings.space)
-    failed = [r for r in results if r.error is not None]
-    if failed:  # each failed every retry: the same error again, or a check on its inputs
-        reason = f"{len(failed)} of {len(results)} trials failed; the first: {root_cause(failed[0].error)}"
-        storage.write_text(storage.join(exp_dir, FAILED_FILE), json.dumps({"experiment": experiment.name, "reason": reason}, indent=2))
-        raise TrialsFailed(f"{experiment.name}: {reason}")
-    summary = {
-        "experiment": experiment.name,
-        "wall_s": round(time.time() - started, 1),
-        "trials": len(results),
-        "errored_trials": results.num_errors,
-    }
+    check_no_failures(experiment.name, results, exp_dir)
+    summary = {"experiment": experiment.name, "trials": len(results), "errored_trials": results.num_errors}
     try:
         best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
     except RuntimeError:  # no trial reported a finite val_acc
         best = None
+    scored = {}
     if best is not None and best.checkpoint is not None:
-        evaluate_remote = ray.remote(
-            num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial, max_retries=1
-        )(score_on_test_split)
-        print(f"testing the best trial ({best.path.rstrip('/').rsplit('/', 1)[-1]}) on the test split", flush=True)
-        test = ray.get(evaluate_remote.remote(best.config, inputs, best.checkpoint))
+        print(f"testing the best trial ({trial_name(best)}) on the test split", flush=True)
+        scored = score(settings, inputs, {trial_name(best): best})
         summary.update(
-            best_trial=best.path.rstrip("/").rsplit("/", 1)[-1],
+            best_trial=trial_name(best),
             config={k: best.config[k] for k in sorted(best.config)},
             epochs_trained=best.metrics["training_iteration"],
             val_acc=best.metrics[METRIC],
-            **test,
+            **scored[trial_name(best)],
         )
+    reference = [r for r in results if is_reference(r.config, settings) and r.checkpoint is not None and METRIC in r.metrics]
+    if reference:  # one trial, unless a space-less experiment ran several
+        ref = max(reference, key=lambda r: r.metrics["training_iteration"])
+        if trial_name(ref) not in scored:
+            print(f"testing the reference trial ({trial_name(ref)}) on the test split", flush=True)
+            scored.update(score(settings, inputs, {trial_name(ref): ref}))
+        summary["reference_trial"] = {"trial": trial_name(ref), "epochs_trained": ref.metrics["training_iteration"],
+                                      "val_acc": ref.metrics[METRIC], **scored[trial_name(ref)]}  # fmt: skip
+    if settings.repeats > 1 and "reference_trial" in summary and best is not None:
+        summary["repeats"] = run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, ref, best, scored)
+    search_epochs = sum(r.metrics.get("training_iteration", 0) for r in results)
+    summary.update(epochs_spent=search_epochs + summary.get("repeats", {}).get("epochs_spent", 0), wall_s=round(time.time() - started, 1))
     storage.write_text(storage.join(exp_dir, SUMMARY_FILE), json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def trial_name(result) -> str:
+    return result.path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def check_no_failures(name: str, results: tune.ResultGrid, exp_dir: str) -> None:
+    failed = [r for r in results if r.error is not None]
+    if failed:  # each failed every retry: the same error again, or a check on its inputs
+        reason = f"{len(failed)} of {len(results)} trials failed; the first: {root_cause(failed[0].error)}"
+        storage.write_text(storage.join(exp_dir, FAILED_FILE), json.dumps({"experiment": name, "reason": reason}, indent=2))
+        raise TrialsFailed(f"{name}: {reason}")
+
+
+def score(settings: ExperimentSettings, inputs: dict, results: dict) -> dict[str, dict]:
+    """Test accuracy of each result's checkpoint (name → scores), as Ray tasks side by side."""
+    evaluate_remote = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial, max_retries=1)(score_on_test_split)
+    refs = {name: evaluate_remote.remote(r.config, inputs, r.checkpoint) for name, r in results.items()}
+    return {name: ray.get(ref) for name, ref in refs.items()}
+
+
+def run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, reference, best, scored) -> dict:
+    """The reference's and the best trial's configurations trained again with ``repeats - 1``
+    more seeds (the search's own trial is the first), each tested: accuracies per seed."""
+    groups = {"reference": reference, "best": best}
+    seeds = [settings.seed + i for i in range(1, settings.repeats)]
+
+    def as_trained(result) -> dict:  # its searched values, and the epochs it trained (ASHA may have stopped the best)
+        return {**{k: result.config[k] for k in settings.space}, "epochs": result.metrics["training_iteration"]}
+
+    configs = [as_trained(r) for r in groups.values()]
+    points = [{**config, "seed": seed} for i, config in enumerate(configs) if config not in configs[:i] for seed in seeds]
+    repeats_dir = storage.join(exp_dir, REPEATS_DIR)
+    print(f"\n== {experiment.name}: the reference and the best configuration again with seeds {seeds}", flush=True)
+    results = fit(repeats_dir, trainable, lambda: repeats_tuner(REPEATS_DIR, settings, trainable, param_space, points, exp_dir))
+    check_no_failures(f"{experiment.name} (repeats)", results, exp_dir)
+    done = [r for r in results if r.checkpoint is not None]
+    tested = score(settings, inputs, {trial_name(r): r for r in done})
+    summary = {"seeds": [settings.seed, *seeds], "epochs_spent": sum(r.metrics.get("training_iteration", 0) for r in results)}
+    for group, original in groups.items():
+        runs = [original, *(r for r in done if all(r.config.get(k) == v for k, v in as_trained(original).items()))]
+        tests = [scored[trial_name(original)]["test_acc"], *(tested[trial_name(r)]["test_acc"] for r in runs[1:])]
+        summary[group] = {"trials": [trial_name(r) for r in runs], "val_acc": [r.metrics[METRIC] for r in runs], "test_acc": tests}
     return summary
 
 

@@ -1,0 +1,57 @@
+"""Fidelity: the reference settings always train to the end and get a test accuracy, and
+--repeats re-trains the reference and the best configuration with more seeds (mean ± std)."""
+
+import json
+import subprocess
+import sys
+
+from ray.tune.experiment import Trial
+
+from conftest import ROOT
+from tltune.cli import build_parser, experiment_settings
+from tltune.experiments import EXPERIMENTS
+from tltune.raytune.sweep import ReferenceExemptASHA
+from tltune.results import accuracy_text, difference_text, seed_accuracies
+
+
+def test_asha_stops_a_poor_trial_but_never_the_reference():
+    settings = experiment_settings(EXPERIMENTS["mnist-cnn"], build_parser("test").parse_args([]))
+    scheduler = ReferenceExemptASHA(settings, time_attr="training_iteration", max_t=9, grace_period=1, reduction_factor=3)
+    scheduler.set_search_properties("val_acc", "max")
+    searched = {k: settings.reference[k] for k in settings.space}
+    good = [Trial("t", config={**searched, "lr": 0.5 + i}, stub=True) for i in range(4)]
+    poor = Trial("t", config={**searched, "lr": 0.123}, stub=True)
+    reference = Trial("t", config=dict(searched), stub=True)
+    for trial in [*good, poor, reference]:
+        scheduler.on_trial_add(None, trial)
+    for i, trial in enumerate(good):
+        scheduler.on_trial_result(None, trial, {"training_iteration": 1, "val_acc": 0.9 + i / 100})
+    assert scheduler.on_trial_result(None, poor, {"training_iteration": 1, "val_acc": 0.1}) == scheduler.STOP
+    assert scheduler.on_trial_result(None, reference, {"training_iteration": 1, "val_acc": 0.1}) == scheduler.CONTINUE
+
+
+def test_accuracies_with_and_without_repeats():
+    summary = {"test_acc": 0.9, "reference_trial": {"test_acc": 0.8}}
+    assert accuracy_text(seed_accuracies(summary, "best")) == "90.00%"
+    summary["repeats"] = {"best": {"test_acc": [0.9, 0.92, 0.88]}, "reference": {"test_acc": [0.8, 0.81, 0.79]}}
+    assert accuracy_text(seed_accuracies(summary, "best")) == "90.00 ± 2.00% (3 seeds)"
+    assert difference_text(seed_accuracies(summary, "best"), seed_accuracies(summary, "reference")) == "+10.00 (beyond the spread)"
+    assert difference_text([0.9, 0.8], [0.86, 0.84]) == "+0.00 (within the spread)"
+
+
+def test_reference_scored_and_repeats(tmp_path, real_data_root):
+    argv = [sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--quick", "--experiments", "mnist-cnn", "--num-samples", "4",
+            "--max-epochs", "2", "--grace-period", "1", "--train-subset", "600", "--test-subset", "500", "--repeats", "2",
+            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "run"]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "mnist-cnn" / "tltune_best.json").read_text())
+    reference = summary["reference_trial"]
+    assert reference["epochs_trained"] == 2 and 0 < reference["test_acc"] <= 1, "the reference trained to the end and was tested"
+    repeats = summary["repeats"]
+    assert repeats["seeds"] == [0, 1]
+    for group in ("reference", "best"):
+        assert len(repeats[group]["test_acc"]) == 2 and len(set(repeats[group]["trials"])) == 2
+    assert repeats["reference"]["test_acc"][0] == reference["test_acc"] and repeats["best"]["test_acc"][0] == summary["test_acc"]
+    assert summary["epochs_spent"] >= 2 + 2 * 1, "search epochs plus the repeats'"
+    assert "(2 seeds)" in out.stdout, "the table shows mean ± std"
