@@ -146,6 +146,26 @@ EXPERIMENTS = {
     ]
 }  # fmt: skip
 
+# What the seed never states, what tltune chose, and why (the report and docs/RESULTS.md show it)
+ASSUMPTIONS = [
+    ("the 53% small CNN of the CIFAR-10 search", "the vanilla CNN of the MNIST/SVHN rows: two 3x3 conv blocks (32, 64 channels, max-pool) and a hidden Linear of 128",
+     "the seed names only the searched optimizer, activation, lr and epochs; one CNN for every row keeps the rows comparable"),
+    ("optimizer and activation of the vanilla CNN rows", "Adam, ReLU, lr 1e-3, 5 epochs",
+     "the seed gives 5 epochs only; Adam at 1e-3 with ReLU is PyTorch's usual default, and the search tries the others"),
+    ("SGD of the AlexNet rows (lr 0.001)", "momentum 0.9", "the transfer-learning tutorial the exercise follows uses SGD with momentum 0.9; plain SGD at 1e-3 barely moves in 5-10 epochs"),
+    ("AdamW (searched only)", "weight decay 0.01", "PyTorch's default"),
+    ("batch size", "64", "the seed gives none; 64 is the tutorials' value and fits every model in CPU memory"),
+    ("data augmentation", "none", "the seed mentions none; the extended search (issue #12) searches it"),
+    ("learning-rate schedule", "none (constant)", "the seed gives one learning rate per row"),
+    ("model selection", "10% of the training set held out (seeded); trials compete on it; the test set scores only the best and the reference trial",
+     "the seed reports test accuracy; choosing on the test set would overstate it"),
+    ("AlexNet input", "224x224 (64x64 with --quick); MNIST's gray channel copied to RGB", "torchvision's ImageNet weights expect 3x224x224"),
+    ("normalisation", "each dataset's own per-channel mean and std", "the seed gives none"),
+    ("feature extraction", "every layer frozen but the last Linear (AlexNet's Dropouts inactive); the frozen part's output computed once",
+     "the seed's definition; computing it once changes the time, not the result"),
+    ("the reference trial", "always trained to its full epochs (ASHA never stops it) and tested", "so the seed's settings get a number of ours"),
+]
+
 # What ``tltune sweep FAMILY`` and each ``sweeps/FAMILY.py`` run, in order
 FAMILIES = {
     "cifar10": ["cifar10-alexnet-finetune", "cifar10-alexnet-feature_extract", "cifar10-cnn-search"],

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from tltune import storage
 from tltune.errors import UserError
-from tltune.experiments import EXPERIMENTS
+from tltune.experiments import ASSUMPTIONS, EXPERIMENTS
 from tltune.results import (
     ASHA_STOP,
     COMPLETED,
@@ -138,6 +138,12 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
             f"| {DATASET_NAMES.get(declared.dataset, declared.dataset)} | {label} | {declared.reference['lr']:g} | "
             f"{declared.reference['epochs']} | {reference} | {at_reference} | {ours} | {vs_reference} | {diff} | {trials} | {epochs} | {wall} | {config} | {run} |"
         )
+    return "\n".join(lines)
+
+
+def assumptions_table() -> str:
+    lines = ["| What the seed does not state | Our choice | Why |", "|---|---|---|"]
+    lines += [f"| {what} | {choice} | {why} |" for what, choice, why in ASSUMPTIONS]
     return "\n".join(lines)
 
 
@@ -442,11 +448,15 @@ def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Pat
     parts = [
         "# tltune results",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {', '.join(f'`{p}`' for p in paths)}. "
-        "Ours = test accuracy of the experiment's best trial, chosen on the validation split.",
+        "Ours = test accuracy of the experiment's best trial, chosen on the validation split; at the reference "
+        "settings = the seed's own settings, trained to the end. With repeats: mean ± std over seeds; best − reference "
+        "is beyond the spread when it exceeds the sum of both standard deviations.",
         "## Against the reference",
         reference_table(found),
         transfer_gain(found),
         f"Every trial with its configuration, epochs run, stop reason, accuracies and wall time: [{TRIALS_CSV}]({TRIALS_CSV}).",
+        "## Assumptions",
+        assumptions_table(),
         "## Per experiment: top trials (by final validation accuracy), learning curves, Optuna study",
     ]
     for exp in found.values():
