@@ -40,6 +40,7 @@ from tltune.results import (
     difference_text,
     experiment_status,
     load_experiments,
+    repeat_rows,
     spread,
     seed_accuracies,
     stop_kind,
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
 
 TOP_TRIALS = 5
 TRIALS_CSV = "trials.csv"
+REPEATS_CSV = "repeats.csv"  # the reference and the best configuration, one row per seed
 TRANSFER_MODES = ("finetune", "feature_extract")
 
 
@@ -445,6 +447,7 @@ def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Pat
     out.mkdir(parents=True, exist_ok=True)
     plots = [plot_learning_curves(found, out), plot_accuracy_vs_lr(found, out), plot_finetune_vs_extract(found, out)]
     write_trials_csv(trial_rows(list(found.values())), out / TRIALS_CSV)
+    write_trials_csv(repeat_rows(list(found.values())), out / REPEATS_CSV)
     parts = [
         "# tltune results",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {', '.join(f'`{p}`' for p in paths)}. "
@@ -454,7 +457,8 @@ def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Pat
         "## Against the reference",
         reference_table(found),
         transfer_gain(found),
-        f"Every trial with its configuration, epochs run, stop reason, accuracies and wall time: [{TRIALS_CSV}]({TRIALS_CSV}).",
+        f"Every trial with its configuration, epochs run, stop reason, accuracies and wall time: [{TRIALS_CSV}]({TRIALS_CSV}); "
+        f"the reference and the best configuration per seed: [{REPEATS_CSV}]({REPEATS_CSV}).",
         "## Assumptions",
         assumptions_table(),
         "## Per experiment: top trials (by final validation accuracy), learning curves, Optuna study",

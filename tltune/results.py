@@ -523,6 +523,22 @@ def trial_table(run_dir: str | Path) -> list[dict]:
     return trial_rows(load_run(run_dir))
 
 
+def repeat_rows(experiments: list[ExperimentResult]) -> list[dict]:
+    """One row per training of the reference and the best configuration (the search's own trial
+    and each ``--repeats`` seed): experiment, group, seed, trial, val and test accuracy."""
+    rows = []
+    for exp in experiments:
+        repeats = (exp.summary or {}).get("repeats") or {}
+        seeds = repeats.get("seeds") or []
+        for group in ("reference", "best"):
+            runs = repeats.get(group) or {}
+            for i, trial in enumerate(runs.get("trials") or []):
+                value = lambda key: runs[key][i] if isinstance(runs.get(key), list) and i < len(runs[key]) else None  # noqa: E731
+                rows.append({"experiment": exp.name, "group": group, "seed": seeds[i] if i < len(seeds) else None,
+                             "trial": trial, "val_acc": value("val_acc"), "test_acc": value("test_acc")})  # fmt: skip
+    return rows
+
+
 def trials_csv(rows: list[dict]) -> str:
     """``rows`` of :func:`trial_rows` as CSV text: a header, then a line per row; ``None`` is
     an empty cell, a list a JSON cell."""
