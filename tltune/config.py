@@ -22,12 +22,16 @@ class ModelSpec:
     activation: str = "relu"  # the CNN's; AlexNet's configs have none
     image_size: int | None = None  # None: 224 for AlexNet, the dataset's for the CNN
     channels: int | None = None  # None: the dataset's (AlexNet always takes 3)
+    width: int = 1  # the CNN's channel multiplier (tltune.models.cnn_backbone)
+    depth: int = 2  # the CNN's conv blocks
+    batch_norm: bool = False  # after each of the CNN's convs
 
 
 @dataclass(frozen=True)
 class TrialConfig:
     """Every key of a trial's config. The defaults are those of configs that lack the key:
-    AlexNet's (no activation) and those of runs from before --precision and --compile."""
+    AlexNet's (no activation), those of runs from before --precision and --compile, and
+    the seed's training (the keys the extended search of issue #12 added)."""
 
     dataset: str
     model: str
@@ -43,6 +47,13 @@ class TrialConfig:
     cached_features: bool = False  # the splits hold backbone features and the model is the head
     precision: str = "fp32"  # a name in tltune.train.PRECISION_CHOICES ("auto" included)
     compile: bool = False
+    width: int = 1
+    depth: int = 2
+    batch_norm: bool = False
+    weight_decay: float | None = None  # None: the optimizer's own (tltune.train.OPTIMIZERS)
+    augmentation: str = "none"  # a name in tltune.train.AUGMENTATIONS
+    label_smoothing: float = 0.0
+    schedule: str = "constant"  # a name in tltune.train.SCHEDULES: the learning rate over the trial's epochs
 
     @classmethod
     def from_dict(cls, config: dict) -> "TrialConfig":
@@ -64,4 +75,4 @@ class TrialConfig:
 
     @property
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(self.model, self.activation, self.image_size, self.channels)
+        return ModelSpec(self.model, self.activation, self.image_size, self.channels, self.width, self.depth, self.batch_norm)

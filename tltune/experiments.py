@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from tltune.data import TORCHVISION_DATASETS
 from tltune.errors import UserError
-from tltune.models import ACTIVATIONS, MODELS, MODES
-from tltune.train import OPTIMIZERS
+from tltune.models import ACTIVATIONS, CNN_MAX_DEPTH, MODELS, MODES
+from tltune.train import AUGMENTATIONS, OPTIMIZERS, SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,30 @@ def mnist_to_svhn() -> list[Experiment]:
     ]  # fmt: skip
 
 
+# Beyond the seed (issue #12): what practitioners tune besides optimizer, activation, lr and
+# epochs, within 10 epochs, on a CNN one block deeper and with BatchNorm. The reference is a
+# known-good CIFAR recipe (SGD momentum + one-cycle, flip+crop, label smoothing, weight decay
+# 5e-4), so the sweep starts from a strong point; the ranges stay where such recipes work, so
+# a 90-minute CPU budget (about 30 trials, most stopped by ASHA) is not spent on hopeless corners.
+# Width 4 trains at about 250 s per epoch on one CPU thread (bf16), 40 minutes a trial: left out.
+CNN_PLUS_SEARCH_SPACE = {
+    "optimizer": Choice(("sgd", "adamw")),
+    "activation": Choice(("relu", "leaky_relu", "elu", "gelu")),
+    "lr": LogUniform(1e-3, 0.2),  # SGD's good range is the top, AdamW's the bottom
+    "epochs": IntRange(4, 10),
+    "batch_size": Choice((64, 128, 256)),
+    "weight_decay": LogUniform(5e-5, 5e-3),
+    "augmentation": Choice(("flip_crop", "flip", "none")),
+    "width": Choice((1, 2)),
+    "label_smoothing": Choice((0.0, 0.1)),
+    "schedule": Choice(("onecycle", "cosine", "constant")),
+}
+CNN_PLUS_REFERENCE = {
+    "optimizer": "sgd", "activation": "relu", "lr": 0.05, "epochs": 10, "batch_size": 128, "weight_decay": 5e-4,
+    "augmentation": "flip_crop", "width": 2, "label_smoothing": 0.1, "schedule": "onecycle",
+    "depth": 3, "batch_norm": True,  # fixed: the architecture every trial of the search shares
+}  # fmt: skip
+
 EXPERIMENTS = {
     e.name: e
     for e in [
@@ -143,6 +167,11 @@ EXPERIMENTS = {
         Experiment("svhn-cnn", "svhn", "cnn", "scratch", "vanilla CNN", CNN_REFERENCE, 87.0, CNN_SEARCH_SPACE, num_samples=10),
         *alexnet_pair("svhn", 5, 94.30, 46.56),
         *mnist_to_svhn(),
+        Experiment(
+            "cifar10-cnn-search-plus", "cifar10", "cnn", "scratch",
+            "CNN, 3 conv blocks + BatchNorm, extended search (beyond the seed)", CNN_PLUS_REFERENCE, None,
+            CNN_PLUS_SEARCH_SPACE, num_samples=30,
+        ),
     ]
 }  # fmt: skip
 
@@ -164,6 +193,12 @@ ASSUMPTIONS = [
     ("feature extraction", "every layer frozen but the last Linear (AlexNet's Dropouts inactive); the frozen part's output computed once",
      "the seed's definition; computing it once changes the time, not the result"),
     ("the reference trial", "always trained to its full epochs (ASHA never stops it) and tested", "so the seed's settings get a number of ours"),
+    ("the extended search's CNN (cifar10-cnn-search-plus)", "three conv blocks (32, 64, 128 channels times the searched width 1 or 2) with BatchNorm, hidden Linear of 128 times the width",
+     "the 75% target within 10 CPU epochs; a third block and BatchNorm are the usual first additions to a small CNN, and the seed's rows keep the vanilla CNN"),
+    ("the extended search's reference", "SGD momentum 0.9, lr 0.05 one-cycle, batch 128, weight decay 5e-4, flip + 4-px crop, label smoothing 0.1, width 2, 10 epochs",
+     "a known-good CIFAR-10 recipe, so the search starts from a strong point"),
+    ("learning-rate schedules", "stepped per batch; one-cycle rises linearly from lr/25 over 30% of the steps, then cosine to 0; cosine runs from lr to 0 over the trial's epochs",
+     "torch's OneCycleLR defaults, without momentum cycling; recomputed from the epoch, so a resumed trial continues it exactly"),
 ]
 
 # What ``tltune sweep FAMILY`` and each ``sweeps/FAMILY.py`` run, in order
@@ -172,6 +207,7 @@ FAMILIES = {
     "mnist": ["mnist-cnn", "mnist-alexnet-finetune", "mnist-alexnet-feature_extract"],
     "svhn": ["svhn-cnn", "svhn-alexnet-finetune", "svhn-alexnet-feature_extract"],
     "mnist_to_svhn": [e.name for e in mnist_to_svhn()],
+    "cifar10_plus": ["cifar10-cnn-search-plus"],  # on its own: 90 minutes, beyond the seed's cifar10 rows
     "all": list(EXPERIMENTS),
 }
 
@@ -199,17 +235,32 @@ def validate(experiment: Experiment) -> None:
                 check_settings({name: option}, where=f"experiment {e.name} search space")
 
 
+def is_whole_number(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+# hyperparameter -> (whether a value is good, the error's requirement)
+VALUE_CHECKS = {
+    "lr": (lambda v: v > 0 and math.isfinite(v), "learning rate must be > 0"),
+    "weight_decay": (lambda v: v is None or (v >= 0 and math.isfinite(v)), "weight_decay must be >= 0"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "label_smoothing must be in [0, 1)"),
+    "epochs": (is_whole_number, "epochs must be a whole number >= 1"),
+    "batch_size": (is_whole_number, "batch_size must be a whole number >= 1"),
+    "width": (is_whole_number, "width must be a whole number >= 1"),
+    "depth": (lambda v: is_whole_number(v) and v <= CNN_MAX_DEPTH, f"depth must be a whole number from 1 to {CNN_MAX_DEPTH}"),
+    "batch_norm": (lambda v: isinstance(v, bool), "batch_norm must be true or false"),
+}
+
+
 def check_settings(settings: dict, where: str) -> None:
     """Check hyperparameter values a user or a declaration gives."""
-    choices = {"optimizer": OPTIMIZERS, "activation": ACTIVATIONS}
+    choices = {"optimizer": OPTIMIZERS, "activation": ACTIVATIONS, "augmentation": AUGMENTATIONS, "schedule": SCHEDULES}
     for key, table in choices.items():
         if key in settings and settings[key] not in table:
             raise UserError(f"{where}: unknown {key} '{settings[key]}' (use {', '.join(table)})")
-    if "lr" in settings and not (settings["lr"] > 0 and math.isfinite(settings["lr"])):
-        raise UserError(f"{where}: learning rate must be > 0, got {settings['lr']}")
-    for key in ("epochs", "batch_size"):
-        if key in settings and not (isinstance(settings[key], int) and settings[key] >= 1):
-            raise UserError(f"{where}: {key} must be a whole number >= 1, got {settings[key]}")
+    for key, (good, requirement) in VALUE_CHECKS.items():
+        if key in settings and not good(settings[key]):
+            raise UserError(f"{where}: {requirement}, got {settings[key]}")
 
 
 def get_experiment(name: str) -> Experiment:

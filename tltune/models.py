@@ -1,4 +1,5 @@
-"""Models: a vanilla CNN with a choice of activation, and AlexNet, both as backbone + head.
+"""Models: a vanilla CNN with a choice of activation (and, for the extended search, of width,
+depth and BatchNorm), and AlexNet, both as backbone + head.
 
 Every model is a :class:`BackboneHead`: the ``backbone`` is everything up to the last
 Linear (for AlexNet: conv features, pooling and the two hidden fully connected layers with
@@ -59,15 +60,35 @@ class BackboneHead(nn.Module):
         return self.head(self.backbone(x))
 
 
-def cnn_backbone(in_channels: int, image_size: int, activation: str = "relu") -> nn.Sequential:
-    """Two conv blocks and a hidden Linear layer of 128; for 1- or 3-channel square images."""
+CNN_CHANNELS = 32  # of the first conv block; each further block doubles it
+CNN_HIDDEN = 128  # the hidden Linear layer's width
+CNN_MAX_DEPTH = 3
+
+
+def cnn_hidden(width: int = 1) -> int:
+    """The size of the CNN's features, which its head takes."""
+    return CNN_HIDDEN * width
+
+
+def cnn_backbone(
+    in_channels: int, image_size: int, activation: str = "relu", width: int = 1, depth: int = 2, batch_norm: bool = False
+) -> nn.Sequential:
+    """``depth`` blocks of 3x3 conv (+ BatchNorm), activation and 2x2 max-pool, with 32, 64,
+    128 channels times ``width``, then a hidden Linear layer of 128 times ``width``; for 1- or
+    3-channel square images. The defaults are the vanilla CNN of the seed's rows, layer for layer."""
+    if not (width >= 1 and 1 <= depth <= CNN_MAX_DEPTH):
+        raise UserError(f"the CNN takes a width of 1 or more and 1 to {CNN_MAX_DEPTH} conv blocks, got width {width}, depth {depth}")
+    side = image_size // 2**depth
+    if side < 1:
+        raise UserError(f"a {image_size}x{image_size} input vanishes in the CNN's {depth} pooling steps: use fewer blocks or a larger --image-size")
     act = ACTIVATIONS[activation]
-    side = image_size // 4
-    return nn.Sequential(
-        nn.Conv2d(in_channels, 32, 3, padding=1), act(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 64, 3, padding=1), act(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(64 * side * side, 128), act(),
-    )  # fmt: skip
+    layers, channels = [], in_channels
+    for block in range(depth):
+        out = CNN_CHANNELS * width * 2**block
+        norm = [nn.BatchNorm2d(out)] if batch_norm else []
+        layers += [nn.Conv2d(channels, out, 3, padding=1), *norm, act(), nn.MaxPool2d(2)]
+        channels = out
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(channels * side * side, cnn_hidden(width)), act())
 
 
 def alexnet_backbone(imagenet_state: dict | None) -> nn.Sequential:
@@ -85,10 +106,14 @@ def build_model(
     image_size: int,
     activation: str = "relu",
     pretrained_state: dict | None = None,
+    width: int = 1,
+    depth: int = 2,
+    batch_norm: bool = False,
 ) -> BackboneHead:
     """``pretrained_state``: torchvision's AlexNet state dict for AlexNet; for the CNN, the
     state dict of a CNN trained on a source task (its head is dropped). None in a
-    pretrained mode means random initialisation: the caller decided and warned."""
+    pretrained mode means random initialisation: the caller decided and warned.
+    ``width``, ``depth``, ``batch_norm``: the CNN's (:func:`cnn_backbone`); AlexNet has none."""
     if mode not in MODES:
         raise UserError(f"unknown mode '{mode}': use one of {', '.join(MODES)}")
     # The head is created first, so it draws the same initial weights as the head that
@@ -97,14 +122,14 @@ def build_model(
         head = nn.Linear(4096, num_classes)
         return BackboneHead(alexnet_backbone(pretrained_state), head, mode == "feature_extract")
     if model == "cnn":
-        head = nn.Linear(128, num_classes)
-        backbone = cnn_backbone(in_channels, image_size, activation)
+        head = nn.Linear(cnn_hidden(width), num_classes)
+        backbone = cnn_backbone(in_channels, image_size, activation, width, depth, batch_norm)
         if pretrained_state is not None:
             source = {k[len("backbone.") :]: v for k, v in pretrained_state.items() if k.startswith("backbone.")}
             try:
                 backbone.load_state_dict(source)
             except RuntimeError as exc:
-                raise UserError(f"the source CNN does not fit this CNN ({str(exc).splitlines()[0]}): same input channels, size and activation?") from None
+                raise UserError(f"the source CNN does not fit this CNN ({str(exc).splitlines()[0]}): same input channels, size, activation, width and depth?") from None
         return BackboneHead(backbone, head, mode == "feature_extract")
     raise UserError(f"unknown model '{model}': use one of {', '.join(MODELS)}")
 

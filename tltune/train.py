@@ -30,6 +30,91 @@ OPTIMIZERS = {
 }
 
 
+# --------------------------------------------------------------- on-batch augmentation
+# On uint8 (B, H, W, C) batches on the trial's device, before BatchTransform converts them;
+# the random draws come from the epoch's seeded generator (a CPU one, like the shuffle's),
+# so a resumed trial sees the same batches, on any device.
+
+CROP_PADDING = 4  # pixels of black around the image before a random crop of its own size
+
+
+def random_flip(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Each image mirrored left-right with probability 1/2."""
+    flip = torch.rand(len(images), generator=generator).to(images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(2), images)
+
+
+def random_crop(images: torch.Tensor, generator: torch.Generator | None, padding: int = CROP_PADDING) -> torch.Tensor:
+    """Each image padded with ``padding`` black pixels on every side, then cropped back to
+    its size at a random offset (the usual CIFAR recipe): a shift of up to ``padding`` pixels."""
+    n, height, width, _ = images.shape
+    padded = F.pad(images, (0, 0, padding, padding, padding, padding))  # (C, W, H) sides
+    top, left = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
+    rows = top.view(n, 1, 1) + torch.arange(height, device=images.device).view(1, height, 1)
+    cols = left.view(n, 1, 1) + torch.arange(width, device=images.device).view(1, 1, width)
+    return padded[torch.arange(n, device=images.device).view(n, 1, 1), rows, cols]
+
+
+# name -> the steps applied to each training batch, in order
+AUGMENTATIONS = {
+    "none": (),
+    "flip": (random_flip,),
+    "flip_crop": (random_flip, random_crop),
+}
+
+
+def augment(name: str, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    for step in AUGMENTATIONS[name]:
+        images = step(images, generator)
+    return images
+
+
+# ------------------------------------------------------------ learning-rate schedules
+# name -> the learning rate's factor at ``progress`` in [0, 1) of a trial's training steps.
+# A pure function of the step, so a resumed trial recomputes it from its epoch: nothing to checkpoint.
+
+ONE_CYCLE_WARMUP = 0.3  # share of the steps spent rising, as torch's OneCycleLR (pct_start)
+ONE_CYCLE_START = 1 / 25  # the first step's factor, as OneCycleLR's div_factor
+
+
+def cosine_factor(progress: float) -> float:
+    return 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def one_cycle_factor(progress: float) -> float:
+    """A linear rise from 1/25 to 1 over the first 30% of the steps, then cosine to 0 (the
+    learning rate's half of the one-cycle policy; momentum is not cycled)."""
+    if progress < ONE_CYCLE_WARMUP:
+        return ONE_CYCLE_START + (1 - ONE_CYCLE_START) * progress / ONE_CYCLE_WARMUP
+    return cosine_factor((progress - ONE_CYCLE_WARMUP) / (1 - ONE_CYCLE_WARMUP))
+
+
+SCHEDULES = {
+    "constant": lambda progress: 1.0,
+    "cosine": cosine_factor,
+    "onecycle": one_cycle_factor,
+}
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """The learning rate of every training step (batch) of a trial, set before each step."""
+
+    name: str  # a name in SCHEDULES
+    lr: float  # the configured (for one-cycle: the peak) learning rate
+    epochs: int
+    steps_per_epoch: int
+
+    @classmethod
+    def of(cls, config: TrialConfig, train_images: int) -> "LRSchedule":
+        return cls(config.schedule, config.lr, config.epochs, math.ceil(train_images / config.batch_size))
+
+    def rate(self, epoch: int, step: int) -> float:
+        """The rate of batch ``step`` (from 0) of ``epoch`` (from 1)."""
+        done = (epoch - 1) * self.steps_per_epoch + step
+        return self.lr * SCHEDULES[self.name](min(done / (self.epochs * self.steps_per_epoch), 1.0))
+
+
 # name -> (autocast dtype, None for plain fp32; needs a GradScaler). fp16's narrow exponent
 # range underflows small gradients unless the loss is scaled; bf16 has fp32's range.
 PRECISIONS = {
@@ -56,8 +141,11 @@ def optimizer_extras(name: str) -> dict:
     return dict(OPTIMIZERS[name][1])
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float) -> torch.optim.Optimizer:
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float | None = None) -> torch.optim.Optimizer:
+    """``weight_decay``: replaces the table's (None: keep it); every optimizer of the table takes one."""
     optimizer_class, extras = OPTIMIZERS[name]
+    if weight_decay is not None:
+        extras = {**extras, "weight_decay": weight_decay}
     return optimizer_class([p for p in model.parameters() if p.requires_grad], lr=lr, **extras)
 
 
@@ -139,18 +227,28 @@ def train_one_epoch(
     batch_size: int,
     generator: torch.Generator | None = None,
     runtime: Runtime | None = None,
+    augmentation: str = "none",
+    label_smoothing: float = 0.0,
+    schedule: LRSchedule | None = None,
+    epoch: int = 1,
 ) -> EpochStats:
+    """One pass over the shuffled ``images``. ``augmentation``: a name in AUGMENTATIONS;
+    ``schedule`` sets the learning rate of each batch of ``epoch`` (None: left as it is)."""
     model.train()
     runtime = runtime or default_runtime(model)
     device = runtime.device
     # Sums stay on the device: no host sync per batch (it would stall a GPU).
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in iterate_batches(images, labels, batch_size, shuffle=True, generator=generator):
-        x, y = transform(to_device(x, device)), to_device(y, device)
+    for step, (x, y) in enumerate(iterate_batches(images, labels, batch_size, shuffle=True, generator=generator)):
+        x, y = transform(augment(augmentation, to_device(x, device), generator)), to_device(y, device)
+        if schedule is not None:
+            rate = schedule.rate(epoch, step)
+            for group in optimizer.param_groups:
+                group["lr"] = rate
         with runtime.autocast():
             logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         runtime.backward_step(loss, optimizer)
         total_loss += loss.detach() * len(y)
@@ -255,5 +353,7 @@ def setup_image_model(spec: ModelSpec, mode: str, splits, pretrained_state: dict
     channels, size, mean, std = input_spec(
         spec.model, splits.channels, splits.image_size, spec.channels, spec.image_size, splits.mean, splits.std
     )
-    model = build_model(spec.model, mode, splits.num_classes, channels, size, spec.activation, pretrained_state)
+    model = build_model(
+        spec.model, mode, splits.num_classes, channels, size, spec.activation, pretrained_state, spec.width, spec.depth, spec.batch_norm
+    )
     return model, BatchTransform(channels, size, mean, std)

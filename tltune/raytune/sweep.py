@@ -61,9 +61,7 @@ def trial_dirname(trial) -> str:
 def trial_config(experiment: Experiment, settings: ExperimentSettings) -> tuple[dict, list[dict]]:
     """The Tune ``param_space`` and ``points_to_evaluate`` (the reference settings first)."""
     reference, space = settings.reference, settings.space
-    param_space = {
-        **{k: v for k, v in reference.items() if k not in space},
-        **{k: to_tune_domain(v) for k, v in space.items()},
+    fixed = {
         "dataset": settings.dataset,
         "model": experiment.model,
         "mode": experiment.mode,
@@ -72,6 +70,12 @@ def trial_config(experiment: Experiment, settings: ExperimentSettings) -> tuple[
         "image_size": settings.image_size,
         "channels": settings.channels,
         "cached_features": settings.cached_features,
+    }
+    # A searched hyperparameter (e.g. the extended search's batch size) is never overridden by a fixed setting.
+    param_space = {
+        **{k: v for k, v in reference.items() if k not in space},
+        **{k: to_tune_domain(v) for k, v in space.items()},
+        **{k: v for k, v in fixed.items() if k not in space},
     }
     # The reference is evaluated first, then the best configurations of a warm-start run;
     # points outside the (possibly narrowed) space are left out.

@@ -22,6 +22,7 @@ from tltune.data import Splits, as_tensors
 from tltune.features import feature_splits
 from tltune.train import (
     DivergedError,
+    LRSchedule,
     Runtime,
     build_optimizer,
     evaluate,
@@ -60,7 +61,7 @@ def train_trial(tune_config: dict, inputs: dict) -> None:
     if runtime.compile:  # a reused actor: the last trial's graphs would count toward Dynamo's recompile limit
         torch._dynamo.reset()
     runtime.prepare(model, transform)
-    optimizer = build_optimizer(config.optimizer, model, config.lr)
+    optimizer = build_optimizer(config.optimizer, model, config.lr, config.weight_decay)
     epochs_done = 0
     checkpoint = tune.get_checkpoint()
     if checkpoint:
@@ -68,11 +69,15 @@ def train_trial(tune_config: dict, inputs: dict) -> None:
             epochs_done = load_checkpoint(directory, model, optimizer, runtime.scaler)
     train_x, train_y = as_tensors(splits.train, device)
     val_x, val_y = as_tensors(splits.val, device)
+    schedule = LRSchedule.of(config, len(train_y))  # recomputed from the epoch after a resume
     for epoch in range(epochs_done + 1, config.epochs + 1):
-        generator = seed_everything(config.seed * 1000 + epoch)  # same batches after a resume
+        generator = seed_everything(config.seed * 1000 + epoch)  # same batches (and augmentations) after a resume
         train_started = time.perf_counter()
         try:
-            train = train_one_epoch(model, optimizer, train_x, train_y, transform, config.batch_size, generator, runtime)
+            train = train_one_epoch(
+                model, optimizer, train_x, train_y, transform, config.batch_size, generator, runtime,
+                config.augmentation, config.label_smoothing, schedule, epoch,
+            )  # fmt: skip
         except DivergedError as exc:
             # Stop this trial with its reason in the results; val_acc 0 ranks it last for the
             # searcher and ASHA (a NaN would be dropped, and a retry would diverge again).
