@@ -34,7 +34,7 @@ def test_list(capsys):
     [
         ([], "usage"),
         (["nope"], "unknown command 'nope'"),
-        (["sweep"], "families: cifar10, mnist, svhn, mnist_to_svhn, all"),
+        (["sweep"], "families: cifar10, mnist, svhn, mnist_to_svhn, cifar10_plus, all"),
         (["sweep", "cifar"], "unknown family or experiment 'cifar'"),
         (["sweep", "mnist", "--experiments", "cifar10-cnn-search"], "unknown experiment(s) cifar10-cnn-search here"),
         (["best", "/nonexistent/run"], "does not exist"),

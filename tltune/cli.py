@@ -35,6 +35,7 @@ QUICK = {
     "repeats": 1,
 }
 DEFAULT_REPEATS = 3
+DEFAULT_BATCH_SIZE = 64
 DEFAULT_GRACE_PERIOD = 2
 
 
@@ -59,7 +60,7 @@ def build_parser(description: str, experiment_names: list[str] | None = None, pa
     model.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="search the learning rate log-uniformly in [LOW, HIGH]")
     model.add_argument("--epochs-range", type=int, nargs=2, metavar=("LOW", "HIGH"), help="search epochs in [LOW, HIGH]")
     model.add_argument("--max-epochs", type=int, help="cap every epoch count (reference and search)")
-    model.add_argument("--batch-size", type=int, default=64, help="default 64")
+    model.add_argument("--batch-size", type=int, help=f"fix the batch size (default {DEFAULT_BATCH_SIZE}, or searched where an experiment searches it)")
     model.add_argument("--no-feature-cache", action="store_true", help="feature extraction: run the frozen backbone in every epoch instead of once")
     model.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
                        help="(default) auto: bf16 on GPUs that have it (Ampere+), else fp16 with loss scaling; on a CPU bf16 where it is native (AVX512-BF16, AMX), else fp32")
@@ -107,7 +108,7 @@ def experiment_settings(experiment: Experiment, args) -> ExperimentSettings:
         space["lr"] = LogUniform(*args.lr_range)
     if args.epochs_range:
         space["epochs"] = IntRange(*args.epochs_range)
-    for key in ("optimizer", "activation", "lr", "epochs"):
+    for key in ("optimizer", "activation", "lr", "epochs", "batch_size"):
         value = getattr(args, key)
         if value is not None and (key != "activation" or experiment.model == "cnn"):
             reference[key] = value
@@ -138,7 +139,7 @@ def experiment_settings(experiment: Experiment, args) -> ExperimentSettings:
         space=space,
         num_samples=num_samples,
         max_epochs=max_epochs(reference, space),
-        batch_size=args.batch_size,
+        batch_size=_given(args.batch_size, DEFAULT_BATCH_SIZE),
         seed=args.seed,
         image_size=image_size,
         channels=experiment.input.get("channels"),

@@ -29,6 +29,7 @@ from tltune.results import (
     ASHA_STOP,
     COMPLETED,
     DATASET_NAMES,
+    HYPERPARAMETERS,
     DIVERGED,
     ERROR,
     EXPERIMENT_FILE,
@@ -101,7 +102,7 @@ def _fmt(value, spec: str) -> str:
 
 
 def _config_text(config: dict) -> str:
-    keys = ("optimizer", "activation", "lr", "epochs", "batch_size", "image_size")
+    keys = HYPERPARAMETERS
     return ", ".join(f"{k}={config[k]:.3g}" if isinstance(config[k], float) else f"{k}={config[k]}" for k in keys if config.get(k) is not None)
 
 

@@ -294,7 +294,8 @@ def top_configs(path: str | Path, experiment: str, k: int = 3) -> list[dict]:
 # ---------------------------------------------------------------------------- formatting
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "mnist": "MNIST", "svhn": "SVHN"}
-HYPERPARAMETERS = ("optimizer", "activation", "lr", "epochs", "batch_size", "image_size")
+HYPERPARAMETERS = ("optimizer", "activation", "lr", "epochs", "batch_size", "image_size",
+                   "weight_decay", "schedule", "augmentation", "width", "label_smoothing")  # fmt: skip
 
 
 ALL_DIVERGED = "all trials diverged"
