@@ -58,3 +58,16 @@ def test_reference_scored_and_repeats(tmp_path, real_data_root):
     rows = repeat_rows(load_run(tmp_path / "run"))
     assert [(r["group"], r["seed"]) for r in rows] == [("reference", 0), ("reference", 1), ("best", 0), ("best", 1)]
     assert [r["test_acc"] for r in rows] == repeats["reference"]["test_acc"] + repeats["best"]["test_acc"]
+
+
+def test_best_accuracy_over_sweep_time(tmp_path):
+    from test_trials_table import write_run
+
+    from tltune.results import best_over_time, load_run
+
+    write_run(str(tmp_path / "run"))
+    finished = next(e for e in load_run(tmp_path / "run") if e.name == "mnist-cnn")
+    curve = best_over_time(finished)
+    minutes, accs = zip(*curve)
+    assert list(minutes) == sorted(minutes) and list(accs) == sorted(accs) and accs[-1] == 0.9
+    assert minutes[0] == 0, "from the first report (no started_at recorded here)"

@@ -38,6 +38,7 @@ from tltune.results import (
     SUMMARY_FILE,
     ExperimentResult,
     accuracy_text,
+    best_over_time,
     difference_text,
     experiment_status,
     load_experiments,
@@ -340,6 +341,27 @@ def plot_intermediate_values(exp: ExperimentResult, out: Path) -> Path | None:
     return path
 
 
+def plot_best_over_time(exp: ExperimentResult, out: Path) -> Path | None:
+    """The best validation accuracy against the sweep's time (also as ``<exp>-best_over_time.csv``)."""
+    import matplotlib.pyplot as plt
+
+    curve = best_over_time(exp)
+    if not curve:
+        return None
+    write_trials_csv([{"minutes": m, "best_val_acc": acc} for m, acc in curve], out / f"{exp.name}-best_over_time.csv")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    minutes, accs = zip(*curve)
+    ax.step(minutes, [100 * a for a in accs], where="post", marker="o", ms=3)
+    ax.set_xlabel("minutes since the first trial started")
+    ax.set_ylabel("best val accuracy so far (%)")
+    ax.set_title(f"{exp.name}: best validation accuracy against sweep time", fontsize=9)
+    fig.tight_layout()
+    path = out / f"{exp.name}-best_over_time.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 @contextlib.contextmanager
 def open_study(exp: ExperimentResult) -> Iterator[optuna.Study | None]:
     """The experiment's Optuna study while the ``with`` lasts, read from a temporary copy of
@@ -423,6 +445,9 @@ def experiment_section(exp: ExperimentResult, out: Path) -> list[str]:
     curves = plot_intermediate_values(exp, out)
     if curves is not None:
         parts.append(f"![{exp.name}: val accuracy per epoch]({curves.name})")
+    over_time = plot_best_over_time(exp, out)
+    if over_time is not None:
+        parts.append(f"![{exp.name}: best val accuracy against sweep time]({over_time.name}) ([csv]({over_time.stem}.csv))")
     with open_study(exp) as study:
         if study is not None:
             parts.append("\n\n".join(plot_study(study, exp.name, out)))

@@ -524,6 +524,28 @@ def trial_table(run_dir: str | Path) -> list[dict]:
     return trial_rows(load_run(run_dir))
 
 
+def best_over_time(exp: ExperimentResult) -> list[tuple[float, float]]:
+    """The sweep's best validation accuracy so far after each epoch any trial reported, as
+    (minutes since the first trial started, best val_acc), in time order."""
+    reports = []
+    for trial in exp.trials:
+        for row in trial.epochs:
+            at, acc = row.get("reported_at", row.get("timestamp")), val_acc_of(row)
+            if _is_number(at) and acc is not None:
+                reports.append((at, acc, row.get("started_at")))
+    if not reports:
+        return []
+    reports.sort()
+    starts = [s for _, _, s in reports if _is_number(s)]
+    start = min([*starts, reports[0][0]])
+    curve, best = [], -math.inf
+    for at, acc, _ in reports:
+        if acc > best:
+            best = acc
+            curve.append((round((at - start) / 60, 2), best))
+    return curve
+
+
 def repeat_rows(experiments: list[ExperimentResult]) -> list[dict]:
     """One row per training of the reference and the best configuration (the search's own trial
     and each ``--repeats`` seed): experiment, group, seed, trial, val and test accuracy."""
