@@ -59,3 +59,16 @@ def test_run_and_load_from_python(tmp_path, real_data_root):
     assert report.is_file() and (tmp_path / "report" / "trials.csv").is_file()
     with pytest.raises(KeyError, match="my-mnist"):
         loaded["cifar10-cnn-search"]
+
+
+def test_tunes_environment_is_set_only_while_a_sweep_runs(monkeypatch):
+    """A notebook's own Tune runs after tltune.run keep Tune's defaults (result.json and all)."""
+    import os
+
+    from tltune.raytune.sweep import TUNE_ENVIRONMENT, tune_environment
+
+    monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
+    monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
+    with tune_environment():
+        assert all(os.environ[k] == v for k, v in TUNE_ENVIRONMENT.items())
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1" and "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ

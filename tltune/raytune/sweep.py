@@ -226,10 +226,6 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # our own TensorBoard writer replaces Ray's
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # per-epoch checkpoints are intended
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # tltune.signals decides what a signal does
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # its reporter prints a banner even when silent; ours reports
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its stop notices name Tuner.restore; ours names --resume
     exp_dir = storage.join(run_dir, experiment.name)
     if not storage.is_file(storage.join(exp_dir, EXPERIMENT_FILE)):
@@ -335,6 +331,30 @@ def run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, r
     return summary
 
 
+TUNE_ENVIRONMENT = {
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # our own TensorBoard writer replaces Ray's
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",  # per-epoch checkpoints are intended
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",  # tltune.signals decides what a signal does
+    "RAY_AIR_NEW_OUTPUT": "0",  # its reporter prints a banner even when silent; ours reports
+}
+
+
+@contextlib.contextmanager
+def tune_environment():
+    """Tune reads these from the environment; set only while tltune's sweeps run, so a caller's
+    own Tune runs in the same process (a notebook) keep Tune's defaults."""
+    before = {name: os.environ.get(name) for name in TUNE_ENVIRONMENT}
+    os.environ.update(TUNE_ENVIRONMENT)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @contextlib.contextmanager
 def signing_saved_state(exp_dir: str):
     """Tune saves its state to a local staging folder, then uploads it to ``exp_dir``; here
@@ -438,7 +458,8 @@ def run_sweep(plan: SweepPlan) -> None:
                   f"{s.cpus_per_trial:g} CPU / {s.gpus_per_trial:g} GPU per trial, up to {s.max_concurrent_trials} at once")  # fmt: skip
             inputs = {"splits": split_refs[s.dataset], "pretrained_state": pretrained_ref}
             try:
-                run_experiment(experiment, s, inputs, plan.run_dir)
+                with tune_environment():
+                    run_experiment(experiment, s, inputs, plan.run_dir)
             except TrialsFailed as exc:  # the next experiments may still succeed
                 failures.append(str(exc))
                 print(f"error: {exc}", file=sys.stderr)
