@@ -11,7 +11,7 @@ from conftest import ROOT
 from tltune.cli import build_parser, experiment_settings
 from tltune.experiments import EXPERIMENTS
 from tltune.raytune.sweep import ReferenceExemptASHA
-from tltune.results import accuracy_text, difference_text, load_run, repeat_rows, seed_accuracies
+from tltune.results import accuracy_text, difference_text, load_run, repeat_rows, seed_accuracies, trial_table
 
 
 def test_asha_stops_a_poor_trial_but_never_the_reference():
@@ -55,6 +55,8 @@ def test_reference_scored_and_repeats(tmp_path, real_data_root):
     assert repeats["reference"]["test_acc"][0] == reference["test_acc"] and repeats["best"]["test_acc"][0] == summary["test_acc"]
     assert summary["epochs_spent"] >= 2 + 2 * 1, "search epochs plus the repeats'"
     assert "(2 seeds)" in out.stdout, "the table shows mean ± std"
+    tested = {r["trial"]: r["test_acc"] for r in trial_table(tmp_path / "run") if r["test_acc"] is not None}
+    assert tested[reference["trial"]] == reference["test_acc"], "the per-trial table has the reference's test accuracy"
     rows = repeat_rows(load_run(tmp_path / "run"))
     assert [(r["group"], r["seed"]) for r in rows] == [("reference", 0), ("reference", 1), ("best", 0), ("best", 1)]
     assert [r["test_acc"] for r in rows] == repeats["reference"]["test_acc"] + repeats["best"]["test_acc"]

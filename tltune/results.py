@@ -487,18 +487,28 @@ def _wall_s(trial: Trial) -> float | None:
     return round(stamps[-1] - stamps[0], 2) if len(stamps) > 1 else None
 
 
+def tested_trials(summary: dict | None) -> dict[str, float]:
+    """Trial name → test accuracy of the trials an experiment tested (its best and its reference)."""
+    summary, tested = summary or {}, {}
+    for record in (summary.get("reference_trial") or {}, summary):
+        name, value = record.get("best_trial", record.get("trial")), record.get("test_acc")
+        if isinstance(name, str) and _is_number(value):
+            tested[name] = value
+    return tested
+
+
 def trial_rows(experiments: list[ExperimentResult]) -> list[dict]:
     """One row per trial of ``experiments``: experiment, trial, every config value as
     ``config/<key>`` (the same columns in every row, the common hyperparameters first),
     epochs run, stop reason (see :func:`stop_reason`), best and last val_acc, test_acc (the
-    experiment's tested best trial only) and wall time in seconds; ``None`` where unknown."""
+    tested trials only: the best and the reference) and wall time in seconds; ``None`` where unknown."""
     flat_configs = {(exp.name, t.name): _flat(t.config) for exp in experiments for t in exp.trials}
     keys = {k for config in flat_configs.values() for k in config}
     first = [f"config/{k}" for k in HYPERPARAMETERS if f"config/{k}" in keys]
     config_columns = first + sorted(keys - set(first))
     rows = []
     for exp in experiments:
-        tested = exp.summary.get("best_trial") if exp.summary else None
+        tested = tested_trials(exp.summary)
         for trial in exp.trials:
             accuracies = [a for a in map(val_acc_of, trial.epochs) if a is not None]
             config = flat_configs[exp.name, trial.name]
@@ -511,7 +521,7 @@ def trial_rows(experiments: list[ExperimentResult]) -> list[dict]:
                     "stop_reason": stop_reason(trial, exp),
                     "best_val_acc": max(accuracies, default=None),
                     "last_val_acc": val_acc_of(trial.last) if trial.last else None,
-                    "test_acc": exp.summary.get("test_acc") if trial.name == tested else None,
+                    "test_acc": tested.get(trial.name),
                     "wall_s": _wall_s(trial),
                 }
             )
