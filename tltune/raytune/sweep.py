@@ -80,7 +80,7 @@ def trial_config(experiment: Experiment, settings: ExperimentSettings) -> tuple[
     # The reference is evaluated first, then the best configurations of a warm-start run;
     # points outside the (possibly narrowed) space are left out.
     points = []
-    for point in [{k: reference[k] for k in space}, *settings.warm_start]:
+    for point in [reference_point(settings), *settings.warm_start]:
         point = {k: point.get(k) for k in space}
         if space and point not in points and all(v is not None and space[k].contains(v) for k, v in point.items()):
             points.append(point)
@@ -111,9 +111,18 @@ class ResumableOptunaSearch(OptunaSearch):
                 pass
 
 
+def reference_point(settings: ExperimentSettings) -> dict:
+    """The reference's values of the searched hyperparameters."""
+    return {k: settings.reference[k] for k in settings.space}
+
+
+def has_values(config: dict, values: dict) -> bool:
+    return all(config.get(k) == v for k, v in values.items())
+
+
 def is_reference(config: dict, settings: ExperimentSettings) -> bool:
     """Whether a trial's config holds the reference's values of every searched hyperparameter."""
-    return all(config.get(k) == settings.reference[k] for k in settings.space)
+    return has_values(config, reference_point(settings))
 
 
 class ReferenceExemptASHA(ASHAScheduler):
@@ -122,11 +131,11 @@ class ReferenceExemptASHA(ASHAScheduler):
 
     def __init__(self, settings: ExperimentSettings, **kwargs):
         super().__init__(**kwargs)
-        self.reference = {k: settings.reference[k] for k in settings.space}
+        self.reference = reference_point(settings)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         decision = super().on_trial_result(tune_controller, trial, result)  # its rungs still see the result
-        if all(trial.config.get(k) == v for k, v in self.reference.items()):
+        if has_values(trial.config, self.reference):
             return self.CONTINUE
         return decision
 
@@ -325,7 +334,7 @@ def run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, r
     tested = score(settings, inputs, {trial_name(r): r for r in done})
     summary = {"seeds": [settings.seed, *seeds], "epochs_spent": sum(r.metrics.get("training_iteration", 0) for r in results)}
     for group, original in groups.items():
-        runs = [original, *(r for r in done if all(r.config.get(k) == v for k, v in as_trained(original).items()))]
+        runs = [original, *(r for r in done if has_values(r.config, as_trained(original)))]
         tests = [scored[trial_name(original)]["test_acc"], *(tested[trial_name(r)]["test_acc"] for r in runs[1:])]
         summary[group] = {"trials": [trial_name(r) for r in runs], "val_acc": [r.metrics[METRIC] for r in runs], "test_acc": tests}
     return summary
