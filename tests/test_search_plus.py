@@ -301,3 +301,41 @@ def test_a_tiny_real_sweep_of_the_extended_search(tmp_path, real_data_root):
         checkpoint = torch.load(next(trial.glob("checkpoint_*/model.pt")), weights_only=True)
         assert checkpoint["optimizer"]["param_groups"][0]["weight_decay"] == pytest.approx(config["weight_decay"])
         assert TrialConfig.from_dict(checkpoint["config"]) == TrialConfig.from_dict(config) and config["depth"] == 3
+
+
+def test_the_input_check_before_ray_builds_the_reference_network_with_its_width_depth_and_batch_norm():
+    """Three pooling steps need an 8-pixel input: the search-plus reference is refused at 4
+    pixels before Ray starts, where the seed's two-block CNN is fine."""
+    from test_trial_failures import tiny_splits
+    from tltune.cli import check_model_input
+
+    experiment, plus = settings(PLUS, image_size=4)
+    assert plus.reference_model_spec("cnn") == ModelSpec("cnn", "relu", 4, None, width=2, depth=3, batch_norm=True)
+    with pytest.raises(UserError, match="3 pooling steps"):
+        check_model_input(experiment, plus, tiny_splits())
+    seed_experiment, seed = settings("mnist-cnn", image_size=4)
+    assert seed.reference_model_spec("cnn") == ModelSpec("cnn", "relu", 4, None)
+    check_model_input(seed_experiment, seed, tiny_splits())
+
+
+def test_a_frozen_backbone_is_computed_once_only_when_every_trial_would_get_the_same_output():
+    from tltune.cli import backbone_output_is_fixed
+    from tltune.experiments import Choice
+
+    reference = {"optimizer": "sgd", "lr": 1e-3}
+    assert backbone_output_is_fixed(reference, {"lr": None})
+    for shape in ("activation", "width", "depth", "batch_norm", "augmentation"):
+        assert not backbone_output_is_fixed(reference, {shape: Choice((1, 2))}), shape
+    assert not backbone_output_is_fixed({**reference, "augmentation": "flip"}, {})
+    assert backbone_output_is_fixed({**reference, "augmentation": "none"}, {})
+
+
+def test_the_feature_cache_key_changes_with_every_field_of_the_model_spec():
+    from dataclasses import replace
+
+    from test_trial_failures import tiny_splits
+    from tltune.features import feature_key
+
+    splits, spec = tiny_splits(), ModelSpec("cnn", image_size=8)
+    keys = {feature_key(splits, None, s) for s in (spec, replace(spec, width=2), replace(spec, depth=3), replace(spec, batch_norm=True), replace(spec, activation="elu"))}
+    assert len(keys) == 5

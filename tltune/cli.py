@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 from tltune import signals, storage, trust
+from tltune.config import MODEL_SHAPE_KEYS
 from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import EXPERIMENTS, Experiment, IntRange, LogUniform, check_settings, get_experiment, max_epochs, validate
 from tltune.models import ACTIVATIONS, PRETRAINED_MODES
@@ -143,13 +144,19 @@ def experiment_settings(experiment: Experiment, args) -> ExperimentSettings:
         seed=args.seed,
         image_size=image_size,
         channels=experiment.input.get("channels"),
-        # the frozen backbone's output is computed once, unless the backbone itself is searched
-        cached_features=experiment.mode == "feature_extract" and "activation" not in space and not args.no_feature_cache,
+        cached_features=experiment.mode == "feature_extract" and backbone_output_is_fixed(reference, space) and not args.no_feature_cache,
         grace_period=grace,
         max_concurrent_trials=args.max_concurrent_trials,
         warm_start=tuple(top_configs(args.warm_start, experiment.name)) if args.warm_start else (),
         repeats=repeats,
     )
+
+
+def backbone_output_is_fixed(reference: dict, space: dict) -> bool:
+    """Whether a frozen backbone gives every trial the same output per image, so that it can be
+    computed once: not if the network's shape is searched, or the images are augmented."""
+    augmented = "augmentation" in space or reference.get("augmentation", "none") != "none"
+    return not augmented and not set(MODEL_SHAPE_KEYS) & set(space)
 
 
 def check_args(args) -> None:
@@ -236,13 +243,11 @@ def check_model_input(experiment: Experiment, settings: ExperimentSettings, spli
     through it: an input too small for the model fails here, not in every trial."""
     import torch
 
-    from tltune.config import ModelSpec
     from tltune.data import as_tensors
     from tltune.train import setup_image_model
 
-    spec = ModelSpec(experiment.model, settings.reference.get("activation", "relu"), settings.image_size, settings.channels)
     try:
-        model, transform = setup_image_model(spec, experiment.mode, splits, None)
+        model, transform = setup_image_model(settings.reference_model_spec(experiment.model), experiment.mode, splits, None)
         images, _ = as_tensors(splits.train.subset(np.arange(min(2, len(splits.train)))))
         with torch.no_grad():
             model.eval()(transform(images))

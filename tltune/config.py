@@ -27,6 +27,11 @@ class ModelSpec:
     batch_norm: bool = False  # after each of the CNN's convs
 
 
+# The hyperparameters that shape the network: a frozen backbone computed once cannot serve a
+# search over any of them.
+MODEL_SHAPE_KEYS = ("activation", "width", "depth", "batch_norm")
+
+
 @dataclass(frozen=True)
 class TrialConfig:
     """Every key of a trial's config. The defaults are those of configs that lack the key:

@@ -10,6 +10,7 @@ naive path's, and so is the model it describes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -44,10 +45,10 @@ def fingerprint_state(state: dict | None) -> str:
 
 
 def feature_key(splits: Splits, pretrained_state: dict | None, spec: ModelSpec) -> str:
-    """Changes with the images, labels, weights, model, input size and channels."""
+    """Changes with the images, labels, weights and every field of the model spec."""
     parts = [
         f"v{FEATURE_CACHE_VERSION}",
-        *(f"{k}={getattr(spec, k)}" for k in ("model", "activation", "image_size", "channels")),
+        *(f"{k}={v}" for k, v in dataclasses.asdict(spec).items()),
         fingerprint_state(pretrained_state),
         *(fingerprint_arrays(s.images, s.labels) for s in (splits.train, splits.val, splits.test)),
     ]

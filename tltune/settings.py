@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from tltune.config import MODEL_SHAPE_KEYS, ModelSpec
 from tltune.data import Splits
 from tltune.experiments import Experiment
 
@@ -32,6 +33,11 @@ class ExperimentSettings:
     cpus_per_trial: float | None = None  # None until sized to the cluster
     gpus_per_trial: float | None = None
     pretrained: str = "none"  # the source of the starting weights: 'imagenet', a file, a checkpoint
+
+    def reference_model_spec(self, model: str) -> ModelSpec:
+        """The network of the reference trial (and of every trial, where its shape is not searched)."""
+        shape = {key: self.reference[key] for key in MODEL_SHAPE_KEYS if key in self.reference}
+        return ModelSpec(model, image_size=self.image_size, channels=self.channels, **shape)
 
     def record(self) -> dict:
         """Everything but the search space (recorded on its own, readably)."""

@@ -13,7 +13,7 @@ import os
 import signal
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import ray
@@ -243,13 +243,7 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
     if settings.cached_features:
         started = time.time()
         task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(precompute_features)
-        input_config = {
-            "model": experiment.model,
-            "activation": settings.reference.get("activation", "relu"),
-            "image_size": settings.image_size,
-            "channels": settings.channels,
-        }
-        features = task.remote(input_config, inputs)
+        features = task.remote(asdict(settings.reference_model_spec(experiment.model)), inputs)
         ray.wait([features], fetch_local=False)
         inputs = {**inputs, "splits": features}
         print(f"backbone features ready in {time.time() - started:.1f}s (computed once, or from the cache)")
