@@ -10,7 +10,8 @@ from ray.tune.experiment import Trial
 from conftest import ROOT
 from tltune.cli import build_parser, experiment_settings
 from tltune.experiments import EXPERIMENTS
-from tltune.raytune.sweep import ReferenceExemptASHA
+from tltune.config import TrialConfig
+from tltune.raytune.sweep import ReferenceExemptASHA, repeat_values
 from tltune.results import accuracy_text, difference_text, load_run, repeat_rows, seed_accuracies, trial_table
 
 
@@ -52,6 +53,8 @@ def test_reference_scored_and_repeats(tmp_path, real_data_root):
     assert repeats["seeds"] == [0, 1]
     for group in ("reference", "best"):
         assert len(repeats[group]["test_acc"]) == 2 and len(set(repeats[group]["trials"])) == 2
+        assert repeats[group]["seeds"] == [0, 1], "each run's own seed, read from its config"
+        assert len(set(repeats[group]["epochs"])) == 1, "a repeat trains the epochs its original trained (ASHA may have stopped it)"
     assert repeats["reference"]["test_acc"][0] == reference["test_acc"] and repeats["best"]["test_acc"][0] == summary["test_acc"]
     assert summary["epochs_spent"] >= 2 + 2 * 1, "search epochs plus the repeats'"
     assert "(2 seeds)" in out.stdout, "the table shows mean ± std"
@@ -73,3 +76,28 @@ def test_best_accuracy_over_sweep_time(tmp_path):
     minutes, accs = zip(*curve)
     assert list(minutes) == sorted(minutes) and list(accs) == sorted(accs) and accs[-1] == 0.9
     assert minutes[0] == 0, "from the first report (no started_at recorded here)"
+
+
+def test_a_repeat_of_a_stopped_trial_keeps_its_schedule_and_stops_where_it_stopped():
+    space = {"lr": None, "epochs": None, "schedule": None}
+    config = {"lr": 0.1, "epochs": 10, "schedule": "onecycle", "seed": 0, "batch_size": 64}
+    assert repeat_values(config, 4, space) == {"lr": 0.1, "epochs": 10, "schedule": "onecycle", "stop_epoch": 4}
+    assert repeat_values(config, 10, space)["stop_epoch"] is None, "a trial that completed is repeated in full"
+
+
+def test_the_initial_weights_come_from_the_trial_seed_alone():
+    """A reused Ray actor runs trials one after another in one process: the weights a trial
+    starts from must not depend on what the process drew before."""
+    import torch
+
+    from test_trial_failures import tiny_splits
+    from tltune.train import setup_model
+
+    def first_weights(seed: int) -> torch.Tensor:
+        torch.rand(1000)  # what an earlier trial in this process drew
+        config = TrialConfig("tiny", "cnn", "scratch", "adam", 1e-3, 1, 8, seed)
+        model, _ = setup_model(config, tiny_splits(), None)
+        return next(model.parameters()).detach().clone()
+
+    assert torch.equal(first_weights(1), first_weights(1))
+    assert not torch.equal(first_weights(1), first_weights(2))

@@ -59,6 +59,7 @@ class TrialConfig:
     augmentation: str = "none"  # a name in tltune.train.AUGMENTATIONS
     label_smoothing: float = 0.0
     schedule: str = "constant"  # a name in tltune.train.SCHEDULES: the learning rate over the trial's epochs
+    stop_epoch: int | None = None  # train only this many of the epochs (a repeat of a trial ASHA stopped: same schedule, same stop)
 
     @classmethod
     def from_dict(cls, config: dict) -> "TrialConfig":

@@ -443,7 +443,7 @@ TRIAL_COLUMNS = ("epochs_run", "stop_reason", "best_val_acc", "last_val_acc", "t
 def stop_reason(trial: Trial, exp: ExperimentResult) -> str:
     """Why ``trial`` ended: ``completed`` (its config's epochs), ``diverged``, ``error``,
     ``stopped by ASHA at epoch N``, or ``interrupted at epoch N`` (the experiment never finished)."""
-    planned = trial.config.get("epochs")
+    planned = trial.config.get("stop_epoch") or trial.config.get("epochs")
     if trial.diverged:
         return DIVERGED
     if isinstance(planned, int) and trial.epochs_run >= planned:
@@ -558,17 +558,18 @@ def best_over_time(exp: ExperimentResult) -> list[tuple[float, float]]:
 
 def repeat_rows(experiments: list[ExperimentResult]) -> list[dict]:
     """One row per training of the reference and the best configuration (the search's own trial
-    and each ``--repeats`` seed): experiment, group, seed, trial, val and test accuracy."""
+    and each ``--repeats`` seed): experiment, group, seed, trial, epochs, val and test accuracy."""
     rows = []
     for exp in experiments:
         repeats = (exp.summary or {}).get("repeats") or {}
-        seeds = repeats.get("seeds") or []
         for group in ("reference", "best"):
             runs = repeats.get(group) or {}
+            # runs of tltune before the seeds were recorded per run: the run's seeds, in order
+            runs = {"seeds": repeats.get("seeds"), **runs}
             for i, trial in enumerate(runs.get("trials") or []):
                 value = lambda key: runs[key][i] if isinstance(runs.get(key), list) and i < len(runs[key]) else None  # noqa: E731
-                rows.append({"experiment": exp.name, "group": group, "seed": seeds[i] if i < len(seeds) else None,
-                             "trial": trial, "val_acc": value("val_acc"), "test_acc": value("test_acc")})  # fmt: skip
+                rows.append({"experiment": exp.name, "group": group, "seed": value("seeds"), "trial": trial,
+                             "epochs": value("epochs"), "val_acc": value("val_acc"), "test_acc": value("test_acc")})  # fmt: skip
     return rows
 
 

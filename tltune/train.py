@@ -341,7 +341,10 @@ def load_checkpoint(
 
 def setup_model(config: TrialConfig, splits, pretrained_state: dict | None) -> tuple[nn.Module, BatchTransform | FeatureTransform]:
     """The model a trial ``config`` describes, and the batch transform that feeds it.
-    With ``cached_features`` the splits hold backbone features and the model is the head."""
+    With ``cached_features`` the splits hold backbone features and the model is the head.
+    The initial weights come from ``config.seed`` alone, whatever ran before in this process
+    (a Ray actor reused for another trial)."""
+    seed_everything(config.seed)
     if config.cached_features:
         head = nn.Linear(splits.train.images.shape[1], splits.num_classes)
         return BackboneHead(nn.Identity(), head), FeatureTransform()

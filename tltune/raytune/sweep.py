@@ -194,7 +194,8 @@ def repeats_tuner(name: str, settings: ExperimentSettings, trainable, param_spac
     """The given configurations (seeds included) trained to the end, no search, no early stop."""
     return tune.Tuner(
         trainable,
-        param_space={**param_space, "seed": tune.randint(0, 2**31 - 1)},  # a domain, so each point sets its own
+        # domains, so that each point sets its own without a warning (every trial is a point)
+        param_space={**param_space, "seed": tune.randint(0, 2**31 - 1), "stop_epoch": tune.choice([None, *range(1, settings.max_epochs + 1)])},
         tune_config=tune.TuneConfig(
             metric=METRIC,
             mode=MODE,
@@ -309,14 +310,21 @@ def score(settings: ExperimentSettings, inputs: dict, results: dict) -> dict[str
     return {name: ray.get(ref) for name, ref in refs.items()}
 
 
+def repeat_values(config: dict, epochs_trained: int, space: dict) -> dict:
+    """What a repeat of a trial sets: its searched values, and for a trial ASHA stopped, the
+    epoch it stopped at. Its learning-rate schedule stays planned over its configured epochs,
+    so the repeat trains what the trial trained."""
+    return {**{k: config[k] for k in space}, "stop_epoch": epochs_trained if epochs_trained < config["epochs"] else None}
+
+
 def run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, reference, best, scored) -> dict:
     """The reference's and the best trial's configurations trained again with ``repeats - 1``
     more seeds (the search's own trial is the first), each tested: accuracies per seed."""
     groups = {"reference": reference, "best": best}
     seeds = [settings.seed + i for i in range(1, settings.repeats)]
 
-    def as_trained(result) -> dict:  # its searched values, and the epochs it trained (ASHA may have stopped the best)
-        return {**{k: result.config[k] for k in settings.space}, "epochs": result.metrics["training_iteration"]}
+    def as_trained(result) -> dict:
+        return repeat_values(result.config, result.metrics["training_iteration"], settings.space)
 
     configs = [as_trained(r) for r in groups.values()]
     points = [{**config, "seed": seed} for i, config in enumerate(configs) if config not in configs[:i] for seed in seeds]
@@ -330,7 +338,13 @@ def run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, r
     for group, original in groups.items():
         runs = [original, *(r for r in done if has_values(r.config, as_trained(original)))]
         tests = [scored[trial_name(original)]["test_acc"], *(tested[trial_name(r)]["test_acc"] for r in runs[1:])]
-        summary[group] = {"trials": [trial_name(r) for r in runs], "val_acc": [r.metrics[METRIC] for r in runs], "test_acc": tests}
+        summary[group] = {
+            "trials": [trial_name(r) for r in runs],
+            "seeds": [r.config["seed"] for r in runs],
+            "epochs": [r.metrics["training_iteration"] for r in runs],
+            "val_acc": [r.metrics[METRIC] for r in runs],
+            "test_acc": tests,
+        }
     return summary
 
 

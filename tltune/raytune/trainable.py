@@ -70,7 +70,7 @@ def train_trial(tune_config: dict, inputs: dict) -> None:
     train_x, train_y = as_tensors(splits.train, device)
     val_x, val_y = as_tensors(splits.val, device)
     schedule = LRSchedule.of(config, len(train_y))  # recomputed from the epoch after a resume
-    for epoch in range(epochs_done + 1, config.epochs + 1):
+    for epoch in range(epochs_done + 1, (config.stop_epoch or config.epochs) + 1):
         generator = seed_everything(config.seed * 1000 + epoch)  # same batches (and augmentations) after a resume
         train_started = time.perf_counter()
         try:
