@@ -12,7 +12,7 @@ from tltune.cli import build_parser, experiment_settings
 from tltune.experiments import EXPERIMENTS
 from tltune.config import TrialConfig
 from tltune.raytune.sweep import ReferenceExemptASHA, repeat_values
-from tltune.results import accuracy_text, difference_text, load_run, repeat_rows, seed_accuracies, trial_table
+from tltune.results import accuracy_text, difference_text, experiment_rows, load_run, repeat_rows, seed_accuracies, trial_table
 
 
 def test_asha_stops_a_poor_trial_but_never_the_reference():
@@ -63,6 +63,12 @@ def test_reference_scored_and_repeats(tmp_path, real_data_root):
     rows = repeat_rows(load_run(tmp_path / "run"))
     assert [(r["group"], r["seed"]) for r in rows] == [("reference", 0), ("reference", 1), ("best", 0), ("best", 1)]
     assert [r["test_acc"] for r in rows] == repeats["reference"]["test_acc"] + repeats["best"]["test_acc"]
+    assert [r["epochs"] for r in rows] == repeats["reference"]["epochs"] + repeats["best"]["epochs"]
+    (row,) = experiment_rows(load_run(tmp_path / "run"))
+    assert row["status"] == "finished" and row["reference_seeds"] == row["best_seeds"] == 2
+    assert row["reference_test_acc_mean"] == round(50 * sum(repeats["reference"]["test_acc"]), 3)
+    assert row["search_epochs"] + row["repeat_epochs"] == summary["epochs_spent"] and row["repeat_epochs"] == repeats["epochs_spent"]
+    assert row["wall_s"] == summary["wall_s"] and row["precision_used"] in ("fp32", "bf16")
 
 
 def test_best_accuracy_over_sweep_time(tmp_path):
@@ -72,10 +78,9 @@ def test_best_accuracy_over_sweep_time(tmp_path):
 
     write_run(str(tmp_path / "run"))
     finished = next(e for e in load_run(tmp_path / "run") if e.name == "mnist-cnn")
-    curve = best_over_time(finished)
-    minutes, accs = zip(*curve)
-    assert list(minutes) == sorted(minutes) and list(accs) == sorted(accs) and accs[-1] == 0.9
-    assert minutes[0] == 0, "from the first report (no started_at recorded here)"
+    # trials' last epochs only (what the sweep keeps and selects on): "done" ended at 0.9 after
+    # 0.5 and 0.7, "short" at 0.6 in the first minute; no started_at recorded: from the first report
+    assert best_over_time(finished) == [(0.0, 0.6), (0.17, 0.9)]
 
 
 def test_a_repeat_of_a_stopped_trial_keeps_its_schedule_and_stops_where_it_stopped():
@@ -101,3 +106,11 @@ def test_the_initial_weights_come_from_the_trial_seed_alone():
 
     assert torch.equal(first_weights(1), first_weights(1))
     assert not torch.equal(first_weights(1), first_weights(2))
+
+
+def test_a_search_narrowed_past_the_reference_says_so(capsys):
+    experiment = EXPERIMENTS["mnist-cnn"]
+    experiment_settings(experiment, build_parser("test").parse_args(["--lr-range", "0.01", "0.1"]))
+    assert "the reference's lr=0.001 lies outside the searched ranges" in capsys.readouterr().err
+    experiment_settings(experiment, build_parser("test").parse_args(["--lr-range", "1e-4", "0.1"]))
+    assert capsys.readouterr().err == ""

@@ -125,6 +125,10 @@ def experiment_settings(experiment: Experiment, args) -> ExperimentSettings:
         reference["epochs"] = min(reference["epochs"], cap)
         if "epochs" in space:
             space["epochs"] = IntRange(min(space["epochs"].low, cap), min(space["epochs"].high, cap))
+    outside = [f"{k}={reference[k]}" for k, domain in space.items() if not domain.contains(reference[k])]
+    if outside:
+        print(f"warning: {experiment.name}: the reference's {', '.join(outside)} lies outside the searched ranges, so the "
+              "search has no reference trial and the table no number at the reference settings", file=sys.stderr)  # fmt: skip
     num_samples = _given(args.num_samples, min(experiment.num_samples, QUICK["num_samples"]) if args.quick else experiment.num_samples)
     if num_samples < 1:
         raise UserError(f"--num-samples must be at least 1, got {num_samples}")

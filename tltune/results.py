@@ -398,8 +398,8 @@ def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
 def markdown_table(rows: list[dict]) -> str:
     """The seed's table (its Accuracy: our best configuration's), then the reference, ours at the
     reference settings, and what the search spent."""
-    lines = ["| Dataset | Model type | Learning rate | Epochs | Accuracy | Reference | At the reference settings | Trials | Epochs spent | Wall time |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| Dataset | Model type | Learning rate | Epochs | Accuracy | Reference | At the reference settings | Best − reference | Trials | Epochs spent | Wall time |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for row in rows:
         if row["status"].startswith("failed: "):
             accuracy = row["status"]
@@ -416,7 +416,8 @@ def markdown_table(rows: list[dict]) -> str:
         reference = f"{row['reference']:.2f}%" if row["reference"] is not None else "-"
         wall = f"{row['wall_s'] / 60:.1f} min" if _is_number(row["wall_s"]) else "-"
         lines.append(f"| {row['Dataset']} | {row['Model type']} | {lr} | {epochs} | {accuracy} | {reference} | "
-                     f"{accuracy_text(row['reference_test_acc'])} | {row['trials']} | {row['epochs_spent']} | {wall} |")  # fmt: skip
+                     f"{accuracy_text(row['reference_test_acc'])} | {difference_text(row['best_test_acc'], row['reference_test_acc'])} | "
+                     f"{row['trials']} | {row['epochs_spent']} | {wall} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -437,7 +438,7 @@ def best_configs_text(rows: list[dict]) -> str:
 
 COMPLETED, DIVERGED, ERROR = "completed", "diverged", "error"
 ASHA_STOP, INTERRUPTED = "stopped by ASHA", "interrupted"  # each followed by " at epoch N"
-TRIAL_COLUMNS = ("epochs_run", "stop_reason", "best_val_acc", "last_val_acc", "test_acc", "wall_s")
+TRIAL_COLUMNS = ("epochs_run", "stop_reason", "best_val_acc", "last_val_acc", "test_acc", "wall_s", "precision_used")
 
 
 def stop_reason(trial: Trial, exp: ExperimentResult) -> str:
@@ -523,8 +524,40 @@ def trial_rows(experiments: list[ExperimentResult]) -> list[dict]:
                     "last_val_acc": val_acc_of(trial.last) if trial.last else None,
                     "test_acc": tested.get(trial.name),
                     "wall_s": _wall_s(trial),
+                    "precision_used": trial.last.get("precision_used") if trial.last else None,
                 }
             )
+    return rows
+
+
+def experiment_rows(experiments: list[ExperimentResult]) -> list[dict]:
+    """One row per experiment: how it ended, what it spent (trials, search and repeat epochs,
+    wall time, the precision its trials trained in) and its test accuracies over seeds (mean,
+    std, count) at the reference settings and for the best configuration, with best − reference
+    and whether that exceeds the spread; accuracies in %, ``None`` where unknown."""
+    rows = []
+    for exp in experiments:
+        summary = exp.summary or {}
+        repeat_epochs = ((summary.get("repeats") or {}).get("epochs_spent")) or 0
+        spent = summary.get("epochs_spent")
+        row = {
+            "experiment": exp.name,
+            "status": experiment_status(exp),
+            "seed_reference_acc": exp.record.get("reference_accuracy"),
+            "trials": summary.get("trials", len(exp.trials)),
+            "search_epochs": spent - repeat_epochs if _is_number(spent) else sum(t.epochs_run for t in exp.trials),
+            "repeat_epochs": repeat_epochs,
+            "wall_s": summary.get("wall_s"),
+            "precision_used": "/".join(sorted({t.last["precision_used"] for t in exp.trials if t.last and t.last.get("precision_used")})) or None,
+        }
+        accuracies = {group: seed_accuracies(exp.summary, group) for group in ("reference", "best")}
+        for group, values in accuracies.items():
+            stats = spread(values)
+            row.update({f"{group}_test_acc_mean": round(100 * stats[0], 3) if stats else None,
+                        f"{group}_test_acc_std": round(100 * stats[1], 3) if stats else None,
+                        f"{group}_seeds": len(values)})  # fmt: skip
+        row["best_minus_reference"] = difference_text(accuracies["best"], accuracies["reference"])
+        rows.append(row)
     return rows
 
 
@@ -535,24 +568,26 @@ def trial_table(run_dir: str | Path) -> list[dict]:
 
 
 def best_over_time(exp: ExperimentResult) -> list[tuple[float, float]]:
-    """The sweep's best validation accuracy so far after each epoch any trial reported, as
-    (minutes since the first trial started, best val_acc), in time order."""
-    reports = []
+    """The sweep's answer against its time: each time a trial ends (its last report), the best
+    last-epoch validation accuracy of the trials ended so far, as (minutes since the first trial
+    started, best val_acc). Last epochs, because that is what the sweep keeps and selects on."""
+    def time_of(row: dict):
+        return row.get("reported_at", row.get("timestamp"))
+
+    starts, ends = [], []
     for trial in exp.trials:
-        for row in trial.epochs:
-            at, acc = row.get("reported_at", row.get("timestamp")), val_acc_of(row)
-            if _is_number(at) and acc is not None:
-                reports.append((at, acc, row.get("started_at")))
-    if not reports:
+        rows = [row for row in trial.epochs if _is_number(time_of(row))]
+        starts += [row["started_at"] if _is_number(row.get("started_at")) else time_of(row) for row in rows]
+        if rows and (acc := val_acc_of(rows[-1])) is not None:
+            ends.append((time_of(rows[-1]), acc))
+    if not ends:
         return []
-    reports.sort()
-    starts = [s for _, _, s in reports if _is_number(s)]
-    start = min([*starts, reports[0][0]])
+    start = min(starts)
     curve, best = [], -math.inf
-    for at, acc, _ in reports:
+    for at, acc in sorted(ends):
         if acc > best:
-            best = acc
-            curve.append((round((at - start) / 60, 2), best))
+            best, minutes = acc, round((at - start) / 60, 2)
+            curve[-1:] = [*curve[-1:], (minutes, best)] if not curve or curve[-1][0] != minutes else [(minutes, best)]
     return curve
 
 
