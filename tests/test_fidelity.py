@@ -58,6 +58,7 @@ def test_reference_scored_and_repeats(tmp_path, real_data_root):
     assert repeats["reference"]["test_acc"][0] == reference["test_acc"] and repeats["best"]["test_acc"][0] == summary["test_acc"]
     assert summary["epochs_spent"] >= 2 + 2 * 1, "search epochs plus the repeats'"
     assert "(2 seeds)" in out.stdout, "the table shows mean ± std"
+    assert "(2 seeds) (2 of 5 epochs: --max-epochs)" in out.stdout, "the reference settings as this run trained them"
     tested = {r["trial"]: r["test_acc"] for r in trial_table(tmp_path / "run") if r["test_acc"] is not None}
     assert tested[reference["trial"]] == reference["test_acc"], "the per-trial table has the reference's test accuracy"
     rows = repeat_rows(load_run(tmp_path / "run"))

@@ -355,6 +355,16 @@ def difference_text(best: list[float], reference: list[float]) -> str:
     return text
 
 
+def reference_cap_note(exp: ExperimentResult) -> str:
+    """`` (4 of 10 epochs: --max-epochs)`` when the run trained the reference settings for fewer
+    epochs than declared (``--max-epochs``, ``--quick``), else empty."""
+    declared = (exp.record.get("reference") or {}).get("epochs")
+    used = (((exp.record.get("settings") or {}).get("reference")) or {}).get("epochs")
+    if _is_number(declared) and _is_number(used) and used < declared:
+        return f" ({used} of {declared} epochs: --max-epochs)"
+    return ""
+
+
 def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
     """One row per experiment in the seed's format, plus the reference and what we tested on."""
     rows = []
@@ -376,6 +386,7 @@ def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
             "config": None,
             "best_test_acc": seed_accuracies(exp.summary, "best"),
             "reference_test_acc": seed_accuracies(exp.summary, "reference"),
+            "reference_cap": reference_cap_note(exp),
             "trials": (exp.summary or {}).get("trials", len(exp.trials)),
             "epochs_spent": (exp.summary or {}).get("epochs_spent", sum(len(t.epochs) for t in exp.trials)),
             "wall_s": (exp.summary or {}).get("wall_s"),
@@ -416,7 +427,7 @@ def markdown_table(rows: list[dict]) -> str:
         reference = f"{row['reference']:.2f}%" if row["reference"] is not None else "-"
         wall = f"{row['wall_s'] / 60:.1f} min" if _is_number(row["wall_s"]) else "-"
         lines.append(f"| {row['Dataset']} | {row['Model type']} | {lr} | {epochs} | {accuracy} | {reference} | "
-                     f"{accuracy_text(row['reference_test_acc'])} | {difference_text(row['best_test_acc'], row['reference_test_acc'])} | "
+                     f"{accuracy_text(row['reference_test_acc'])}{row['reference_cap'] if row['reference_test_acc'] else ''} | {difference_text(row['best_test_acc'], row['reference_test_acc'])} | "
                      f"{row['trials']} | {row['epochs_spent']} | {wall} |")  # fmt: skip
     return "\n".join(lines)
 
