@@ -39,7 +39,7 @@ from tltune.results import (
     ExperimentResult,
     accuracy_text,
     best_over_time,
-    difference_text,
+    best_vs_reference,
     experiment_rows,
     experiment_status,
     load_experiments,
@@ -132,7 +132,7 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
                 best_runs, reference_runs = seed_accuracies(exp.summary, "best"), seed_accuracies(exp.summary, "reference")
                 ours, at_reference = accuracy_text(best_runs) if best_runs else _pct(best["test_acc"]), accuracy_text(reference_runs)
                 at_reference += reference_cap_note(exp) if reference_runs else ""
-                vs_reference = difference_text(best_runs, reference_runs)
+                vs_reference = best_vs_reference(exp.summary)
                 if declared.reference_accuracy is not None:
                     diff = f"{100 * spread(best_runs or [best['test_acc']])[0] - declared.reference_accuracy:+.2f}"
             else:

@@ -365,6 +365,19 @@ def reference_cap_note(exp: ExperimentResult) -> str:
     return ""
 
 
+BEST_IS_REFERENCE = "0 (the reference is the best)"
+
+
+def best_vs_reference(summary: dict | None) -> str:
+    """:func:`difference_text` of the best and the reference configuration, or that the search's
+    best trial is the reference trial itself (the same runs: no difference to measure)."""
+    summary = summary or {}
+    reference_trial = (summary.get("reference_trial") or {}).get("trial")
+    if reference_trial is not None and reference_trial == summary.get("best_trial"):
+        return BEST_IS_REFERENCE
+    return difference_text(seed_accuracies(summary, "best"), seed_accuracies(summary, "reference"))
+
+
 def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
     """One row per experiment in the seed's format, plus the reference and what we tested on."""
     rows = []
@@ -387,6 +400,7 @@ def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
             "best_test_acc": seed_accuracies(exp.summary, "best"),
             "reference_test_acc": seed_accuracies(exp.summary, "reference"),
             "reference_cap": reference_cap_note(exp),
+            "best_vs_reference": best_vs_reference(exp.summary),
             "trials": (exp.summary or {}).get("trials", len(exp.trials)),
             "epochs_spent": (exp.summary or {}).get("epochs_spent", sum(len(t.epochs) for t in exp.trials)),
             "wall_s": (exp.summary or {}).get("wall_s"),
@@ -427,7 +441,7 @@ def markdown_table(rows: list[dict]) -> str:
         reference = f"{row['reference']:.2f}%" if row["reference"] is not None else "-"
         wall = f"{row['wall_s'] / 60:.1f} min" if _is_number(row["wall_s"]) else "-"
         lines.append(f"| {row['Dataset']} | {row['Model type']} | {lr} | {epochs} | {accuracy} | {reference} | "
-                     f"{accuracy_text(row['reference_test_acc'])}{row['reference_cap'] if row['reference_test_acc'] else ''} | {difference_text(row['best_test_acc'], row['reference_test_acc'])} | "
+                     f"{accuracy_text(row['reference_test_acc'])}{row['reference_cap'] if row['reference_test_acc'] else ''} | {row['best_vs_reference']} | "
                      f"{row['trials']} | {row['epochs_spent']} | {wall} |")  # fmt: skip
     return "\n".join(lines)
 
@@ -567,7 +581,7 @@ def experiment_rows(experiments: list[ExperimentResult]) -> list[dict]:
             row.update({f"{group}_test_acc_mean": round(100 * stats[0], 3) if stats else None,
                         f"{group}_test_acc_std": round(100 * stats[1], 3) if stats else None,
                         f"{group}_seeds": len(values)})  # fmt: skip
-        row["best_minus_reference"] = difference_text(accuracies["best"], accuracies["reference"])
+        row["best_minus_reference"] = best_vs_reference(exp.summary)
         rows.append(row)
     return rows
 
