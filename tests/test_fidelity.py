@@ -77,13 +77,14 @@ def test_reference_scored_and_repeats(tmp_path, real_data_root):
 def test_best_accuracy_over_sweep_time(tmp_path):
     from test_trials_table import write_run
 
-    from tltune.results import best_over_time, load_run
+    from tltune.results import best_over_time, load_run, search_wall_s
 
     write_run(str(tmp_path / "run"))
     finished = next(e for e in load_run(tmp_path / "run") if e.name == "mnist-cnn")
     # trials' last epochs only (what the sweep keeps and selects on): "done" ended at 0.9 after
     # 0.5 and 0.7, "short" at 0.6 in the first minute; no started_at recorded: from the first report
     assert best_over_time(finished) == [(0.0, 0.6), (0.17, 0.9)]
+    assert search_wall_s(finished) == 10.0, "first report to last report"
 
 
 def test_a_repeat_of_a_stopped_trial_keeps_its_schedule_and_stops_where_it_stopped():

@@ -557,7 +557,7 @@ def trial_rows(experiments: list[ExperimentResult]) -> list[dict]:
 
 def experiment_rows(experiments: list[ExperimentResult]) -> list[dict]:
     """One row per experiment: how it ended, what it spent (trials, search and repeat epochs,
-    wall time, the precision its trials trained in) and its test accuracies over seeds (mean,
+    the search's wall time and the whole experiment's, the precision its trials trained in) and its test accuracies over seeds (mean,
     std, count) at the reference settings and for the best configuration, with best − reference
     and whether that exceeds the spread; accuracies in %, ``None`` where unknown."""
     rows = []
@@ -572,6 +572,7 @@ def experiment_rows(experiments: list[ExperimentResult]) -> list[dict]:
             "trials": summary.get("trials", len(exp.trials)),
             "search_epochs": spent - repeat_epochs if _is_number(spent) else sum(t.epochs_run for t in exp.trials),
             "repeat_epochs": repeat_epochs,
+            "search_wall_s": search_wall_s(exp),
             "wall_s": summary.get("wall_s"),
             "precision_used": "/".join(sorted({t.last["precision_used"] for t in exp.trials if t.last and t.last.get("precision_used")})) or None,
         }
@@ -592,10 +593,8 @@ def trial_table(run_dir: str | Path) -> list[dict]:
     return trial_rows(load_run(run_dir))
 
 
-def best_over_time(exp: ExperimentResult) -> list[tuple[float, float]]:
-    """The sweep's answer against its time: each time a trial ends (its last report), the best
-    last-epoch validation accuracy of the trials ended so far, as (minutes since the first trial
-    started, best val_acc). Last epochs, because that is what the sweep keeps and selects on."""
+def trial_ends(exp: ExperimentResult) -> tuple[float | None, list[tuple[float, float]]]:
+    """When the search's first trial started, and (time, last val_acc) of each trial's last report."""
     def time_of(row: dict):
         return row.get("reported_at", row.get("timestamp"))
 
@@ -605,9 +604,23 @@ def best_over_time(exp: ExperimentResult) -> list[tuple[float, float]]:
         starts += [row["started_at"] if _is_number(row.get("started_at")) else time_of(row) for row in rows]
         if rows and (acc := val_acc_of(rows[-1])) is not None:
             ends.append((time_of(rows[-1]), acc))
+    return min(starts, default=None), ends
+
+
+def search_wall_s(exp: ExperimentResult) -> float | None:
+    """Seconds from the search's first trial start to its last trial's last report (no test
+    scoring, no repeats)."""
+    start, ends = trial_ends(exp)
+    return round(max(at for at, _ in ends) - start, 1) if ends else None
+
+
+def best_over_time(exp: ExperimentResult) -> list[tuple[float, float]]:
+    """The sweep's answer against its time: each time a trial ends (its last report), the best
+    last-epoch validation accuracy of the trials ended so far, as (minutes since the first trial
+    started, best val_acc). Last epochs, because that is what the sweep keeps and selects on."""
+    start, ends = trial_ends(exp)
     if not ends:
         return []
-    start = min(starts)
     curve, best = [], -math.inf
     for at, acc in sorted(ends):
         if acc > best:
