@@ -44,6 +44,7 @@ from tltune.results import (
     experiment_status,
     load_experiments,
     reference_cap_note,
+    search_wall_s,
     repeat_rows,
     spread,
     seed_accuracies,
@@ -359,6 +360,11 @@ def plot_best_over_time(exp: ExperimentResult, out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     minutes, accs = zip(*curve)
     ax.step(minutes, [100 * a for a in accs], where="post", marker="o", ms=3)
+    end = search_wall_s(exp)
+    if end is not None and end / 60 > minutes[-1]:  # the plateau up to the search's last trial end
+        ax.plot([minutes[-1], end / 60], [100 * accs[-1]] * 2, color=ax.lines[0].get_color())
+        ax.axvline(end / 60, color="gray", lw=0.8, ls=":")
+        ax.annotate("search ends", (end / 60, 100 * accs[0]), xytext=(-4, 0), textcoords="offset points", ha="right", fontsize=7, color="gray")
     ax.set_xlabel("minutes since the first trial started")
     ax.set_ylabel("best val accuracy so far (%)")
     ax.set_title(f"{exp.name}: best validation accuracy against sweep time", fontsize=9)
