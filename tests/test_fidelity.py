@@ -118,3 +118,23 @@ def test_a_search_narrowed_past_the_reference_says_so(capsys):
     assert "the reference's lr=0.001 lies outside the searched ranges" in capsys.readouterr().err
     experiment_settings(experiment, build_parser("test").parse_args(["--lr-range", "1e-4", "0.1"]))
     assert capsys.readouterr().err == ""
+
+
+def test_an_interrupted_experiment_keeps_its_time_for_the_resume(tmp_path):
+    import time
+
+    import pytest
+
+    from tltune.raytune.sweep import ExperimentClock
+    from tltune.results import TIME_FILE
+
+    exp_dir = str(tmp_path)
+    with pytest.raises(KeyboardInterrupt), ExperimentClock(exp_dir):
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+    first = json.loads((tmp_path / TIME_FILE).read_text())["spent_s"]
+    assert first >= 0.2 - 0.05
+    with ExperimentClock(exp_dir) as resumed:  # the resume goes on from there, and finishes
+        assert resumed.spent_s() >= first
+    (tmp_path / TIME_FILE).write_text("not json")
+    assert ExperimentClock(exp_dir).spent_s() < 1, "a damaged record counts from now"

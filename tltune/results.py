@@ -31,6 +31,7 @@ EXPERIMENT_FILE = "tltune_experiment.json"
 SUMMARY_FILE = "tltune_best.json"
 FAILED_FILE = "tltune_failed.json"
 RUNS_FILE = "runs.jsonl"  # one line per invocation that wrote to the run directory
+TIME_FILE = "tltune_time.json"  # seconds an interrupted experiment ran before its resume
 OPTUNA_JOURNAL = "optuna.journal"  # the experiment's Optuna study (JournalStorage, study name = experiment name)
 METRIC = "val_acc"
 

@@ -32,7 +32,7 @@ from tltune.raytune import cluster
 from tltune.raytune.callbacks import TensorBoardCallback, _is_number, write_run_hparams
 from tltune.raytune.progress import ProgressCallback
 from tltune.raytune.trainable import precompute_features, score_on_test_split, train_trial
-from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, best_checkpoint
+from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, TIME_FILE, best_checkpoint
 from tltune.settings import ExperimentSettings, SweepPlan
 from tltune.studies import write_study
 from tltune.train import load_model_state, optimizer_extras
@@ -253,42 +253,66 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
         tune.with_parameters(train_trial, inputs=inputs),
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
-    started = time.time()
-    try:
-        results = fit(exp_dir, trainable, lambda: new_tuner(experiment, settings, trainable, param_space, points, run_dir))
-    finally:  # finished, failed or interrupted: the Optuna study says so
-        keep_study(exp_dir, settings.space)
-    check_no_failures(experiment.name, results, exp_dir)
-    summary = {"experiment": experiment.name, "trials": len(results), "errored_trials": results.num_errors}
-    try:
-        best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
-    except RuntimeError:  # no trial reported a finite val_acc
-        best = None
-    scored = {}
-    if best is not None and best.checkpoint is not None:
-        print(f"testing the best trial ({trial_name(best)}) on the test split", flush=True)
-        scored = score(settings, inputs, {trial_name(best): best})
-        summary.update(
-            best_trial=trial_name(best),
-            config={k: best.config[k] for k in sorted(best.config)},
-            epochs_trained=best.metrics["training_iteration"],
-            val_acc=best.metrics[METRIC],
-            **scored[trial_name(best)],
-        )
-    reference = [r for r in results if is_reference(r.config, settings) and r.checkpoint is not None and METRIC in r.metrics]
-    if reference:  # one trial, unless a space-less experiment ran several
-        ref = max(reference, key=lambda r: r.metrics["training_iteration"])
-        if trial_name(ref) not in scored:
-            print(f"testing the reference trial ({trial_name(ref)}) on the test split", flush=True)
-            scored.update(score(settings, inputs, {trial_name(ref): ref}))
-        summary["reference_trial"] = {"trial": trial_name(ref), "epochs_trained": ref.metrics["training_iteration"],
-                                      "val_acc": ref.metrics[METRIC], **scored[trial_name(ref)]}  # fmt: skip
-    if settings.repeats > 1 and "reference_trial" in summary and best is not None:
-        summary["repeats"] = run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, ref, best, scored)
-    search_epochs = sum(r.metrics.get("training_iteration", 0) for r in results)
-    summary.update(epochs_spent=search_epochs + summary.get("repeats", {}).get("epochs_spent", 0), wall_s=round(time.time() - started, 1))
-    storage.write_text(storage.join(exp_dir, SUMMARY_FILE), json.dumps(summary, indent=2, default=str))
+    with ExperimentClock(exp_dir) as clock:
+        try:
+            results = fit(exp_dir, trainable, lambda: new_tuner(experiment, settings, trainable, param_space, points, run_dir))
+        finally:  # finished, failed or interrupted: the Optuna study says so
+            keep_study(exp_dir, settings.space)
+        check_no_failures(experiment.name, results, exp_dir)
+        summary = {"experiment": experiment.name, "trials": len(results), "errored_trials": results.num_errors}
+        try:
+            best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
+        except RuntimeError:  # no trial reported a finite val_acc
+            best = None
+        scored = {}
+        if best is not None and best.checkpoint is not None:
+            print(f"testing the best trial ({trial_name(best)}) on the test split", flush=True)
+            scored = score(settings, inputs, {trial_name(best): best})
+            summary.update(
+                best_trial=trial_name(best),
+                config={k: best.config[k] for k in sorted(best.config)},
+                epochs_trained=best.metrics["training_iteration"],
+                val_acc=best.metrics[METRIC],
+                **scored[trial_name(best)],
+            )
+        reference = [r for r in results if is_reference(r.config, settings) and r.checkpoint is not None and METRIC in r.metrics]
+        if reference:  # one trial, unless a space-less experiment ran several
+            ref = max(reference, key=lambda r: r.metrics["training_iteration"])
+            if trial_name(ref) not in scored:
+                print(f"testing the reference trial ({trial_name(ref)}) on the test split", flush=True)
+                scored.update(score(settings, inputs, {trial_name(ref): ref}))
+            summary["reference_trial"] = {"trial": trial_name(ref), "epochs_trained": ref.metrics["training_iteration"],
+                                          "val_acc": ref.metrics[METRIC], **scored[trial_name(ref)]}  # fmt: skip
+        if settings.repeats > 1 and "reference_trial" in summary and best is not None:
+            summary["repeats"] = run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, ref, best, scored)
+        search_epochs = sum(r.metrics.get("training_iteration", 0) for r in results)
+        summary.update(epochs_spent=search_epochs + summary.get("repeats", {}).get("epochs_spent", 0), wall_s=round(clock.spent_s(), 1))
+        storage.write_text(storage.join(exp_dir, SUMMARY_FILE), json.dumps(summary, indent=2, default=str))
     return summary
+
+
+class ExperimentClock:
+    """Seconds an experiment has run over all its invocations: one that is interrupted records
+    its part in ``TIME_FILE``, and the resume adds it (a SIGKILL loses that part)."""
+
+    def __init__(self, exp_dir: str):
+        self.path = storage.join(exp_dir, TIME_FILE)
+        try:
+            self.before_s = float(json.loads(storage.read_text(self.path))["spent_s"])
+        except (OSError, ValueError, KeyError, TypeError):  # none yet (a first run), or damaged: count from now
+            self.before_s = 0.0
+        self.started = time.time()
+
+    def spent_s(self) -> float:
+        return self.before_s + time.time() - self.started
+
+    def __enter__(self) -> "ExperimentClock":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is not None:
+            with contextlib.suppress(OSError):  # never hides how the experiment ended
+                storage.write_text(self.path, json.dumps({"spent_s": round(self.spent_s(), 1)}))
 
 
 def trial_name(result) -> str:
