@@ -558,9 +558,10 @@ def trial_rows(experiments: list[ExperimentResult]) -> list[dict]:
 
 def experiment_rows(experiments: list[ExperimentResult]) -> list[dict]:
     """One row per experiment: how it ended, what it spent (trials, search and repeat epochs,
-    the search's wall time and the whole experiment's, the precision its trials trained in) and its test accuracies over seeds (mean,
-    std, count) at the reference settings and for the best configuration, with best − reference
-    and whether that exceeds the spread; accuracies in %, ``None`` where unknown."""
+    the search's wall time and the whole experiment's, the precision its trials trained in) and
+    its test accuracies over seeds (mean, std, count) at the reference settings and for the best
+    configuration, with best − reference and whether that exceeds the spread; accuracies in %,
+    ``None`` where unknown."""
     rows = []
     for exp in experiments:
         summary = exp.summary or {}
@@ -626,7 +627,10 @@ def best_over_time(exp: ExperimentResult) -> list[tuple[float, float]]:
     for at, acc in sorted(ends):
         if acc > best:
             best, minutes = acc, round((at - start) / 60, 2)
-            curve[-1:] = [*curve[-1:], (minutes, best)] if not curve or curve[-1][0] != minutes else [(minutes, best)]
+            if curve and curve[-1][0] == minutes:  # trials that ended in the same instant: one point
+                curve[-1] = (minutes, best)
+            else:
+                curve.append((minutes, best))
     return curve
 
 
