@@ -5,7 +5,7 @@ import signal
 import pytest
 
 import tltune
-from tltune.cli import run_label
+from tltune.plan import run_label
 from tltune.experiments import EXPERIMENTS, FAMILIES, CNN_SEARCH_SPACE, Experiment, LogUniform
 
 
@@ -25,10 +25,13 @@ def test_run_directories_are_named_after_the_experiments():
     "options, message",
     [
         ({"num_sample": 3}, "unknown option 'num_sample'"),
-        ({"optimizer": "nope"}, "invalid choice: 'nope'"),
+        ({"optimizer": "nope"}, "optimizer: invalid choice 'nope'"),
         ({"seed": -1}, "--seed"),
         ({"lr_range": (1e-2, 1e-4)}, "lr"),
-        ({"num_samples": "many"}, "invalid int value"),
+        ({"num_samples": "many"}, "num_samples must be an int, got 'many'"),
+        ({"lr": True}, "lr must be a float"),
+        ({"lr_range": "1e-4 1e-2"}, "lr_range must be a list of float"),
+        ({"train_subset": [100]}, "train_subset must be an int"),
     ],
 )
 def test_options_are_checked_like_the_command_line(options, message, tmp_path):

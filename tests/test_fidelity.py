@@ -8,7 +8,8 @@ import sys
 from ray.tune.experiment import Trial
 
 from conftest import ROOT
-from tltune.cli import build_parser, experiment_settings
+from tltune.options import parse
+from tltune.plan import experiment_settings
 from tltune.experiments import EXPERIMENTS
 from tltune.config import TrialConfig
 from tltune.raytune.sweep import ReferenceExemptASHA, repeat_values
@@ -16,7 +17,7 @@ from tltune.results import accuracy_text, best_vs_reference, difference_text, ex
 
 
 def test_asha_stops_a_poor_trial_but_never_the_reference():
-    settings = experiment_settings(EXPERIMENTS["mnist-cnn"], build_parser("test").parse_args([]))
+    settings = experiment_settings(EXPERIMENTS["mnist-cnn"], parse([]))
     scheduler = ReferenceExemptASHA(settings, time_attr="training_iteration", max_t=9, grace_period=1, reduction_factor=3)
     scheduler.set_search_properties("val_acc", "max")
     searched = {k: settings.reference[k] for k in settings.space}
@@ -114,9 +115,9 @@ def test_the_initial_weights_come_from_the_trial_seed_alone():
 
 def test_a_search_narrowed_past_the_reference_says_so(capsys):
     experiment = EXPERIMENTS["mnist-cnn"]
-    experiment_settings(experiment, build_parser("test").parse_args(["--lr-range", "0.01", "0.1"]))
+    experiment_settings(experiment, parse(["--lr-range", "0.01", "0.1"]))
     assert "the reference's lr=0.001 lies outside the searched ranges" in capsys.readouterr().err
-    experiment_settings(experiment, build_parser("test").parse_args(["--lr-range", "1e-4", "0.1"]))
+    experiment_settings(experiment, parse(["--lr-range", "1e-4", "0.1"]))
     assert capsys.readouterr().err == ""
 
 

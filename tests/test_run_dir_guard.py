@@ -5,9 +5,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 from tltune import storage
-from tltune.cli import build_parser
+from tltune.options import parse
 from tltune.data import cache_dir
 
 
@@ -23,9 +25,26 @@ def test_a_run_being_written_is_refused_to_a_second_process(tmp_path, real_data_
     assert not run_dir.exists()
 
 
-def test_resume_refuses_flags_that_change_the_run(tmp_path):
-    saved = vars(build_parser("x").parse_args(["--quick", "--lr", "0.01", "--data-root", str(tmp_path / "no-data")]))
-    (tmp_path / "runs.jsonl").write_text(json.dumps({"args": saved}) + "\n")
+# runs.jsonl's first line as tltune wrote it before SweepOptions: argparse's namespace as "args"
+OLD_RECORD = {
+    "started": "2026-11-30 10:00:00", "argv": ["sweeps/mnist.py", "--quick", "--lr", "0.01", "--data-root", "NO_DATA"],
+    "args": {"quick": True, "experiments": None, "data_root": "NO_DATA", "dataset": None, "train_subset": None, "test_subset": None,
+             "val_fraction": 0.1, "image_size": None, "weights": None, "optimizer": None, "activation": None, "lr": 0.01, "epochs": None,
+             "lr_range": None, "epochs_range": None, "max_epochs": None, "batch_size": None, "no_feature_cache": False, "precision": "auto",
+             "compile": False, "seed": 0, "num_samples": None, "max_concurrent_trials": None, "cpus_per_trial": None, "gpus_per_trial": None,
+             "repeats": None, "grace_period": None, "source_run": None, "resume": None, "warm_start": None, "address": None,
+             "storage_path": "results", "name": None},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("made_by", ["tltune 0.1 before SweepOptions", "SweepOptions"])
+def test_resume_refuses_flags_that_change_the_run(tmp_path, made_by):
+    no_data = str(tmp_path / "no-data")
+    if made_by == "SweepOptions":
+        record = {"started": "2026-12-01 10:00:00", "argv": [], "options": parse(["--quick", "--lr", "0.01", "--data-root", no_data]).record()}
+    else:
+        record = json.loads(json.dumps(OLD_RECORD).replace("NO_DATA", no_data))
+    (tmp_path / "runs.jsonl").write_text(json.dumps(record) + "\n")
     out = sweep("--resume", str(tmp_path), "--lr", "0.5", "--epochs", "3")
     assert out.returncode == 2 and "drop --lr, --epochs (only --address may change)" in out.stderr, out.stderr
     same = sweep("--resume", str(tmp_path), "--quick", "--lr", "0.01")

@@ -307,7 +307,7 @@ def test_the_input_check_before_ray_builds_the_reference_network_with_its_width_
     """Three pooling steps need an 8-pixel input: the search-plus reference is refused at 4
     pixels before Ray starts, where the seed's two-block CNN is fine."""
     from test_trial_failures import tiny_splits
-    from tltune.cli import check_model_input
+    from tltune.plan import check_model_input
 
     experiment, plus = settings(PLUS, image_size=4)
     assert plus.reference_model_spec("cnn") == ModelSpec("cnn", "relu", 4, None, width=2, depth=3, batch_norm=True)
@@ -319,7 +319,7 @@ def test_the_input_check_before_ray_builds_the_reference_network_with_its_width_
 
 
 def test_a_frozen_backbone_is_computed_once_only_when_every_trial_would_get_the_same_output():
-    from tltune.cli import backbone_output_is_fixed
+    from tltune.plan import backbone_output_is_fixed
     from tltune.experiments import Choice
 
     reference = {"optimizer": "sgd", "lr": 1e-3}

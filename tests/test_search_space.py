@@ -3,7 +3,8 @@ import dataclasses
 import pytest
 from ray import tune
 
-from tltune.cli import build_parser, experiment_settings
+from tltune.options import parse
+from tltune.plan import experiment_settings
 from tltune.config import ModelSpec, TrialConfig
 from tltune.experiments import EXPERIMENTS, IntRange, LogUniform
 from tltune.raytune.sweep import to_tune_domain, trial_config
@@ -11,7 +12,7 @@ from tltune.raytune.sweep import to_tune_domain, trial_config
 
 def settings(name="cifar10-cnn-search", **changes):
     experiment = EXPERIMENTS[name]
-    return experiment, dataclasses.replace(experiment_settings(experiment, build_parser("test").parse_args([])), **changes)
+    return experiment, dataclasses.replace(experiment_settings(experiment, parse([])), **changes)
 
 
 def sampled(param_space: dict) -> dict:

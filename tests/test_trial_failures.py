@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from tltune.cli import build_parser, experiment_settings
+from tltune.options import parse
+from tltune.plan import experiment_settings
 from tltune.data import ImageArrays, Splits
 from tltune.errors import TrialsFailed
 from tltune.experiments import EXPERIMENTS
@@ -34,7 +35,7 @@ def test_a_deterministic_error_in_every_trial_fails_the_experiment(tmp_path):
     from tltune.raytune import run_sweep
 
     experiment = EXPERIMENTS["mnist-cnn"]
-    args = build_parser("test").parse_args(["--num-samples", "1", "--max-epochs", "1", "--image-size", "2"])
+    args = parse(["--num-samples", "1", "--max-epochs", "1", "--image-size", "2"])
     settings = {experiment.name: dataclasses.replace(experiment_settings(experiment, args), dataset="tiny")}
     plan = SweepPlan(experiments=[experiment], settings=settings, splits={"tiny": tiny_splits()}, imagenet_state=None,
                      weights="none", run_dir=str(tmp_path / "run"), record={}, source_run=None, address=None,

@@ -6,21 +6,21 @@
     run.trials()                                    # one row per trial, with its stop reason
     tltune.load("results/cifar10-20261127-041500")  # a finished or interrupted run
 
-``run`` takes the command line's options as keyword arguments (``num_samples=6`` for
-``--num-samples 6``) and checks them the same way; a mistake raises :class:`tltune.UserError`
-with the command line's message.
+``run`` takes the fields of :class:`tltune.SweepOptions` as keyword arguments (the command
+line's flags: ``num_samples=6`` for ``--num-samples 6``), checked as the command line checks
+them; a mistake raises :class:`tltune.UserError`.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from tltune import cli, signals, storage, trust
+from tltune import signals, storage, trust
 from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import EXPERIMENTS, Experiment
+from tltune.options import SweepOptions
+from tltune.plan import sweep
 from tltune.results import ExperimentResult, experiment_status, load_run, markdown_table, table_rows, trial_rows
 
 
@@ -119,38 +119,17 @@ def load(run_dir: str | Path) -> Run:
     return Run(path, {e.name: ExperimentRun(e) for e in found})
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # the command line prints usage and exits; here: an exception
-        raise UserError(message)
-
-
-def to_argv(options: dict, parser: argparse.ArgumentParser) -> list[str]:
-    """``{"num_samples": 6, "quick": True}`` → ``["--num-samples", "6", "--quick"]``."""
-    flags = {a.dest: a for a in parser._actions if a.option_strings}
-    argv = []
-    for key, value in options.items():
-        if key not in flags or key == "help":
-            raise UserError(f"unknown option {key!r}: use one of {', '.join(sorted(k for k in flags if k != 'help'))}")
-        action, flag = flags[key], flags[key].option_strings[-1]
-        if action.nargs == 0:  # a switch
-            if value:
-                argv.append(flag)
-        elif value is not None:
-            values = list(value) if isinstance(value, (list, tuple)) else [value]
-            argv += [flag, *(repr(v) if isinstance(v, float) and math.isfinite(v) else str(v) for v in values)]
-    return argv
-
-
 def run(experiments: str | Experiment | list[str | Experiment], **options) -> Run:
     """Sweep ``experiments`` (names or :class:`Experiment` objects), one after another, into a
-    new run directory (or ``resume=RUN_DIR``), and return it loaded. Options are the command
-    line's flags; a failed experiment does not raise: its ``status`` says why."""
+    new run directory (or ``resume=RUN_DIR``), and return it loaded. ``options`` are the fields
+    of :class:`tltune.SweepOptions` (the command line's flags: ``num_samples=6`` is
+    ``--num-samples 6``); a wrong name, type or value raises :class:`UserError`. A failed
+    experiment does not raise: its ``status`` says why."""
     chosen = [experiments] if isinstance(experiments, (str, Experiment)) else list(experiments)
-    parser = cli.build_parser("tltune.run", [e if isinstance(e, str) else e.name for e in chosen], parser_class=_Parser)
-    args = parser.parse_args(to_argv(options, parser))
+    checked = SweepOptions.from_keywords(**options)
     with signals.installed():
         try:
-            run_dir = cli.sweep(chosen, args, parser)
+            run_dir = sweep(chosen, checked, argv=[]).run_dir
         except TrialsFailed as exc:
             run_dir = exc.run_dir
     if run_dir is None:

@@ -4,6 +4,7 @@
     tltune list                             # every experiment, its family and reference accuracy
     tltune best RUN [--trials] [--csv | --json]
     tltune report RUN... [--out DIR]
+    tltune --version
 
 ``sweeps/*.py`` and ``analysis/*.py`` are the same commands as scripts.
 """
@@ -40,7 +41,7 @@ def sweep_main(argv: list[str]) -> int:
             return 2
         names += [n for n in FAMILIES.get(target, [target]) if n not in names]
     description = f"Sweep {' '.join(targets)}: {', '.join(names)}."
-    return cli.main(names, description, argv, run_all=targets == ["all"])
+    return cli.main(names, description, argv, run_all=targets == ["all"], prog=f"tltune sweep {' '.join(targets)}")
 
 
 def list_main(argv: list[str]) -> int:
@@ -108,6 +109,16 @@ def _or_exit_2(work):
     return None
 
 
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("tltune")
+    except PackageNotFoundError:  # a source tree on sys.path, not installed
+        return "unknown (not installed)"
+
+
 COMMANDS = {"sweep": sweep_main, "list": list_main, "best": best_main, "report": report_main}
 
 
@@ -116,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage:\n{USAGE}")
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        print(f"tltune {version()}")
+        return 0
     command = COMMANDS.get(argv[0])
     if command is None:
         print(f"error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)

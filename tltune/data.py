@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tltune.catalog import DATASET_SHAPES
 from tltune.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
@@ -292,6 +293,8 @@ TORCHVISION_DATASETS = {
         read_split=_read_svhn,
     ),
 }
+if {name: (d.channels, d.image_size) for name, d in TORCHVISION_DATASETS.items()} != DATASET_SHAPES:
+    raise RuntimeError("tltune.catalog.DATASET_SHAPES and tltune.data.TORCHVISION_DATASETS disagree")
 
 
 def load_torchvision(name: str, root: Path, local: Path | None) -> Dataset:

@@ -11,10 +11,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from tltune.data import TORCHVISION_DATASETS
+from tltune.catalog import (
+    ACTIVATION_NAMES,
+    AUGMENTATION_NAMES,
+    CNN_MAX_DEPTH,
+    DATASET_SHAPES,
+    MODELS,
+    MODES,
+    OPTIMIZER_NAMES,
+    SCHEDULE_NAMES,
+)
 from tltune.errors import UserError
-from tltune.models import ACTIVATIONS, CNN_MAX_DEPTH, MODELS, MODES
-from tltune.train import AUGMENTATIONS, OPTIMIZERS, SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -81,8 +88,8 @@ def max_epochs(reference: dict, space: dict) -> int:
 
 
 CNN_SEARCH_SPACE = {
-    "optimizer": Choice(tuple(OPTIMIZERS)),
-    "activation": Choice(tuple(ACTIVATIONS)),
+    "optimizer": Choice(OPTIMIZER_NAMES),
+    "activation": Choice(ACTIVATION_NAMES),
     "lr": LogUniform(1e-5, 1e-1),
     "epochs": IntRange(1, 10),
 }
@@ -108,7 +115,7 @@ def alexnet_pair(dataset: str, epochs: int, finetune_accuracy: float, extract_ac
 # MNIST -> SVHN: both as 3-channel 32x32 images, SVHN's native format. MNIST digits are
 # resized 28 -> 32 and their gray channel copied to R, G and B; each dataset is normalised
 # with its own per-channel statistics. The same CNN then fits both without any change.
-MNIST_TO_SVHN_INPUT = {"channels": TORCHVISION_DATASETS["svhn"].channels, "image_size": TORCHVISION_DATASETS["svhn"].image_size}
+MNIST_TO_SVHN_INPUT = dict(zip(("channels", "image_size"), DATASET_SHAPES["svhn"]))
 
 
 def mnist_to_svhn() -> list[Experiment]:
@@ -262,7 +269,7 @@ VALUE_CHECKS = {
 
 def check_settings(settings: dict, where: str) -> None:
     """Check hyperparameter values a user or a declaration gives."""
-    choices = {"optimizer": OPTIMIZERS, "activation": ACTIVATIONS, "augmentation": AUGMENTATIONS, "schedule": SCHEDULES}
+    choices = {"optimizer": OPTIMIZER_NAMES, "activation": ACTIVATION_NAMES, "augmentation": AUGMENTATION_NAMES, "schedule": SCHEDULE_NAMES}
     for key, table in choices.items():
         if key in settings and settings[key] not in table:
             raise UserError(f"{where}: unknown {key} '{settings[key]}' (use {', '.join(table)})")

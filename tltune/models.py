@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from tltune.catalog import ACTIVATION_NAMES, CNN_MAX_DEPTH, MODELS, MODES, PRETRAINED_MODES, check_table  # noqa: F401 (re-exported)
 from tltune.errors import UserError
 
 ACTIVATIONS = {
@@ -32,9 +33,7 @@ ACTIVATIONS = {
     "elu": nn.ELU,
     "gelu": nn.GELU,
 }
-MODELS = ("cnn", "alexnet")
-MODES = ("scratch", "finetune", "feature_extract")
-PRETRAINED_MODES = ("finetune", "feature_extract")
+check_table(ACTIVATION_NAMES, ACTIVATIONS, "activations")
 ALEXNET_MIN_SIZE = 63  # smaller inputs vanish in AlexNet's conv/pool stack
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,7 +61,6 @@ class BackboneHead(nn.Module):
 
 CNN_CHANNELS = 32  # of the first conv block; each further block doubles it
 CNN_HIDDEN = 128  # the hidden Linear layer's width
-CNN_MAX_DEPTH = 3
 
 
 def cnn_hidden(width: int = 1) -> int:

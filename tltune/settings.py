@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 from tltune.config import MODEL_SHAPE_KEYS, ModelSpec
-from tltune.data import Splits
 from tltune.experiments import Experiment
+
+if TYPE_CHECKING:
+    from tltune.data import Splits
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tltune.catalog import AUGMENTATION_NAMES, OPTIMIZER_NAMES, PRECISION_CHOICES, PRECISION_NAMES, SCHEDULE_NAMES, check_table  # noqa: F401 (re-exported)
 from tltune.config import ModelSpec, TrialConfig
 from tltune.data import BatchTransform, FeatureTransform, iterate_batches, to_device
 from tltune.models import BackboneHead, build_model, input_spec
@@ -28,6 +29,7 @@ OPTIMIZERS = {
     "rmsprop": (torch.optim.RMSprop, {}),
     "adagrad": (torch.optim.Adagrad, {}),
 }
+check_table(OPTIMIZER_NAMES, OPTIMIZERS, "optimizers")
 
 
 # --------------------------------------------------------------- on-batch augmentation
@@ -61,6 +63,7 @@ AUGMENTATIONS = {
     "flip": (random_flip,),
     "flip_crop": (random_flip, random_crop),
 }
+check_table(AUGMENTATION_NAMES, AUGMENTATIONS, "augmentations")
 
 
 def augment(name: str, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -94,6 +97,7 @@ SCHEDULES = {
     "cosine": cosine_factor,
     "onecycle": one_cycle_factor,
 }
+check_table(SCHEDULE_NAMES, SCHEDULES, "schedules")
 
 
 @dataclass(frozen=True)
@@ -122,7 +126,7 @@ PRECISIONS = {
     "bf16": (torch.bfloat16, False),
     "fp16": (torch.float16, True),
 }
-PRECISION_CHOICES = ("auto", *PRECISIONS)
+check_table(PRECISION_NAMES, PRECISIONS, "precisions")
 
 
 class DivergedError(RuntimeError):

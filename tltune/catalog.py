@@ -1,0 +1,28 @@
+"""The names a user may write — optimizers, activations, augmentations, schedules, precisions,
+models, modes — and the shape of each dataset tltune knows, without importing torch.
+
+The torch modules key their tables by these names (``train.OPTIMIZERS``, ``models.ACTIVATIONS``,
+...) and check at import that they agree, so the command line, the checks and ``tltune list``
+read the names from here and stay light.
+"""
+
+OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
+ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "leaky_relu", "elu", "gelu")
+AUGMENTATION_NAMES = ("none", "flip", "flip_crop")
+SCHEDULE_NAMES = ("constant", "cosine", "onecycle")
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+PRECISION_CHOICES = ("auto", *PRECISION_NAMES)
+
+MODELS = ("cnn", "alexnet")
+MODES = ("scratch", "finetune", "feature_extract")
+PRETRAINED_MODES = ("finetune", "feature_extract")
+CNN_MAX_DEPTH = 3
+
+# dataset -> (channels, image size) of the datasets torchvision knows (tltune.data reads them)
+DATASET_SHAPES = {"cifar10": (3, 32), "mnist": (1, 28), "svhn": (3, 32)}
+
+
+def check_table(names: tuple, table: dict, what: str) -> None:
+    """A torch module's table keyed by exactly ``names``, in their order."""
+    if tuple(table) != tuple(names):
+        raise RuntimeError(f"tltune.catalog's {what} {names} and the table {tuple(table)} disagree")
