@@ -56,7 +56,7 @@ class ExperimentRun:
     @property
     def test_acc(self) -> float | None:
         """The best trial's accuracy on the test split (once the experiment finished)."""
-        return (self.result.summary or {}).get("test_acc")
+        return self.result.summary.test_acc if self.result.summary else None
 
     def trials(self) -> list[dict]:
         return trial_rows([self.result])

@@ -20,6 +20,7 @@ from tltune.config import MODEL_SHAPE_KEYS
 from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import Experiment, IntRange, LogUniform, get_experiment, max_epochs, validate
 from tltune.options import DEFAULT_BATCH_SIZE, DEFAULT_GRACE_PERIOD, DEFAULT_REPEATS, QUICK, SweepOptions, flag
+from tltune.records import RunRecord
 from tltune.results import RUNS_FILE, SUMMARY_FILE, best_checkpoint, top_configs
 from tltune.settings import ExperimentSettings, SweepPlan
 
@@ -226,10 +227,11 @@ def resumed_options(options: SweepOptions) -> SweepOptions:
     if not storage.is_file(runs):
         raise UserError(f"{run_dir} is not a tltune run directory (no runs.jsonl): pass a directory a sweep printed as 'results: ...'")
     try:
-        first = json.loads(storage.read_text(runs).splitlines()[0])
-        saved = first["options"] if "options" in first else first["args"]  # "args": runs before SweepOptions
-    except (json.JSONDecodeError, IndexError, KeyError, TypeError):
-        raise UserError(f"{runs} is damaged: cannot tell how the run was started") from None
+        saved = RunRecord.from_dict(json.loads(storage.read_text(runs).splitlines()[0]), runs).saved_options()
+    except (ValueError, IndexError, AttributeError):
+        saved = None
+    if saved is None:
+        raise UserError(f"{runs} is damaged: cannot tell how the run was started")
     try:
         started = SweepOptions.from_record(saved)
     except UserError as exc:
@@ -353,7 +355,7 @@ def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: 
             imagenet_state=imagenet_state,
             weights=options.weights or "imagenet",
             run_dir=run_dir,
-            record={"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": list(argv if argv is not None else sys.argv), "options": options.record()},
+            record=RunRecord(started=time.strftime("%Y-%m-%d %H:%M:%S"), argv=list(argv if argv is not None else sys.argv), options=options.record()),
             source_run=options.source_run,
             address=address,
             cpus_per_trial=options.cpus_per_trial,

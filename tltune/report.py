@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator
 
 from tltune import storage
 from tltune.errors import UserError
+from tltune.records import is_number
 from tltune.experiments import ASSUMPTIONS, EXPERIMENTS, FAMILIES
 from tltune.results import (
     ASHA_STOP,
@@ -97,13 +98,10 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}%"
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
 
 def _fmt(value, spec: str) -> str:
     """``value`` formatted if it is a number, else ``-`` (a damaged or foreign params.json)."""
-    return format(value, spec) if _is_number(value) else "-"
+    return format(value, spec) if is_number(value) else "-"
 
 
 def _config_text(config: dict) -> str:
@@ -119,7 +117,7 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
     ]
     for name, declared in EXPERIMENTS.items():
         exp = found.get(name)
-        label = exp.record.get("label", declared.label) if exp else declared.label
+        label = (exp.record.label if exp.record.label is not None else declared.label) if exp else declared.label
         if declared.reference_accuracy is not None:
             reference = f"{declared.reference_accuracy:.2f}%"
         else:  # the seed's MNIST -> SVHN cells are empty; the extended search has no cell at all
@@ -142,8 +140,8 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
             else:
                 ours = f"unfinished (val {_pct(best['val_acc'])})"
         if exp is not None and exp.summary:
-            trials, epochs = exp.summary.get("trials", ""), exp.summary.get("epochs_spent", "")
-            wall = f"{exp.summary['wall_s'] / 60:.1f} min" if _is_number(exp.summary.get("wall_s")) else ""
+            trials, epochs = (value if value is not None else "" for value in (exp.summary.trials, exp.summary.epochs_spent))
+            wall = f"{exp.summary.wall_s / 60:.1f} min" if is_number(exp.summary.wall_s) else ""
         if exp is not None and (exp.failure is not None or exp.all_diverged):
             ours, diff = experiment_status(exp), ""
         lines.append(
@@ -199,7 +197,7 @@ def plot_learning_curves(found, out: Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.5 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
         for t in sorted(found[name].trials, key=lambda t: t.score, reverse=True)[:3]:
-            rows = [r for r in t.epochs if _is_number(r.get("val_acc"))]
+            rows = [r for r in t.epochs if is_number(r.get("val_acc"))]
             epochs = [r["training_iteration"] for r in rows]
             ax.plot(epochs, [100 * r["val_acc"] for r in rows], marker="o", label=f"{t.config.get('optimizer')} lr={_fmt(t.config.get('lr'), '.1e')}")
         ax.set_title(name, fontsize=9)
@@ -227,7 +225,7 @@ def plot_accuracy_vs_lr(found, out: Path) -> Path:
     colors = dict(zip(["adam", "adamw", "sgd", "rmsprop", "adagrad"], plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for ax, name in zip(axes.flat, names):
         for t in found[name].trials:
-            if t.score > -math.inf and _is_number(t.config.get("lr")):
+            if t.score > -math.inf and is_number(t.config.get("lr")):
                 color = colors.get(t.config.get("optimizer"), "gray")
                 kind = stop_kind(stop_reason(t, found[name]))
                 if kind == DIVERGED:
@@ -265,9 +263,9 @@ def finetune_vs_extract_bars(found: dict[str, ExperimentResult]) -> dict[str, di
     bars: dict[str, dict] = {}
     for name in dict.fromkeys([*EXPERIMENTS, *found]):
         exp, declared = found.get(name), EXPERIMENTS.get(name)
-        mode = exp.record.get("mode") if exp else declared.mode
-        reference = exp.record.get("reference_accuracy") if exp else declared.reference_accuracy  # None on another dataset
-        reference = reference if _is_number(reference) else None
+        mode = exp.record.mode if exp else declared.mode
+        reference = exp.record.reference_accuracy if exp else declared.reference_accuracy  # None on another dataset
+        reference = reference if is_number(reference) else None
         if mode not in TRANSFER_MODES or (exp is None and reference is None):
             continue
         best = exp.best() if exp else None

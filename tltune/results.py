@@ -26,12 +26,13 @@ from pathlib import Path
 
 from tltune import storage
 from tltune.errors import UserError
+from tltune.records import ExperimentRecord, ExperimentSummary, FailureRecord, Record, RunRecord, TimeRecord, is_number
 
-EXPERIMENT_FILE = "tltune_experiment.json"
-SUMMARY_FILE = "tltune_best.json"
-FAILED_FILE = "tltune_failed.json"
-RUNS_FILE = "runs.jsonl"  # one line per invocation that wrote to the run directory
-TIME_FILE = "tltune_time.json"  # seconds an interrupted experiment ran before its resume
+EXPERIMENT_FILE = ExperimentRecord.FILE
+SUMMARY_FILE = ExperimentSummary.FILE
+FAILED_FILE = FailureRecord.FILE
+RUNS_FILE = RunRecord.FILE  # one line per invocation that wrote to the run directory
+TIME_FILE = TimeRecord.FILE  # seconds an interrupted experiment ran before its resume
 OPTUNA_JOURNAL = "optuna.journal"  # the experiment's Optuna study (JournalStorage, study name = experiment name)
 METRIC = "val_acc"
 
@@ -64,15 +65,14 @@ class Trial:
 @dataclass
 class ExperimentResult:
     path: str  # local path or URI
-    record: dict  # tltune_experiment.json
-    summary: dict | None  # tltune_best.json, None while unfinished
+    record: ExperimentRecord  # tltune_experiment.json
+    summary: ExperimentSummary | None  # tltune_best.json, None while unfinished
     trials: list[Trial] = field(default_factory=list)
     failure: str | None = None  # the reason in tltune_failed.json: the experiment failed
 
     @property
     def name(self) -> str:
-        name = self.record.get("name")
-        return name if isinstance(name, str) else _basename(self.path)
+        return self.record.name if self.record.name is not None else _basename(self.path)
 
     @property
     def finished(self) -> bool:
@@ -87,8 +87,10 @@ class ExperimentResult:
         """The best trial: from the summary when the experiment finished, else by last val_acc;
         never a diverged trial (``None`` when all diverged, see ``all_diverged``)."""
         diverged = {t.name for t in self.trials if t.diverged}
-        if self.summary and "config" in self.summary and self.summary.get("best_trial") not in diverged:
-            return self.summary
+        if self.summary and self.summary.config is not None and self.summary.best_trial not in diverged:
+            s = self.summary
+            tested = {"test_acc": s.test_acc} if s.test_acc is not None else {}
+            return {"best_trial": s.best_trial, "config": s.config, "epochs_trained": s.epochs_trained, "val_acc": s.val_acc, **tested}
         scored = [t for t in self.trials if t.score > -math.inf and not t.diverged]
         if not scored:
             return None
@@ -134,6 +136,19 @@ def _read_text(path: str) -> str | None:
         return None
 
 
+def read_record(path: str, kind: type[Record]):
+    """The record of type ``kind`` in file ``path``; ``None`` if the file is missing, or, with
+    one warning line, if it cannot be read or is not such a record."""
+    data = read_json_object(path)
+    if data is None:
+        return None
+    try:
+        return kind.from_dict(data, path)
+    except ValueError as exc:
+        warn_skip(path, str(exc))
+        return None
+
+
 def read_json_object(path: str) -> dict | None:
     """The JSON object in file ``path``. ``None`` if the file is missing, or, with one warning
     line on stderr, if it cannot be read, is not JSON or is JSON but not an object."""
@@ -169,22 +184,6 @@ def _read_result_rows(path: str) -> list[dict]:
     return rows
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _summary_problem(summary: dict) -> str | None:
-    """Why a summary that names a best trial cannot be used, or ``None``."""
-    if "config" not in summary:  # no trial reported a val_acc
-        return None
-    if not isinstance(summary["config"], dict):
-        return "its config is not a JSON object"
-    if not isinstance(summary.get("best_trial"), str):
-        return "its best_trial is not a string"
-    if not _is_number(summary.get("val_acc")) or not _is_number(summary.get("test_acc", 0)):
-        return "its val_acc or test_acc is not a number"
-    return None
-
 
 def load_trials(exp_dir: str) -> list[Trial]:
     trials = []
@@ -204,19 +203,19 @@ def load_trials(exp_dir: str) -> list[Trial]:
 
 def load_experiment(exp_dir: str) -> ExperimentResult | None:
     """The experiment in ``exp_dir``; ``None`` (after a warning) if its record is damaged."""
-    record = read_json_object(storage.join(exp_dir, EXPERIMENT_FILE))
+    record = read_record(storage.join(exp_dir, EXPERIMENT_FILE), ExperimentRecord)
     if record is None:
         return None
     summary_path, failed_path = storage.join(exp_dir, SUMMARY_FILE), storage.join(exp_dir, FAILED_FILE)
-    summary = read_json_object(summary_path)
-    problem = _summary_problem(summary) if summary is not None else None
+    summary = read_record(summary_path, ExperimentSummary)
+    problem = summary.problem() if summary is not None else None
     if problem:
         warn_skip(summary_path, problem)
         summary = None
-    failed = read_json_object(failed_path)
+    failed = read_record(failed_path, FailureRecord)
     failure = None
     if failed is not None:
-        lines = str(failed.get("reason") or "").strip().splitlines()
+        lines = failed.reason.strip().splitlines()
         failure = lines[0].strip() if lines else "no reason given"
     elif storage.is_file(failed_path):  # there, but damaged (warned): it still failed
         failure = f"reason unreadable ({FAILED_FILE} is damaged)"
@@ -316,15 +315,15 @@ def experiment_status(exp: ExperimentResult) -> str:
     return "unfinished (no test accuracy yet)" if exp.summary is None else "finished (best trial not tested)"
 
 
-def seed_accuracies(summary: dict | None, group: str) -> list[float]:
+def seed_accuracies(summary: ExperimentSummary | None, group: str) -> list[float]:
     """Test accuracies of the ``best`` or the ``reference`` configuration: one per seed when the
     sweep re-trained it (``--repeats``), else the search's own trial, else none."""
-    summary = summary or {}
-    repeated = ((summary.get("repeats") or {}).get(group) or {}).get("test_acc")
-    if isinstance(repeated, list) and repeated and all(_is_number(v) for v in repeated):
+    summary = summary or ExperimentSummary()
+    repeated = ((summary.repeats or {}).get(group) or {}).get("test_acc")
+    if isinstance(repeated, list) and repeated and all(is_number(v) for v in repeated):
         return list(repeated)
-    single = summary.get("test_acc") if group == "best" else (summary.get("reference_trial") or {}).get("test_acc")
-    return [single] if _is_number(single) else []
+    single = summary.test_acc if group == "best" else (summary.reference_trial or {}).get("test_acc")
+    return [single] if is_number(single) else []
 
 
 def spread(values: list[float]) -> tuple[float, float] | None:
@@ -359,9 +358,9 @@ def difference_text(best: list[float], reference: list[float]) -> str:
 def reference_cap_note(exp: ExperimentResult) -> str:
     """`` (4 of 10 epochs: --max-epochs)`` when the run trained the reference settings for fewer
     epochs than declared (``--max-epochs``, ``--quick``), else empty."""
-    declared = (exp.record.get("reference") or {}).get("epochs")
-    used = (((exp.record.get("settings") or {}).get("reference")) or {}).get("epochs")
-    if _is_number(declared) and _is_number(used) and used < declared:
+    declared = exp.record.reference.get("epochs")
+    used = (exp.record.settings.get("reference") or {}).get("epochs")
+    if is_number(declared) and is_number(used) and used < declared:
         return f" ({used} of {declared} epochs: --max-epochs)"
     return ""
 
@@ -369,12 +368,12 @@ def reference_cap_note(exp: ExperimentResult) -> str:
 BEST_IS_REFERENCE = "0 (the reference is the best)"
 
 
-def best_vs_reference(summary: dict | None) -> str:
+def best_vs_reference(summary: ExperimentSummary | None) -> str:
     """:func:`difference_text` of the best and the reference configuration, or that the search's
     best trial is the reference trial itself (the same runs: no difference to measure)."""
-    summary = summary or {}
-    reference_trial = (summary.get("reference_trial") or {}).get("trial")
-    if reference_trial is not None and reference_trial == summary.get("best_trial"):
+    summary = summary or ExperimentSummary()
+    reference_trial = (summary.reference_trial or {}).get("trial")
+    if reference_trial is not None and reference_trial == summary.best_trial:
         return BEST_IS_REFERENCE
     return difference_text(seed_accuracies(summary, "best"), seed_accuracies(summary, "reference"))
 
@@ -384,33 +383,33 @@ def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
     rows = []
     for exp in experiments:
         best = exp.best()
-        record = exp.record
-        dataset = str(record.get("dataset", "?"))
-        reference = record.get("reference_accuracy")
+        record, summary = exp.record, exp.summary or ExperimentSummary()
+        dataset = record.dataset or "?"
+        reference = record.reference_accuracy
         row = {
             "experiment": exp.name,
             "Dataset": DATASET_NAMES.get(dataset, dataset),
-            "Model type": str(record.get("label", exp.name)),
+            "Model type": record.label if record.label is not None else exp.name,
             "Learning rate": None,
             "Epochs": None,
             "Accuracy": None,
             "val_acc": None,
-            "reference": reference if _is_number(reference) else None,
+            "reference": reference if is_number(reference) else None,
             "status": experiment_status(exp),
             "config": None,
             "best_test_acc": seed_accuracies(exp.summary, "best"),
             "reference_test_acc": seed_accuracies(exp.summary, "reference"),
             "reference_cap": reference_cap_note(exp),
             "best_vs_reference": best_vs_reference(exp.summary),
-            "trials": (exp.summary or {}).get("trials", len(exp.trials)),
-            "epochs_spent": (exp.summary or {}).get("epochs_spent", sum(len(t.epochs) for t in exp.trials)),
-            "wall_s": (exp.summary or {}).get("wall_s"),
+            "trials": summary.trials if summary.trials is not None else len(exp.trials),
+            "epochs_spent": summary.epochs_spent if summary.epochs_spent is not None else sum(len(t.epochs) for t in exp.trials),
+            "wall_s": summary.wall_s,
         }
         if best is not None:
             lr = best["config"].get("lr")
             row.update(
                 {
-                    "Learning rate": lr if _is_number(lr) else None,
+                    "Learning rate": lr if is_number(lr) else None,
                     "Epochs": best.get("epochs_trained"),
                     "Accuracy": 100 * best["test_acc"] if "test_acc" in best else None,
                     "val_acc": 100 * best["val_acc"],
@@ -440,7 +439,7 @@ def markdown_table(rows: list[dict]) -> str:
         lr = f"{row['Learning rate']:.3g}" if row["Learning rate"] is not None else "-"
         epochs = row["Epochs"] if row["Epochs"] is not None else "-"
         reference = f"{row['reference']:.2f}%" if row["reference"] is not None else "-"
-        wall = f"{row['wall_s'] / 60:.1f} min" if _is_number(row["wall_s"]) else "-"
+        wall = f"{row['wall_s'] / 60:.1f} min" if is_number(row["wall_s"]) else "-"
         lines.append(f"| {row['Dataset']} | {row['Model type']} | {lr} | {epochs} | {accuracy} | {reference} | "
                      f"{accuracy_text(row['reference_test_acc'])}{row['reference_cap'] if row['reference_test_acc'] else ''} | {row['best_vs_reference']} | "
                      f"{row['trials']} | {row['epochs_spent']} | {wall} |")  # fmt: skip
@@ -503,23 +502,23 @@ def _flat(config: dict, prefix: str = "config/") -> dict:
 def val_acc_of(row: dict) -> float | None:
     """The val_acc of a result row; ``None`` if it has none, or diverged (its 0 only ranks it last)."""
     value = row.get(METRIC)
-    return value if _is_number(value) and math.isfinite(value) and not row.get("diverged") else None
+    return value if is_number(value) and math.isfinite(value) and not row.get("diverged") else None
 
 
 def _wall_s(trial: Trial) -> float | None:
     """Seconds the trial trained: Ray's ``time_total_s``, else the span of its timestamps."""
-    if trial.last and _is_number(trial.last.get("time_total_s")):
+    if trial.last and is_number(trial.last.get("time_total_s")):
         return round(trial.last["time_total_s"], 2)
-    stamps = [row["timestamp"] for row in trial.epochs if _is_number(row.get("timestamp"))]
+    stamps = [row["timestamp"] for row in trial.epochs if is_number(row.get("timestamp"))]
     return round(stamps[-1] - stamps[0], 2) if len(stamps) > 1 else None
 
 
-def tested_trials(summary: dict | None) -> dict[str, float]:
+def tested_trials(summary: ExperimentSummary | None) -> dict[str, float]:
     """Trial name → test accuracy of the trials an experiment tested (its best and its reference)."""
-    summary, tested = summary or {}, {}
-    for record in (summary.get("reference_trial") or {}, summary):
-        name, value = record.get("best_trial", record.get("trial")), record.get("test_acc")
-        if isinstance(name, str) and _is_number(value):
+    summary, tested = summary or ExperimentSummary(), {}
+    reference = summary.reference_trial or {}
+    for name, value in ((reference.get("trial"), reference.get("test_acc")), (summary.best_trial, summary.test_acc)):
+        if isinstance(name, str) and is_number(value):
             tested[name] = value
     return tested
 
@@ -564,18 +563,18 @@ def experiment_rows(experiments: list[ExperimentResult]) -> list[dict]:
     ``None`` where unknown."""
     rows = []
     for exp in experiments:
-        summary = exp.summary or {}
-        repeat_epochs = ((summary.get("repeats") or {}).get("epochs_spent")) or 0
-        spent = summary.get("epochs_spent")
+        summary = exp.summary or ExperimentSummary()
+        repeat_epochs = ((summary.repeats or {}).get("epochs_spent")) or 0
+        spent = summary.epochs_spent
         row = {
             "experiment": exp.name,
             "status": experiment_status(exp),
-            "seed_reference_acc": exp.record.get("reference_accuracy"),
-            "trials": summary.get("trials", len(exp.trials)),
-            "search_epochs": spent - repeat_epochs if _is_number(spent) else sum(t.epochs_run for t in exp.trials),
+            "seed_reference_acc": exp.record.reference_accuracy,
+            "trials": summary.trials if summary.trials is not None else len(exp.trials),
+            "search_epochs": spent - repeat_epochs if is_number(spent) else sum(t.epochs_run for t in exp.trials),
             "repeat_epochs": repeat_epochs,
             "search_wall_s": search_wall_s(exp),
-            "wall_s": summary.get("wall_s"),
+            "wall_s": summary.wall_s,
             "precision_used": "/".join(sorted({t.last["precision_used"] for t in exp.trials if t.last and t.last.get("precision_used")})) or None,
         }
         accuracies = {group: seed_accuracies(exp.summary, group) for group in ("reference", "best")}
@@ -602,8 +601,8 @@ def trial_ends(exp: ExperimentResult) -> tuple[float | None, list[tuple[float, f
 
     starts, ends = [], []
     for trial in exp.trials:
-        rows = [row for row in trial.epochs if _is_number(time_of(row))]
-        starts += [row["started_at"] if _is_number(row.get("started_at")) else time_of(row) for row in rows]
+        rows = [row for row in trial.epochs if is_number(time_of(row))]
+        starts += [row["started_at"] if is_number(row.get("started_at")) else time_of(row) for row in rows]
         if rows and (acc := val_acc_of(rows[-1])) is not None:
             ends.append((time_of(rows[-1]), acc))
     return min(starts, default=None), ends
@@ -639,7 +638,7 @@ def repeat_rows(experiments: list[ExperimentResult]) -> list[dict]:
     and each ``--repeats`` seed): experiment, group, seed, trial, epochs, val and test accuracy."""
     rows = []
     for exp in experiments:
-        repeats = (exp.summary or {}).get("repeats") or {}
+        repeats = (exp.summary.repeats if exp.summary else None) or {}
         for group in ("reference", "best"):
             runs = repeats.get(group) or {}
             # runs of tltune before the seeds were recorded per run: the run's seeds, in order

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from tltune.config import MODEL_SHAPE_KEYS, ModelSpec
 from tltune.experiments import Experiment
+from tltune.records import RunRecord
 
 if TYPE_CHECKING:
     from tltune.data import Splits
@@ -55,7 +56,7 @@ class SweepPlan:
     imagenet_state: dict | None  # AlexNet weights, None for random init
     weights: str  # where imagenet_state came from: 'imagenet' or a file path
     run_dir: str  # a local path or a storage URI (s3://...)
-    record: dict  # this invocation, appended to the run's runs.jsonl
+    record: RunRecord  # this invocation, appended to the run's runs.jsonl
     source_run: str | None  # transfer experiments: the run holding their source experiment
     address: str | None  # the Ray cluster to join; None starts a local Ray
     cpus_per_trial: float | None  # None: sized to the cluster

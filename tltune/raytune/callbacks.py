@@ -27,6 +27,7 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tltune import storage
+from tltune.records import is_finite_number
 
 # The root's summary is the one events file of the run root ending in this.
 RUN_HPARAMS_SUFFIX = ".tltune_hparams"
@@ -101,7 +102,7 @@ class TensorBoardCallback(tune.Callback):
         writer = self._writer(trial)
         step = result["epoch"]
         for tag, key in self.SCALARS.items():
-            if _is_number(result.get(key)):
+            if is_finite_number(result.get(key)):
                 writer.add_scalar(tag, result[key], global_step=step)
         writer.flush()
         self._upload(trial)
@@ -120,7 +121,7 @@ class TensorBoardCallback(tune.Callback):
         if writer is None:
             return
         last = trial.last_result or {}
-        metrics = {f"hparams/{k}": float(last[k]) for k in ("val_acc", "val_loss", "train_loss") if _is_number(last.get(k))}
+        metrics = {f"hparams/{k}": float(last[k]) for k in ("val_acc", "val_loss", "train_loss") if is_finite_number(last.get(k))}
         metrics["hparams/epochs_trained"] = float(last.get("training_iteration", 0))
         for tag, value in metrics.items():
             if math.isfinite(value):
@@ -277,10 +278,6 @@ def _value_type(values):
 
 def _on_local_disk(trial) -> bool:
     return isinstance(trial.storage.storage_filesystem, pafs.LocalFileSystem)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _plain(value):

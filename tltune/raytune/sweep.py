@@ -29,10 +29,11 @@ from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import Choice, Experiment, IntRange, LogUniform
 from tltune.models import PRETRAINED_MODES
 from tltune.raytune import cluster
-from tltune.raytune.callbacks import TensorBoardCallback, _is_number, write_run_hparams
+from tltune.raytune.callbacks import TensorBoardCallback, write_run_hparams
 from tltune.raytune.progress import ProgressCallback
 from tltune.raytune.trainable import precompute_features, score_on_test_split, train_trial
-from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, TIME_FILE, best_checkpoint
+from tltune.records import ExperimentRecord, ExperimentSummary, FailureRecord, TimeRecord, is_finite_number
+from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, best_checkpoint
 from tltune.settings import ExperimentSettings, SweepPlan
 from tltune.studies import write_study
 from tltune.train import load_model_state, optimizer_extras
@@ -104,7 +105,7 @@ class ResumableOptunaSearch(OptunaSearch):
             return super().on_trial_complete(trial_id, result, error)
         config = (result or {}).get("config", {})
         value = (result or {}).get(self.metric)
-        if not error and _is_number(value) and isinstance(self._space, dict):
+        if not error and is_finite_number(value) and isinstance(self._space, dict):
             try:
                 self.add_evaluated_point({k: config[k] for k in self._space}, value)
             except (KeyError, ValueError, TypeError, RuntimeError):
@@ -239,7 +240,7 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
     logging.getLogger("ray.tune.tune").setLevel(logging.ERROR)  # its stop notices name Tuner.restore; ours names --resume
     exp_dir = storage.join(run_dir, experiment.name)
     if not storage.is_file(storage.join(exp_dir, EXPERIMENT_FILE)):
-        storage.write_text(storage.join(exp_dir, EXPERIMENT_FILE), json.dumps(experiment_record(experiment, settings), indent=2, default=str))
+        storage.write_text(storage.join(exp_dir, EXPERIMENT_FILE), experiment_record(experiment, settings).to_json())
 
     if settings.cached_features:
         started = time.time()
@@ -287,19 +288,19 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
             summary["repeats"] = run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, ref, best, scored)
         search_epochs = sum(r.metrics.get("training_iteration", 0) for r in results)
         summary.update(epochs_spent=search_epochs + summary.get("repeats", {}).get("epochs_spent", 0), wall_s=round(clock.spent_s(), 1))
-        storage.write_text(storage.join(exp_dir, SUMMARY_FILE), json.dumps(summary, indent=2, default=str))
+        storage.write_text(storage.join(exp_dir, SUMMARY_FILE), ExperimentSummary(**summary).to_json())
     return summary
 
 
 class ExperimentClock:
     """Seconds an experiment has run over all its invocations: one that is interrupted records
-    its part in ``TIME_FILE``, and the resume adds it (a SIGKILL loses that part)."""
+    its part in ````tltune_time.json``, and the resume adds it (a SIGKILL loses that part)."""
 
     def __init__(self, exp_dir: str):
-        self.path = storage.join(exp_dir, TIME_FILE)
+        self.path = storage.join(exp_dir, TimeRecord.FILE)
         try:
-            self.before_s = float(json.loads(storage.read_text(self.path))["spent_s"])
-        except (OSError, ValueError, KeyError, TypeError):  # none yet (a first run), or damaged: count from now
+            self.before_s = float(TimeRecord.from_dict(json.loads(storage.read_text(self.path)), self.path).spent_s)
+        except (OSError, ValueError, TypeError, AttributeError):  # none yet (a first run), or damaged: count from now
             self.before_s = 0.0
         self.started = time.time()
 
@@ -312,7 +313,7 @@ class ExperimentClock:
     def __exit__(self, kind, error, traceback) -> None:
         if kind is not None:
             with contextlib.suppress(OSError):  # never hides how the experiment ended
-                storage.write_text(self.path, json.dumps({"spent_s": round(self.spent_s(), 1)}))
+                storage.write_text(self.path, TimeRecord(spent_s=round(self.spent_s(), 1)).to_json())
 
 
 def trial_name(result) -> str:
@@ -323,7 +324,7 @@ def check_no_failures(name: str, results: tune.ResultGrid, exp_dir: str) -> None
     failed = [r for r in results if r.error is not None]
     if failed:  # each failed every retry: the same error again, or a check on its inputs
         reason = f"{len(failed)} of {len(results)} trials failed; the first: {root_cause(failed[0].error)}"
-        storage.write_text(storage.join(exp_dir, FAILED_FILE), json.dumps({"experiment": name, "reason": reason}, indent=2))
+        storage.write_text(storage.join(exp_dir, FAILED_FILE), FailureRecord(experiment=name, reason=reason).to_json())
         raise TrialsFailed(f"{name}: {reason}")
 
 
@@ -447,22 +448,22 @@ def root_cause(error: BaseException) -> str:
     return f"{type(error).__name__}: {lines[-1] if lines else ''}".rstrip(": ")
 
 
-def experiment_record(experiment: Experiment, settings: ExperimentSettings) -> dict:
+def experiment_record(experiment: Experiment, settings: ExperimentSettings) -> ExperimentRecord:
     random_init = experiment.mode in PRETRAINED_MODES and settings.pretrained == "none"
     searched = settings.space.get("optimizer")
     optimizers = sorted({settings.reference["optimizer"], *(searched.options if searched else ())})
-    return {
-        "name": experiment.name,
-        "dataset": settings.dataset,
-        "model": experiment.model,
-        "mode": experiment.mode,
-        "label": experiment.label + (" (random init: no pretrained weights)" if random_init else ""),
-        "reference": experiment.reference,
-        "reference_accuracy": experiment.reference_accuracy if settings.dataset == experiment.dataset else None,
-        "settings": settings.record(),
-        "space": {k: repr(v) for k, v in settings.space.items()},
-        "optimizer_extras": {name: optimizer_extras(name) for name in optimizers},  # e.g. SGD's momentum
-    }
+    return ExperimentRecord(
+        name=experiment.name,
+        dataset=settings.dataset,
+        model=experiment.model,
+        mode=experiment.mode,
+        label=experiment.label + (" (random init: no pretrained weights)" if random_init else ""),
+        reference=experiment.reference,
+        reference_accuracy=experiment.reference_accuracy if settings.dataset == experiment.dataset else None,
+        settings=json.loads(json.dumps(settings.record(), default=str)),
+        space={k: repr(v) for k, v in settings.space.items()},
+        optimizer_extras={name: optimizer_extras(name) for name in optimizers},  # e.g. SGD's momentum
+    )
 
 
 def run_sweep(plan: SweepPlan) -> None:
@@ -478,7 +479,7 @@ def run_sweep(plan: SweepPlan) -> None:
             s = plan.settings[experiment.name]
             size = cluster.size_trials(plan.cpus_per_trial, plan.gpus_per_trial, s.num_samples, s.max_concurrent_trials, joined=plan.address is not None)
             settings[experiment.name] = replace(s, cpus_per_trial=size.cpus, gpus_per_trial=size.gpus, max_concurrent_trials=size.concurrent)
-        storage.append_line(storage.join(plan.run_dir, RUNS_FILE), json.dumps(plan.record, default=str))
+        storage.append_line(storage.join(plan.run_dir, RUNS_FILE), plan.record.to_json(indent=None))
         write_run_hparams(plan.run_dir, [trial_config(e, settings[e.name])[0] for e in plan.experiments])
         imagenet_ref, none_ref = ray.put(plan.imagenet_state), ray.put(None)
         split_refs = {name: ray.put(s) for name, s in plan.splits.items()}
