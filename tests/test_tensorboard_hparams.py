@@ -10,7 +10,6 @@ from types import SimpleNamespace
 
 import pytest
 from google.protobuf import json_format
-from ray import tune
 from tensorboard.backend.event_processing.data_provider import MultiplexerDataProvider
 from tensorboard.backend.event_processing.plugin_event_multiplexer import EventMultiplexer
 from tensorboard.context import RequestContext
@@ -23,7 +22,7 @@ from werkzeug.test import Client
 from conftest import ROOT
 from s3server import s3, s3_server  # noqa: F401  (fixtures)
 from tltune import storage
-from tltune.experiments import CNN_SEARCH_SPACE
+from tltune.experiments import CNN_SEARCH_SPACE, Choice, IntRange, LogUniform
 from tltune.raytune.callbacks import RUN_HPARAMS_SUFFIX, TensorBoardCallback, read_run_hparams, write_run_hparams
 
 EXPERIMENTS = ["mnist-cnn", "mnist-alexnet-feature_extract"]  # the CNN searches activation, AlexNet has none
@@ -95,12 +94,11 @@ def run_dir(request, tmp_path) -> str:
 
 def test_each_invocation_replaces_the_root_summary_with_the_union(run_dir):
     storage.write_text(storage.join(run_dir, "runs.jsonl"), "{}\n")  # the sweep writes the run's first file first
-    cnn = {"optimizer": tune.choice(["adam", "sgd"]), "activation": tune.choice(["relu", "tanh"]), "lr": tune.loguniform(1e-5, 1e-1),
-           "epochs": tune.randint(1, 4), "batch_size": 64, "image_size": None, "cached_features": False, "model": "cnn"}  # fmt: skip
-    write_run_hparams(run_dir, [cnn])
-    alexnet = {"optimizer": tune.choice(["rmsprop", "sgd"]), "lr": tune.loguniform(1e-4, 0.5), "epochs": 5,
-               "batch_size": 64, "image_size": 64, "cached_features": True, "model": "alexnet"}  # fmt: skip
-    write_run_hparams(run_dir, [alexnet])  # e.g. sweeps/all.py adding an experiment to the run
+    cnn = {"optimizer": Choice(("adam", "sgd")), "activation": Choice(("relu", "tanh")), "lr": LogUniform(1e-5, 1e-1), "epochs": IntRange(1, 3)}
+    write_run_hparams(run_dir, [({"batch_size": 64, "image_size": None, "cached_features": False, "model": "cnn", "epochs": 5}, cnn)])
+    alexnet = {"optimizer": Choice(("rmsprop", "sgd")), "lr": LogUniform(1e-4, 0.5)}
+    fixed = {"epochs": 5, "batch_size": 64, "image_size": 64, "cached_features": True, "model": "alexnet", "lr": 1e-3}  # fmt: skip
+    write_run_hparams(run_dir, [(fixed, alexnet)])  # e.g. sweeps/all.py adding an experiment to the run
 
     summaries = [name for name in storage.list_dir(run_dir) if name.endswith(RUN_HPARAMS_SUFFIX)]
     assert len(summaries) == 1
@@ -110,7 +108,7 @@ def test_each_invocation_replaces_the_root_summary_with_the_union(run_dir):
         "optimizer": {"adam", "rmsprop", "sgd"},
         "activation": {"relu", "tanh"},  # from the first invocation: kept
         "lr": (1e-5, 0.5),
-        "epochs": (1.0, 5.0),  # randint's exclusive upper bound 4 is 3, widened by the fixed 5
+        "epochs": (1.0, 5.0),  # the searched 1..3, widened by the other experiment's fixed 5
         "batch_size": {64},
         "image_size": {64},  # None (the dataset's own size) is no value
         "cached_features": {False, True},
@@ -126,7 +124,7 @@ def test_each_invocation_replaces_the_root_summary_with_the_union(run_dir):
 
 
 def test_tensorboard_reads_the_root_summary(tmp_path):
-    write_run_hparams(str(tmp_path), [{"optimizer": tune.choice(["adam", "sgd"]), "lr": tune.loguniform(1e-5, 1e-1), "compile": False}])
+    write_run_hparams(str(tmp_path), [({"compile": False}, {"optimizer": Choice(("adam", "sgd")), "lr": LogUniform(1e-5, 1e-1)})])
     backend = TensorBoardBackend(tmp_path)
     assert backend.runs_with_experiment_summary() == ["."]
     infos = infos_by_name(backend.experiment())

@@ -2,8 +2,11 @@
 
 Each :class:`Experiment` is one row of the seed exercise's tables. A sweep always evaluates
 the reference settings first (so the reproduction is part of every sweep) and then searches
-``space``. The space is declared here with plain types; ``tltune.raytune`` turns it into Ray
-Tune domains. A new experiment is a few lines in ``EXPERIMENTS``.
+``space``. The space is declared here with one hierarchy of plain types (``Choice``,
+``LogUniform``, ``IntRange``), translated once per target: to Ray Tune domains in
+``tltune.raytune.sweep.to_tune_domain``, to Optuna distributions in
+``tltune.studies.distribution``, to TensorBoard HParams domains by ``hparams_domain()``.
+A new experiment is a few lines in ``EXPERIMENTS``.
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ class Choice:
         if not self.options:
             raise UserError(f"search space '{name}': no options to choose from")
 
+    def hparams_domain(self) -> frozenset:
+        """TensorBoard HParams' view (tltune.raytune.callbacks): the values themselves."""
+        return frozenset(self.options)
+
 
 @dataclass(frozen=True)
 class LogUniform:
@@ -47,6 +54,9 @@ class LogUniform:
     def check(self, name: str) -> None:
         if not (0 < self.low < self.high and math.isfinite(self.high)):
             raise UserError(f"search space '{name}': need 0 < low < high, got [{self.low}, {self.high}]")
+
+    def hparams_domain(self) -> tuple[float, float]:
+        return (float(self.low), float(self.high))
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,9 @@ class IntRange:
     def check(self, name: str) -> None:
         if not self.low <= self.high:
             raise UserError(f"search space '{name}': empty range [{self.low}, {self.high}]")
+
+    def hparams_domain(self) -> tuple[float, float]:
+        return (float(self.low), float(self.high))
 
 
 @dataclass(frozen=True)

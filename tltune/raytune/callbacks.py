@@ -19,7 +19,6 @@ import uuid
 
 import pyarrow.fs as pafs
 from ray import tune
-from ray.tune.search.sample import Categorical, Float, Integer
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
@@ -147,15 +146,16 @@ class TensorBoardCallback(tune.Callback):
 RUN_METRICS = {**TensorBoardCallback.SCALARS, "hparams/epochs_trained": "epochs_trained"}
 
 
-def write_run_hparams(run_dir: str, param_spaces: list[dict]) -> None:
+def write_run_hparams(run_dir: str, experiments: list[tuple[dict, dict]]) -> None:
     """Write the one HParams experiment summary of ``run_dir`` (a local path or URI) at its
-    root: every hyperparameter of the Tune ``param_spaces`` (one per experiment) with its
-    domain, and :data:`RUN_METRICS`. The summary already there (an earlier invocation's, for
-    experiments that this one does not run again) is merged in and replaced, so the run
-    keeps exactly one summary, covering every experiment it holds."""
+    root: every hyperparameter of the ``experiments`` (per experiment: its fixed values and its
+    search space of tltune domains) with its domain, and :data:`RUN_METRICS`. The summary
+    already there (an earlier invocation's, for experiments that this one does not run again)
+    is merged in and replaced, so the run keeps exactly one summary, covering every experiment it holds."""
     domains = {}
-    for param_space in param_spaces:
-        found = {name: tune_domain(value) for name, value in param_space.items()}
+    for fixed, space in experiments:
+        found = {name: fixed_domain(value) for name, value in fixed.items() if name not in space}
+        found.update({name: domain.hparams_domain() for name, domain in space.items()})
         # a None (e.g. no image_size: the dataset's own) is no value
         domains = merge_domains(domains, {name: d for name, d in found.items() if d != frozenset()})
     extend_run_hparams(*storage.resolve(run_dir), domains)
@@ -166,15 +166,9 @@ def session_values(config: dict) -> dict:
     return {k: _plain(v) for k, v in config.items() if _plain(v) is not None}
 
 
-def tune_domain(value):
-    """Where a Tune ``param_space`` entry's values lie: ``(low, high)`` for a numeric range,
-    else the frozenset of its values (of a fixed value: that value)."""
-    if isinstance(value, Integer):
-        return (float(value.lower), float(value.upper - 1))  # Tune's upper bound is exclusive
-    if isinstance(value, Float):
-        return (float(value.lower), float(value.upper))
-    values = value.categories if isinstance(value, Categorical) else [value]
-    return frozenset(_plain(v) for v in values if _plain(v) is not None)
+def fixed_domain(value) -> frozenset:
+    """The HParams domain of a value every trial shares: that value (none for None)."""
+    return frozenset(v for v in [_plain(value)] if v is not None)
 
 
 def merge_domains(domains: dict, more: dict) -> dict:

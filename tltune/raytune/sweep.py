@@ -480,7 +480,7 @@ def run_sweep(plan: SweepPlan) -> None:
             size = cluster.size_trials(plan.cpus_per_trial, plan.gpus_per_trial, s.num_samples, s.max_concurrent_trials, joined=plan.address is not None)
             settings[experiment.name] = replace(s, cpus_per_trial=size.cpus, gpus_per_trial=size.gpus, max_concurrent_trials=size.concurrent)
         storage.append_line(storage.join(plan.run_dir, RUNS_FILE), plan.record.to_json(indent=None))
-        write_run_hparams(plan.run_dir, [trial_config(e, settings[e.name])[0] for e in plan.experiments])
+        write_run_hparams(plan.run_dir, [(trial_config(e, settings[e.name])[0], settings[e.name].space) for e in plan.experiments])
         imagenet_ref, none_ref = ray.put(plan.imagenet_state), ray.put(None)
         split_refs = {name: ray.put(s) for name, s in plan.splits.items()}
         print(f"results: {plan.run_dir}")
