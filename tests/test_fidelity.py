@@ -2,6 +2,7 @@
 --repeats re-trains the reference and the best configuration with more seeds (mean ± std)."""
 
 import json
+from dataclasses import replace
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from tltune.plan import experiment_settings
 from tltune.experiments import EXPERIMENTS
 from tltune.config import TrialConfig
 from tltune.raytune.sweep import ReferenceExemptASHA, repeat_values
+from tltune.records import ExperimentSummary
 from tltune.results import accuracy_text, best_vs_reference, difference_text, experiment_rows, load_run, repeat_rows, seed_accuracies, trial_table
 
 
@@ -33,14 +35,14 @@ def test_asha_stops_a_poor_trial_but_never_the_reference():
 
 
 def test_accuracies_with_and_without_repeats():
-    summary = {"test_acc": 0.9, "reference_trial": {"test_acc": 0.8}}
+    summary = ExperimentSummary(test_acc=0.9, reference_trial={"test_acc": 0.8})
     assert accuracy_text(seed_accuracies(summary, "best")) == "90.00%"
-    summary["repeats"] = {"best": {"test_acc": [0.9, 0.92, 0.88]}, "reference": {"test_acc": [0.8, 0.81, 0.79]}}
+    summary.repeats = {"best": {"test_acc": [0.9, 0.92, 0.88]}, "reference": {"test_acc": [0.8, 0.81, 0.79]}}
     assert accuracy_text(seed_accuracies(summary, "best")) == "90.00 ± 2.00% (3 seeds)"
     assert difference_text(seed_accuracies(summary, "best"), seed_accuracies(summary, "reference")) == "+10.00 (beyond the spread)"
     assert difference_text([0.9, 0.8], [0.86, 0.84]) == "+0.00 (within the spread)"
-    assert best_vs_reference({**summary, "best_trial": "a", "reference_trial": {"trial": "b", "test_acc": 0.8}}) == "+10.00 (beyond the spread)"
-    assert best_vs_reference({**summary, "best_trial": "a", "reference_trial": {"trial": "a", "test_acc": 0.9}}) == "0 (the reference is the best)"
+    assert best_vs_reference(replace(summary, best_trial="a", reference_trial={"trial": "b", "test_acc": 0.8})) == "+10.00 (beyond the spread)"
+    assert best_vs_reference(replace(summary, best_trial="a", reference_trial={"trial": "a", "test_acc": 0.9})) == "0 (the reference is the best)"
 
 
 def test_reference_scored_and_repeats(tmp_path, real_data_root):
