@@ -55,3 +55,28 @@ def write_svhn_mat(path: Path, n: int, seed: int = 0) -> tuple[np.ndarray, np.nd
     path.parent.mkdir(parents=True, exist_ok=True)
     scipy.io.savemat(path, {"X": X, "y": y})
     return X, digits
+
+
+# One real MNIST sweep shared by the tests that read a finished run (the report, TensorBoard's
+# HParams, the repeats, `tltune best` and `tltune report`), run once per session through the
+# `tltune` command: two experiments (the CNN searches its activation, AlexNet feature extraction
+# has none), ASHA with grace period 1, and --repeats 2.
+MNIST_RUN_EXPERIMENTS = ("mnist-cnn", "mnist-alexnet-feature_extract")
+MNIST_RUN_SAMPLES = 4
+
+
+@pytest.fixture(scope="session")
+def mnist_run(tmp_path_factory, real_data_root):
+    import sys
+    from types import SimpleNamespace
+
+    tmp = tmp_path_factory.mktemp("mnist-run")
+    argv = [
+        sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", *MNIST_RUN_EXPERIMENTS, "--weights", "none",
+        "--num-samples", str(MNIST_RUN_SAMPLES), "--max-epochs", "2", "--grace-period", "1", "--repeats", "2",
+        "--train-subset", "600", "--test-subset", "500", "--data-root", str(real_data_root), "--storage-path", str(tmp / "results"),
+    ]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=tmp)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run_dir,) = (tmp / "results").iterdir()
+    return SimpleNamespace(run_dir=run_dir, stdout=out.stdout, stderr=out.stderr, argv=argv, tmp=tmp)

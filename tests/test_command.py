@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import MNIST_RUN_EXPERIMENTS, MNIST_RUN_SAMPLES
 from tltune.command import main
 from tltune.experiments import EXPERIMENTS
 
@@ -53,15 +54,14 @@ def test_sweep_help_lists_the_experiments_without_repeated_defaults():
     assert "(default: None)" not in out.stdout and "(default: 64)" not in out.stdout and "(default: False)" not in out.stdout
 
 
-def test_sweep_best_and_report(tmp_path, real_data_root):
-    out = tltune("sweep", "mnist", "--quick", "--experiments", "mnist-cnn", "--num-samples", "3", "--train-subset", "600",
-                 "--test-subset", "500", "--max-epochs", "2", "--data-root", str(real_data_root), "--storage-path", str(tmp_path))  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (run_dir,) = tmp_path.iterdir()
-    assert run_dir.name.startswith("mnist-cnn-"), "named after the experiment, not the interpreter"
-    assert "mnist-cnn: 0 running, 0 pending, 3 finished" in out.stdout, "the live view ends with every trial finished"
+def test_sweep_best_and_report(mnist_run, tmp_path):
+    """The session's MNIST run was made by `python -m tltune sweep`: read it with `tltune best` and `tltune report`."""
+    run_dir = mnist_run.run_dir
+    assert run_dir.name.startswith("mnist-2"), "named after the experiments' common name and the time, not the interpreter"
+    for name in MNIST_RUN_EXPERIMENTS:
+        assert f"{name}: 0 running, 0 pending, {MNIST_RUN_SAMPLES} finished" in mnist_run.stdout, "the live view ends with every trial finished"
     best = tltune("best", str(run_dir), "--trials", "--csv")
-    assert best.returncode == 0 and len(best.stdout.splitlines()) == 4 and "stop_reason" in best.stdout
+    assert best.returncode == 0 and len(best.stdout.splitlines()) == 1 + len(MNIST_RUN_EXPERIMENTS) * MNIST_RUN_SAMPLES and "stop_reason" in best.stdout
     report = tltune("report", str(run_dir), "--out", str(tmp_path / "report"), env={**os.environ, "MPLBACKEND": "Agg"})
     assert report.returncode == 0, report.stderr
     assert (tmp_path / "report" / "mnist-cnn-optimization_history.png").is_file(), "Optuna's plots from the kept study"

@@ -7,31 +7,31 @@ import subprocess
 import sys
 
 from conftest import ROOT
+from tltune.command import best_main, report_main
 
 
-def test_a_diverging_trial_stops_with_its_reason(tmp_path, real_data_root):
-    argv = [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", "cifar10-cnn-search",
+def test_a_diverging_trial_stops_with_its_reason(tmp_path, real_data_root, capsys):
+    argv = [sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--quick", "--experiments", "mnist-cnn",
             "--optimizer", "sgd", "--activation", "relu", "--lr", "1e12", "--epochs", "3", "--num-samples", "2", "--train-subset", "300",
             "--test-subset", "100", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "nan"]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    exp_dir = tmp_path / "nan" / "cifar10-cnn-search"
+    exp_dir = tmp_path / "nan" / "mnist-cnn"
     results = sorted(exp_dir.glob("*/result.json"))
     assert len(results) == 2, f"one result.json per trial (--num-samples 2), found {[str(r) for r in results]}"
     for result in results:
         last = json.loads(result.read_text().splitlines()[-1])
         assert last["diverged"] is True and "learning rate is probably too high" in last["stop_reason"]
         assert last["training_iteration"] == 1, "a diverged trial stops at once instead of training on NaNs"
-    report = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(tmp_path), "--out", str(tmp_path / "r")],
-                            capture_output=True, text=True)  # fmt: skip
-    assert report.returncode == 0, report.stderr
+    # the analysis scripts' own code, in this process (each script is one call of it)
+    assert report_main([str(tmp_path), "--out", str(tmp_path / "r")]) == 0, capsys.readouterr().err
     report_md = (tmp_path / "r" / "report.md").read_text()
     assert "diverged: training loss became" in report_md
     assert "| all trials diverged |" in report_md, "no diverged trial is presented as the best"
-    table = subprocess.run([sys.executable, str(ROOT / "analysis" / "best_configs.py"), str(tmp_path / "nan")], capture_output=True, text=True)
-    assert table.returncode == 0 and "| CIFAR-10 | small CNN, best of the search | - | - | all diverged |" in table.stdout
-    trials = subprocess.run([sys.executable, str(ROOT / "analysis" / "best_configs.py"), str(tmp_path / "nan"), "--trials", "--csv"],
-                            capture_output=True, text=True)  # fmt: skip
-    rows = list(csv.DictReader(io.StringIO(trials.stdout)))
-    assert trials.returncode == 0 and len(rows) == 2
+    capsys.readouterr()
+    assert best_main([str(tmp_path / "nan")]) == 0
+    assert "| MNIST | vanilla CNN | - | - | all diverged |" in capsys.readouterr().out
+    assert best_main([str(tmp_path / "nan"), "--trials", "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 2
     assert all(row["stop_reason"] == "diverged" and row["epochs_run"] == "1" and row["last_val_acc"] == "" for row in rows), rows

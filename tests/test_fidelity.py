@@ -3,12 +3,9 @@
 
 import json
 from dataclasses import replace
-import subprocess
-import sys
 
 from ray.tune.experiment import Trial
 
-from conftest import ROOT
 from tltune.options import parse
 from tltune.plan import experiment_settings
 from tltune.experiments import EXPERIMENTS
@@ -45,13 +42,9 @@ def test_accuracies_with_and_without_repeats():
     assert best_vs_reference(replace(summary, best_trial="a", reference_trial={"trial": "a", "test_acc": 0.9})) == "0 (the reference is the best)"
 
 
-def test_reference_scored_and_repeats(tmp_path, real_data_root):
-    argv = [sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--quick", "--experiments", "mnist-cnn", "--num-samples", "4",
-            "--max-epochs", "2", "--grace-period", "1", "--train-subset", "600", "--test-subset", "500", "--repeats", "2",
-            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "run"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    summary = json.loads((tmp_path / "run" / "mnist-cnn" / "tltune_best.json").read_text())
+def test_reference_scored_and_repeats(mnist_run):
+    run_dir = mnist_run.run_dir
+    summary = json.loads((run_dir / "mnist-cnn" / "tltune_best.json").read_text())
     reference = summary["reference_trial"]
     assert reference["epochs_trained"] == 2 and 0 < reference["test_acc"] <= 1, "the reference trained to the end and was tested"
     repeats = summary["repeats"]
@@ -62,15 +55,16 @@ def test_reference_scored_and_repeats(tmp_path, real_data_root):
         assert len(set(repeats[group]["epochs"])) == 1, "a repeat trains the epochs its original trained (ASHA may have stopped it)"
     assert repeats["reference"]["test_acc"][0] == reference["test_acc"] and repeats["best"]["test_acc"][0] == summary["test_acc"]
     assert summary["epochs_spent"] >= 2 + 2 * 1, "search epochs plus the repeats'"
-    assert "(2 seeds)" in out.stdout, "the table shows mean ± std"
-    assert "(2 seeds) (2 of 5 epochs: --max-epochs)" in out.stdout, "the reference settings as this run trained them"
-    tested = {r["trial"]: r["test_acc"] for r in trial_table(tmp_path / "run") if r["test_acc"] is not None}
+    assert "(2 seeds)" in mnist_run.stdout, "the table shows mean ± std"
+    assert "(2 seeds) (2 of 5 epochs: --max-epochs)" in mnist_run.stdout, "the reference settings as this run trained them"
+    tested = {r["trial"]: r["test_acc"] for r in trial_table(run_dir) if r["test_acc"] is not None}
     assert tested[reference["trial"]] == reference["test_acc"], "the per-trial table has the reference's test accuracy"
-    rows = repeat_rows(load_run(tmp_path / "run"))
+    cnn = [e for e in load_run(run_dir) if e.name == "mnist-cnn"]
+    rows = repeat_rows(cnn)
     assert [(r["group"], r["seed"]) for r in rows] == [("reference", 0), ("reference", 1), ("best", 0), ("best", 1)]
     assert [r["test_acc"] for r in rows] == repeats["reference"]["test_acc"] + repeats["best"]["test_acc"]
     assert [r["epochs"] for r in rows] == repeats["reference"]["epochs"] + repeats["best"]["epochs"]
-    (row,) = experiment_rows(load_run(tmp_path / "run"))
+    (row,) = experiment_rows(cnn)
     assert row["status"] == "finished" and row["reference_seeds"] == row["best_seeds"] == 2
     assert row["reference_test_acc_mean"] == round(50 * sum(repeats["reference"]["test_acc"]), 3)
     assert row["search_epochs"] + row["repeat_epochs"] == summary["epochs_spent"] and row["repeat_epochs"] == repeats["epochs_spent"]

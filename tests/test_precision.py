@@ -160,7 +160,7 @@ def test_precision_reaches_every_trial_config_and_the_record(argv, precision, co
     param_space, points = trial_config(experiment, settings)
     assert param_space["precision"] == precision and param_space["compile"] is compiled
     assert all("precision" not in point for point in points), "fixed, never searched"
-    record = json.loads(json.dumps(experiment_record(experiment, settings), default=str))
+    record = json.loads(experiment_record(experiment, settings).to_json())
     assert record["settings"]["reference"]["precision"] == precision
     runtime = trial_runtime(TrialConfig.from_dict({**param_space, **points[0], "compile": False}), CPU)
     assert runtime.precision == resolve_precision(precision, CPU) and runtime.channels_last

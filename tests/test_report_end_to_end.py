@@ -1,4 +1,4 @@
-"""A real quick sweep on a local Ray (real MNIST, OptunaSearch + ASHA), then the report: a
+"""The session's real quick sweep (real MNIST, OptunaSearch + ASHA), then the report: a
 ``trials.csv`` row per trial whose stop reason agrees with its result.json, and Optuna's plots
 from the study the sweep kept."""
 
@@ -10,34 +10,23 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import MNIST_RUN_SAMPLES, ROOT
 from tltune.results import OPTUNA_JOURNAL
 
-NUM_SAMPLES = 4
-
-
 @pytest.fixture(scope="module")
-def report(tmp_path_factory, real_data_root):
-    tmp = tmp_path_factory.mktemp("sweep")
-    argv = [
-        sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--quick", "--experiments", "mnist-cnn",
-        "--num-samples", str(NUM_SAMPLES), "--train-subset", "600", "--test-subset", "200", "--max-epochs", "3",
-        "--data-root", str(real_data_root), "--storage-path", str(tmp / "results"), "--name", "e2e",
-    ]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run_dir = tmp / "results" / "e2e"
-    made = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(run_dir), "--out", str(tmp / "report")],
+def report(mnist_run):
+    out = mnist_run.tmp / "report"
+    made = subprocess.run([sys.executable, str(ROOT / "analysis" / "report.py"), str(mnist_run.run_dir), "--out", str(out)],
                           capture_output=True, text=True)  # fmt: skip
     assert made.returncode == 0 and "Traceback" not in made.stderr, made.stderr[-3000:]
-    return run_dir / "mnist-cnn", tmp / "report"
+    return mnist_run.run_dir / "mnist-cnn", out
 
 
 def test_a_csv_row_per_trial_with_the_stop_reason_its_results_show(report):
     exp_dir, out = report
     trial_dirs = sorted(p.parent for p in exp_dir.glob("*/params.json"))
-    assert len(trial_dirs) == NUM_SAMPLES
-    rows = {row["trial"]: row for row in csv.DictReader((out / "trials.csv").open())}
+    assert len(trial_dirs) == MNIST_RUN_SAMPLES
+    rows = {row["trial"]: row for row in csv.DictReader((out / "trials.csv").open()) if row["experiment"] == "mnist-cnn"}
     assert sorted(rows) == [d.name for d in trial_dirs]
     for trial_dir in trial_dirs:
         row, planned = rows[trial_dir.name], json.loads((trial_dir / "params.json").read_text())["epochs"]
@@ -59,7 +48,7 @@ def test_optuna_plots_from_the_study_the_sweep_kept(report):
     if not (exp_dir / OPTUNA_JOURNAL).is_file():
         pytest.skip(f"the sweep kept no {OPTUNA_JOURNAL} (tltune/raytune/sweep.py does not persist the Optuna study yet)")
     report_md = (out / "report.md").read_text()
-    completed = [row for row in csv.DictReader((out / "trials.csv").open()) if row["stop_reason"] == "completed"]
+    completed = [row for row in csv.DictReader((out / "trials.csv").open()) if row["stop_reason"] == "completed" and row["experiment"] == "mnist-cnn"]
     kinds = ["optimization_history", "parallel_coordinate", "intermediate_values"]
     if len(completed) >= 2:  # Optuna ranks importances over completed trials; ASHA's stops are pruned
         kinds.append("param_importances")

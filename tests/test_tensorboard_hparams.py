@@ -1,11 +1,9 @@
 """TensorBoard's HParams dashboard on a run directory, read through TensorBoard's own backend
 (its event multiplexer, data provider and HParams plugin routes, as ``tensorboard --logdir``
 serves them): one experiment summary at the run root, with every hyperparameter of every
-experiment and its domain; every trial a session; throughput and learning rate as scalars."""
+experiment and its domain (on the session's shared MNIST run); every trial a session; throughput and learning rate as scalars."""
 
 import json
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
@@ -19,13 +17,13 @@ from tensorboard.plugins.hparams import api_pb2, backend_context, hparams_plugin
 from tensorboard.plugins.hparams import metadata as hparams_metadata
 from werkzeug.test import Client
 
-from conftest import ROOT
+from conftest import MNIST_RUN_EXPERIMENTS, MNIST_RUN_SAMPLES
 from s3server import s3, s3_server  # noqa: F401  (fixtures)
 from tltune import storage
 from tltune.experiments import CNN_SEARCH_SPACE, Choice, IntRange, LogUniform
 from tltune.raytune.callbacks import RUN_HPARAMS_SUFFIX, TensorBoardCallback, read_run_hparams, write_run_hparams
 
-EXPERIMENTS = ["mnist-cnn", "mnist-alexnet-feature_extract"]  # the CNN searches activation, AlexNet has none
+EXPERIMENTS = MNIST_RUN_EXPERIMENTS  # the CNN searches activation, AlexNet has none
 ALL_STATUSES = [api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_RUNNING]
 
 
@@ -137,18 +135,14 @@ def test_tensorboard_reads_the_root_summary(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory, real_data_root):
-    tmp = tmp_path_factory.mktemp("hparams")
-    argv = [
-        sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--quick", "--experiments", *EXPERIMENTS, "--weights", "none",
-        "--num-samples", "2", "--train-subset", "600", "--test-subset", "500", "--max-epochs", "2",
-        "--data-root", str(real_data_root), "--storage-path", str(tmp), "--name", "run",
-    ]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run_dir = tmp / "run"
-    trials = {str(p.parent.relative_to(run_dir)): json.loads(p.read_text()) for p in run_dir.glob("*/*/params.json")}
-    assert len(trials) == 4 and {name.split("/")[0] for name in trials} == set(EXPERIMENTS)
+def sweep(mnist_run):
+    run_dir = mnist_run.run_dir
+    # every trial, the re-trainings with other seeds (--repeats) included
+    params = [*run_dir.glob("*/*/params.json"), *run_dir.glob("*/repeats/*/params.json")]
+    trials = {str(p.parent.relative_to(run_dir)): json.loads(p.read_text()) for p in params}
+    searched = [name for name in trials if "/repeats/" not in name]
+    assert len(searched) == len(EXPERIMENTS) * MNIST_RUN_SAMPLES and {name.split("/")[0] for name in trials} == set(EXPERIMENTS)
+    assert len(trials) > len(searched), "the repeats are trials too"
     return run_dir, trials, TensorBoardBackend(run_dir)
 
 

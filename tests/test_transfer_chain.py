@@ -5,8 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import ray
 
 from conftest import ROOT, write_svhn_mat
+from tltune.cli import main
+from tltune.experiments import FAMILIES
 from tltune.config import TrialConfig
 from tltune.train import load_checkpoint_config
 
@@ -59,11 +62,17 @@ def test_checkpoints_carry_their_trial_config(transfer_run):
         assert load_checkpoint_config(checkpoint) == TrialConfig.from_dict(params)
 
 
-def test_transfer_without_a_source_fails_before_ray(transfer_run, tmp_path):
+def test_transfer_without_a_source_fails_before_ray(transfer_run, tmp_path, capsys):
     _, _, argv = transfer_run
-    argv = argv[:2] + ["--experiments", "mnist_to_svhn-finetune"] + argv[2:-4] + ["--storage-path", str(tmp_path), "--name", "x"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 2 and "--source-run" in out.stderr and "Traceback" not in out.stderr
-    with_source = argv + ["--source-run", str(transfer_run[0])]
-    with_source[with_source.index("x")] = "y"
-    assert subprocess.run(with_source, capture_output=True, text=True, timeout=300).returncode == 0
+    flags = argv[2:-4] + ["--experiments", "mnist_to_svhn-finetune", "--storage-path", str(tmp_path), "--name", "x"]
+    assert main(FAMILIES["mnist_to_svhn"], "test", flags) == 2
+    err = capsys.readouterr().err
+    assert "--source-run" in err and "Traceback" not in err and not ray.is_initialized()
+
+
+@pytest.mark.slow  # one more sweep
+def test_transfer_from_another_runs_source(transfer_run, tmp_path):
+    run_dir, _, argv = transfer_run
+    with_source = argv[:2] + ["--experiments", "mnist_to_svhn-finetune"] + argv[2:-4] + ["--storage-path", str(tmp_path), "--name", "y"]
+    out = subprocess.run(with_source + ["--source-run", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -4,18 +4,18 @@ are refused before Ray starts."""
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+import ray
 
-from conftest import ROOT
+from tltune.cli import main
 from tltune.options import parse
 from tltune.plan import experiment_settings
 from tltune.data import ImageArrays, Splits
 from tltune.errors import TrialsFailed
-from tltune.experiments import EXPERIMENTS
+from tltune.experiments import EXPERIMENTS, FAMILIES
+from tltune.records import RunRecord
 from tltune.results import FAILED_FILE, SUMMARY_FILE
 from tltune.settings import SweepPlan
 
@@ -38,7 +38,7 @@ def test_a_deterministic_error_in_every_trial_fails_the_experiment(tmp_path):
     args = parse(["--num-samples", "1", "--max-epochs", "1", "--image-size", "2"])
     settings = {experiment.name: dataclasses.replace(experiment_settings(experiment, args), dataset="tiny")}
     plan = SweepPlan(experiments=[experiment], settings=settings, splits={"tiny": tiny_splits()}, imagenet_state=None,
-                     weights="none", run_dir=str(tmp_path / "run"), record={}, source_run=None, address=None,
+                     weights="none", run_dir=str(tmp_path / "run"), record=RunRecord(), source_run=None, address=None,
                      cpus_per_trial=1, gpus_per_trial=0)  # fmt: skip
     with pytest.raises(TrialsFailed) as failure:
         run_sweep(plan)
@@ -60,10 +60,10 @@ def test_a_deterministic_error_in_every_trial_fails_the_experiment(tmp_path):
         (["--train-subset", "0"], "--train-subset must be at least 1"),
     ],
 )
-def test_inputs_every_trial_would_fail_on_are_refused_before_ray(tmp_path, real_data_root, extra, message):
-    argv = [sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--quick", "--experiments", "mnist-cnn", "--train-subset", "300",
+def test_inputs_every_trial_would_fail_on_are_refused_before_ray(tmp_path, real_data_root, extra, message, capsys):
+    argv = ["--quick", "--experiments", "mnist-cnn", "--train-subset", "300",
             "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "bad", *extra]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert out.stderr.strip().splitlines()[-1].startswith("error: ") and message in out.stderr and "Traceback" not in out.stderr
-    assert not (tmp_path / "bad").exists()
+    assert main(FAMILIES["mnist"], "test", argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists() and not ray.is_initialized()

@@ -9,12 +9,15 @@ import shutil
 import signal
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from conftest import ROOT
 from test_fault_suite import interrupt_at
 from tltune import trust
+from tltune.cli import main
+from tltune.experiments import FAMILIES
 
 EXPERIMENT = "mnist-cnn"
 
@@ -65,6 +68,22 @@ def only(exp_dir, prefix):
     return exp_dir / name
 
 
+@pytest.fixture
+def resume_here(capsys, monkeypatch):
+    """``--resume`` in this process, as `sweeps/mnist.py` runs it: refusals happen before Ray
+    (and before torch is needed), so no interpreter per case."""
+
+    def run(run_dir, **env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        capsys.readouterr()
+        code = main(FAMILIES["mnist"], "test", ["--resume", str(run_dir)])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+
+    return run
+
+
 def assert_refused(out, what):
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     error_lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
@@ -79,76 +98,77 @@ def test_a_run_tltune_made_resumes_from_a_copy(run_copy):
     assert (run_copy / EXPERIMENT / "tltune_best.json").is_file()
 
 
-def test_a_planted_searcher_pickle_never_runs(run_copy, tmp_path):
+def test_a_planted_searcher_pickle_never_runs(run_copy, resume_here, tmp_path):
     marker = tmp_path / "pwned"
     only(run_copy / EXPERIMENT, "searcher-state-").write_bytes(pickle.dumps(Planted(marker)))
-    out = resume(run_copy)
+    out = resume_here(run_copy)
     assert_refused(out, "searcher-state-")
     assert "tampered" in out.stderr and not marker.exists()
 
 
-def test_a_planted_tuner_pickle_never_runs(run_copy, tmp_path):
+def test_a_planted_tuner_pickle_never_runs(run_copy, resume_here, tmp_path):
     marker = tmp_path / "pwned"
     (run_copy / EXPERIMENT / "tuner.pkl").write_bytes(pickle.dumps(Planted(marker)))
-    assert_refused(resume(run_copy), "tuner.pkl")
+    assert_refused(resume_here(run_copy), "tuner.pkl")
     assert not marker.exists()
 
 
-def test_a_truncated_tuner_pickle_is_one_line(run_copy):
+def test_a_truncated_tuner_pickle_is_one_line(run_copy, resume_here):
     path = run_copy / EXPERIMENT / "tuner.pkl"
     path.write_bytes(path.read_bytes()[:100])
-    assert_refused(resume(run_copy), "tuner.pkl")
+    assert_refused(resume_here(run_copy), "tuner.pkl")
 
 
-def test_a_pickle_hidden_in_the_experiment_state_never_runs(run_copy, tmp_path):
+def test_a_pickle_hidden_in_the_experiment_state_never_runs(run_copy, resume_here, tmp_path):
     marker = tmp_path / "pwned"
     path = only(run_copy / EXPERIMENT, "experiment_state-")
     state = json.loads(path.read_text())
     state["stats"]["planted"] = {"_type": "CLOUDPICKLE_FALLBACK", "value": pickle.dumps(Planted(marker)).hex()}
     path.write_text(json.dumps(state))
-    assert_refused(resume(run_copy), "experiment_state-")
+    assert_refused(resume_here(run_copy), "experiment_state-")
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("name", ["callback-states-2099-01-01_00-00-00.pkl", "basic-variant-state-2099-01-01_00-00-00.json"])
-def test_an_added_state_file_is_refused(run_copy, tmp_path, name):
+def test_an_added_state_file_is_refused(run_copy, resume_here, tmp_path, name):
     (run_copy / EXPERIMENT / name).write_bytes(pickle.dumps(Planted(tmp_path / "pwned")))
-    assert_refused(resume(run_copy), name)
+    assert_refused(resume_here(run_copy), name)
     assert not (tmp_path / "pwned").exists()
 
 
-def test_signatures_made_without_the_key_do_not_count(run_copy, tmp_path):
+def test_signatures_made_without_the_key_do_not_count(run_copy, resume_here, tmp_path):
     payload = pickle.dumps(Planted(tmp_path / "pwned"))
     only(run_copy / EXPERIMENT, "searcher-state-").write_bytes(payload)
     forged = {"file": "searcher-state.pkl", "hmac": trust.signature(payload, b"a guess at the key" * 4)}
     with open(run_copy / EXPERIMENT / trust.SIGNATURES_FILE, "a") as f:
         f.write(json.dumps(forged) + "\n")
-    assert_refused(resume(run_copy), "searcher-state-")
+    assert_refused(resume_here(run_copy), "searcher-state-")
 
 
-def test_a_run_without_signatures_is_refused(run_copy):
+def test_a_run_without_signatures_is_refused(run_copy, resume_here):
     (run_copy / EXPERIMENT / trust.SIGNATURES_FILE).unlink()
-    assert_refused(resume(run_copy), "is not a file tltune wrote")
+    assert_refused(resume_here(run_copy), "is not a file tltune wrote")
 
 
-def test_another_accounts_run_is_refused(run_copy, tmp_path):
-    out = resume(run_copy, TLTUNE_KEY_FILE=str(tmp_path / "no-key-here"))
+def test_another_accounts_run_is_refused(run_copy, resume_here, tmp_path):
+    out = resume_here(run_copy, TLTUNE_KEY_FILE=str(tmp_path / "no-key-here"))
     assert_refused(out, "not created by tltune under this account")
     assert not (tmp_path / "no-key-here").exists(), "checking must not create a key"
 
 
-def test_another_key_is_refused(run_copy, tmp_path):
+def test_another_key_is_refused(run_copy, resume_here, tmp_path):
     other = tmp_path / "other.key"
     other.write_text("0" * 64)
-    assert_refused(resume(run_copy, TLTUNE_KEY_FILE=str(other)), "is not a file tltune wrote")
+    assert_refused(resume_here(run_copy, TLTUNE_KEY_FILE=str(other)), "is not a file tltune wrote")
 
 
-def test_a_damaged_key_is_one_line(run_copy, tmp_path):
+def test_a_damaged_key_is_one_line(run_copy, resume_here, tmp_path):
     damaged = tmp_path / "damaged.key"
     damaged.write_text("x")
-    assert_refused(resume(run_copy, TLTUNE_KEY_FILE=str(damaged)), "is damaged")
+    assert_refused(resume_here(run_copy, TLTUNE_KEY_FILE=str(damaged)), "is damaged")
 
 
+@pytest.mark.slow  # a whole experiment again
 def test_killed_before_tune_saved_state_starts_the_experiment_anew(interrupted_run, tmp_path):
     """tuner.pkl is written (and then signed) before Tune saves any state: a run killed in
     between has nothing to resume, and runs the experiment from the start."""

@@ -319,7 +319,7 @@ def sweep(experiments: list[str | Experiment], options: SweepOptions, run_all: b
         options = resumed_options(options)
     chosen = choose_experiments(experiments, options.experiments)
     check_device_options(options)
-    from tltune.raytune.cluster import check_reachable, cluster_address
+    from tltune.raytune.address import check_reachable, cluster_address
 
     address = cluster_address(options.address)
     if address:
@@ -361,7 +361,7 @@ def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: 
             cpus_per_trial=options.cpus_per_trial,
             gpus_per_trial=options.gpus_per_trial,
         )
-        from tltune.raytune import run_sweep  # imports Ray: only once the input is known to be good
+        from tltune.raytune.sweep import run_sweep  # imports Ray: only once the input is known to be good
 
         run_sweep(plan)
     except (signals.Interrupted, TrialsFailed) as stop:

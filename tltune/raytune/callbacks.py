@@ -48,8 +48,12 @@ class TensorBoardCallback(tune.Callback):
         "lr": "lr",
     }
 
-    def __init__(self, print_progress: bool = True):
+    def __init__(self, print_progress: bool = True, run_root_up: int = 0):
         self._writers = {}
+        # Tune's storage path is the run directory, or for the repeats (a Tune experiment inside
+        # an experiment's directory) one level below it. Counted in levels, not stored as a
+        # path, so a run copied elsewhere and resumed still writes to its own root.
+        self._run_root_up = run_root_up
         self._print_progress = print_progress
         self._run_domains = None  # the run root's HParams domains, as this driver last read or wrote them
 
@@ -70,7 +74,9 @@ class TensorBoardCallback(tune.Callback):
         dashboard's default filters would hide the trial. It happens where a value is only
         known once the experiment runs (a transfer experiment's activation, taken from its
         source's best trial)."""
-        fs, root = trial.storage.storage_filesystem, trial.storage.storage_fs_path
+        fs, root = trial.storage.storage_filesystem, trial.storage.storage_fs_path.rstrip("/")
+        for _ in range(getattr(self, "_run_root_up", 0)):  # getattr: callbacks pickled before the attribute existed
+            root = root.rsplit("/", 1)[0]
         if self._run_domains is None:
             self._run_domains = read_run_hparams(fs, root)[1]
         if not all(name in self._run_domains and covers(self._run_domains[name], v) for name, v in values.items()):

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 import sys
 from dataclasses import dataclass
 
 import ray
 
 from tltune.errors import UserError
+from tltune.raytune.address import cluster_address, check_reachable  # noqa: F401 (where they were)
 
 LOOPBACK = "127.0.0.1"
 
@@ -40,28 +40,6 @@ class TrialSize:
     cpus: float
     gpus: float
     concurrent: int  # trials started together: Tune asks the searcher and the autoscaler for this many
-
-
-def cluster_address(address: str | None) -> str | None:
-    """The cluster to join: ``--address``, else ``$RAY_ADDRESS``, else None (start a local Ray)."""
-    return address or os.environ.get("RAY_ADDRESS") or None
-
-
-def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast: ray.init waits minutes on an address where nothing answers."""
-    if address in ("auto", "local"):
-        return
-    host_port = address.split("://", 1)[-1]
-    host, _, port = host_port.rpartition(":")
-    if not host or not port.isdigit():
-        raise UserError(f"--address {address}: expected HOST:PORT (e.g. 127.0.0.1:6379) or ray://HOST:PORT")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise UserError(
-            f"no Ray cluster answers at {address} ({exc}): check the address and that the cluster is up "
-            "(`ray status`), or leave --address out to start a local Ray"
-        ) from None
 
 
 def connect(address: str | None) -> None:

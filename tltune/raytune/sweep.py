@@ -141,16 +141,17 @@ class ReferenceExemptASHA(ASHAScheduler):
         return decision
 
 
-def tune_callbacks(name: str) -> list:
-    return [CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(), ProgressCallback(name)]
+def tune_callbacks(name: str, run_root_up: int) -> list:
+    return [CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(run_root_up=run_root_up), ProgressCallback(name)]
 
 
-def run_config(name: str, storage_path: str, settings: ExperimentSettings) -> tune.RunConfig:
+def run_config(name: str, storage_path: str, settings: ExperimentSettings, run_root_up: int = 0) -> tune.RunConfig:
+    """``run_root_up``: how many levels ``storage_path`` lies below the run directory."""
     remote = storage.is_uri(storage_path)
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
-        callbacks=tune_callbacks(name),
+        callbacks=tune_callbacks(name, run_root_up),
         # On cloud storage Ray uploads its experiment state only every sync_period but
         # deletes superseded checkpoints at once: after a kill -9 the state in the bucket
         # can name a checkpoint already gone, so there every checkpoint is kept.
@@ -206,7 +207,7 @@ def repeats_tuner(name: str, settings: ExperimentSettings, trainable, param_spac
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=run_config(name, exp_dir, settings),
+        run_config=run_config(name, exp_dir, settings, run_root_up=1),
     )
 
 
