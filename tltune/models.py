@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torchvision
 
 from tltune.catalog import ACTIVATION_NAMES, CNN_MAX_DEPTH, MODELS, MODES, PRETRAINED_MODES, check_table  # noqa: F401 (re-exported)
 from tltune.errors import UserError
@@ -90,6 +89,8 @@ def cnn_backbone(
 
 
 def alexnet_backbone(imagenet_state: dict | None) -> nn.Sequential:
+    import torchvision  # here: importing it costs seconds (torch._dynamo), which CNN-only trials skip
+
     alexnet = torchvision.models.alexnet()
     if imagenet_state is not None:
         alexnet.load_state_dict(imagenet_state)
@@ -151,6 +152,8 @@ def load_imagenet_state(weights: str) -> dict:
     torch hub folder); anything else is a path to a state dict saved from
     ``torchvision.models.alexnet()``. Checked against the architecture here, so a wrong file
     fails before any trial starts."""
+    import torchvision
+
     if weights == "imagenet":
         try:
             state = torchvision.models.AlexNet_Weights.IMAGENET1K_V1.get_state_dict(progress=False)

@@ -266,10 +266,21 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
             best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
         except RuntimeError:  # no trial reported a finite val_acc
             best = None
-        scored = {}
+        to_test = {}
         if best is not None and best.checkpoint is not None:
-            print(f"testing the best trial ({trial_name(best)}) on the test split", flush=True)
-            scored = score(settings, inputs, {trial_name(best): best})
+            to_test["best"] = best
+        reference = [r for r in results if is_reference(r.config, settings) and r.checkpoint is not None and METRIC in r.metrics]
+        if reference:  # one trial, unless a space-less experiment ran several
+            ref = to_test["reference"] = max(reference, key=lambda r: r.metrics["training_iteration"])
+        if to_test:  # side by side, and the same trial once
+            names = {role: trial_name(r) for role, r in to_test.items()}
+            if len(set(names.values())) < len(names):
+                what = f"the best trial ({names['best']}, the reference trial)"
+            else:
+                what = " and ".join(f"the {role} trial ({name})" for role, name in names.items())
+            print(f"testing {what} on the test split", flush=True)
+        scored = score(settings, inputs, {trial_name(r): r for r in to_test.values()}) if to_test else {}
+        if "best" in to_test:
             summary.update(
                 best_trial=trial_name(best),
                 config={k: best.config[k] for k in sorted(best.config)},
@@ -277,12 +288,7 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
                 val_acc=best.metrics[METRIC],
                 **scored[trial_name(best)],
             )
-        reference = [r for r in results if is_reference(r.config, settings) and r.checkpoint is not None and METRIC in r.metrics]
-        if reference:  # one trial, unless a space-less experiment ran several
-            ref = max(reference, key=lambda r: r.metrics["training_iteration"])
-            if trial_name(ref) not in scored:
-                print(f"testing the reference trial ({trial_name(ref)}) on the test split", flush=True)
-                scored.update(score(settings, inputs, {trial_name(ref): ref}))
+        if "reference" in to_test:
             summary["reference_trial"] = {"trial": trial_name(ref), "epochs_trained": ref.metrics["training_iteration"],
                                           "val_acc": ref.metrics[METRIC], **scored[trial_name(ref)]}  # fmt: skip
         if settings.repeats > 1 and "reference_trial" in summary and best is not None:
@@ -330,7 +336,12 @@ def check_no_failures(name: str, results: tune.ResultGrid, exp_dir: str) -> None
 
 
 def score(settings: ExperimentSettings, inputs: dict, results: dict) -> dict[str, dict]:
-    """Test accuracy of each result's checkpoint (name → scores), as Ray tasks side by side."""
+    """Test accuracy of each result's checkpoint (name → scores). Trials on GPUs: as Ray tasks
+    side by side, with a trial's resources. Trials on CPUs: here in the driver, which has torch
+    loaded and the data at hand; a fresh Ray worker would spend longer importing torch than a
+    CPU spends on one pass over the test split."""
+    if not settings.gpus_per_trial:
+        return {name: score_on_test_split(r.config, inputs, r.checkpoint) for name, r in results.items()}
     evaluate_remote = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial, max_retries=1)(score_on_test_split)
     refs = {name: evaluate_remote.remote(r.config, inputs, r.checkpoint) for name, r in results.items()}
     return {name: ray.get(ref) for name, ref in refs.items()}

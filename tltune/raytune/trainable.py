@@ -109,7 +109,8 @@ def train_trial(tune_config: dict, inputs: dict) -> None:
 
 
 def score_on_test_split(tune_config: dict, inputs: dict, checkpoint: tune.Checkpoint) -> dict:
-    """Test accuracy of a trial's checkpoint; runs as a Ray task with the trial's resources."""
+    """Test accuracy of a trial's checkpoint: a Ray task with the trial's resources, or (CPU
+    trials) a call in the driver."""
     config = TrialConfig.from_dict(tune_config)
     device = trial_device()
     splits: Splits = ray.get(inputs["splits"])
