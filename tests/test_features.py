@@ -46,8 +46,8 @@ def test_cached_and_naive_feature_extraction_give_the_same_logits(real_data_root
 
 
 def test_features_are_cached_on_disk_and_reused(real_data_root, tmp_path, monkeypatch):
-    monkeypatch.setenv("TLTUNE_CACHE_DIR", str(tmp_path))
-    splits = small_splits(real_data_root)
+    splits = small_splits(real_data_root)  # from the session's dataset cache
+    monkeypatch.setenv("TLTUNE_CACHE_DIR", str(tmp_path))  # the features' cache starts empty
     state = torchvision.models.alexnet().state_dict()
     first = feature_splits(splits, ALEXNET_64, state)
     files = list((tmp_path / "features").glob("*.npz"))

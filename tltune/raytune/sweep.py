@@ -245,9 +245,13 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
 
     if settings.cached_features:
         started = time.time()
-        task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(precompute_features)
-        features = task.remote(asdict(settings.reference_model_spec(experiment.model)), inputs)
-        ray.wait([features], fetch_local=False)
+        spec = asdict(settings.reference_model_spec(experiment.model))
+        if settings.gpus_per_trial:  # on a GPU, as a trial would
+            task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(precompute_features)
+            features = task.remote(spec, inputs)
+            ray.wait([features], fetch_local=False)
+        else:  # CPU trials: here, as the test scoring (see score)
+            features = ray.put(precompute_features(spec, inputs))
         inputs = {**inputs, "splits": features}
         print(f"backbone features ready in {time.time() - started:.1f}s (computed once, or from the cache)")
     param_space, points = trial_config(experiment, settings)
