@@ -3,8 +3,6 @@ schedules, width/depth/BatchNorm, label smoothing and weight decay, the experime
 searches them, and that none of it changes the seed's experiments."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from ray import tune
 
-from conftest import ROOT
 from test_search_space import sampled, settings
+from tltune.cli import main
 from tltune.config import ModelSpec, TrialConfig
 from tltune.data import BatchTransform
 from tltune.errors import UserError
@@ -282,14 +280,12 @@ def test_new_settings_are_checked():
     check_settings(dict(EXPERIMENTS[PLUS].reference), where="test")
 
 
-def test_a_tiny_real_sweep_of_the_extended_search(tmp_path, real_data_root):
+def test_a_tiny_real_sweep_of_the_extended_search(tmp_path, real_data_root, capsys):
     argv = [
-        sys.executable, str(ROOT / "sweeps" / "cifar10_plus.py"), "--quick", "--num-samples", "2",
-        "--train-subset", "500", "--test-subset", "200", "--max-epochs", "1",
+        "--quick", "--num-samples", "2", "--train-subset", "500", "--test-subset", "200", "--max-epochs", "1",
         "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "plus",
     ]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert main(FAMILIES["cifar10_plus"], "sweeps/cifar10_plus.py", argv) == 0, capsys.readouterr().err[-3000:]  # in this process
     exp_dir = tmp_path / "plus" / PLUS
     summary = json.loads((exp_dir / SUMMARY_FILE).read_text())
     assert summary["trials"] == 2 and "test_acc" in summary["reference_trial"]

@@ -70,8 +70,8 @@ def only(exp_dir, prefix):
 
 @pytest.fixture
 def resume_here(capsys, monkeypatch):
-    """``--resume`` in this process, as `sweeps/mnist.py` runs it: refusals happen before Ray
-    (and before torch is needed), so no interpreter per case."""
+    """``--resume`` in this process, as `sweeps/mnist.py` runs it: no interpreter (and torch
+    import) per case; refusals happen before Ray starts."""
 
     def run(run_dir, **env):
         for name, value in env.items():
@@ -92,8 +92,8 @@ def assert_refused(out, what):
     assert "resuming" not in out.stdout  # refused before Ray started
 
 
-def test_a_run_tltune_made_resumes_from_a_copy(run_copy):
-    out = resume(run_copy)
+def test_a_run_tltune_made_resumes_from_a_copy(run_copy, resume_here):
+    out = resume_here(run_copy)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert (run_copy / EXPERIMENT / "tltune_best.json").is_file()
 
