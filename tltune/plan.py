@@ -293,7 +293,7 @@ def prepare_inputs(chosen: list[Experiment], settings: dict, options: SweepOptio
                 print(f"warning: {exc}\nwarning: --quick skips {', '.join(e.name for e in chosen if pretrained_alexnet(e))}: "
                       "without pretrained weights they would measure nothing. Pass --weights FILE (or --weights none "
                       "to train AlexNet from random weights anyway).", file=sys.stderr)  # fmt: skip
-                why = "--quick without pretrained AlexNet weights (pass --weights FILE)"
+                why = "--quick without pretrained AlexNet weights: pass --weights FILE"
                 skipped.update({e.name: why for e in chosen if pretrained_alexnet(e)})
                 chosen = [e for e in chosen if not pretrained_alexnet(e)]
             else:
