@@ -96,3 +96,9 @@ def test_python_dash_m_names_itself_tltune():
     assert out.returncode == 0 and out.stdout.startswith("usage: tltune sweep cifar10 ") and "__main__" not in out.stdout
     version = subprocess.run([sys.executable, "-m", "tltune", "--version"], capture_output=True, text=True, timeout=120)
     assert version.returncode == 0 and version.stdout.startswith("tltune ")
+
+
+def test_more_than_one_gpu_per_trial_is_refused():
+    with pytest.raises(UserError, match=r"--gpus-per-trial 2: a trial trains on one GPU"):
+        SweepOptions(gpus_per_trial=2)
+    assert SweepOptions(gpus_per_trial=1).gpus_per_trial == 1.0 and SweepOptions(gpus_per_trial=0.25).gpus_per_trial == 0.25

@@ -132,6 +132,9 @@ class SweepOptions:
                 raise UserError(f"{flag(name)} must be a number >= 0, got {value}")
         if self.cpus_per_trial == 0:
             raise UserError("--cpus-per-trial must be > 0: a trial needs a CPU to run on")
+        if self.gpus_per_trial is not None and self.gpus_per_trial > 1:
+            raise UserError(f"--gpus-per-trial {self.gpus_per_trial:g}: a trial trains on one GPU (no data parallelism), "
+                            "so more would sit idle: use 1, or a fraction to share a GPU among trials")
         for name in ("num_samples", "max_concurrent_trials", "grace_period", "repeats", "max_epochs", "train_subset", "test_subset", "image_size"):
             value = getattr(self, name)
             if value is not None and value < 1:

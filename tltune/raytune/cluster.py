@@ -31,8 +31,18 @@ class NodeShape:
 
     def trials(self, cpus: float, gpus: float) -> int:
         """How many trials of (cpus, gpus) fit on the nodes of this shape at once."""
-        per_node = min(self.cpus // cpus if cpus else math.inf, self.gpus // gpus if gpus else math.inf)
+        per_node = min(fits(self.cpus, cpus) if cpus else math.inf, fits(self.gpus, gpus) if gpus else math.inf)
         return int(per_node * self.count) if per_node != math.inf else 0
+
+
+RESOURCE_UNITS = 10_000  # Ray counts resources in fixed point: 1e-4 of a CPU or GPU
+
+
+def fits(capacity: float, request: float) -> int:
+    """How many requests of ``request`` fit in ``capacity``, counted as Ray counts them (fixed
+    point, rounded half up): 10 trials of 0.1 GPU on one GPU, where ``1.0 // 0.1`` says 9."""
+    units = lambda amount: int(amount * RESOURCE_UNITS + 0.5)  # noqa: E731
+    return units(capacity) // units(request)
 
 
 @dataclass(frozen=True)
@@ -141,6 +151,13 @@ def _monitor_config(gcs_port: str) -> tuple[bool, dict | None]:
     return False, None
 
 
+def cpu_share(node: NodeShape, gpus: float, num_samples: int) -> float:
+    """A trial's whole CPUs on ``node``: its CPUs shared among the trials that fit there at
+    once (by their GPU share, or one CPU each), at least 1."""
+    per_node = min(num_samples, fits(node.gpus, gpus)) if gpus else min(num_samples, int(node.cpus))
+    return float(max(1, int(node.cpus) // max(1, per_node)))
+
+
 def size_trials(
     cpus_per_trial: float | None, gpus_per_trial: float | None, num_samples: int, max_concurrent: int | None, joined: bool
 ) -> TrialSize:
@@ -176,8 +193,7 @@ def size_trials(
     if cpus is None:
         hosts = [s for s in shapes if s.gpus >= gpus and s.cpus >= 1] if gpus else [s for s in shapes if s.cpus]
         node = max(hosts or shapes, key=lambda s: (s.cpus, s.gpus))
-        per_node = min(num_samples, node.gpus // gpus) if gpus else min(num_samples, node.cpus)
-        cpus = float(max(1, int(node.cpus // max(1, per_node))))
+        cpus = cpu_share(node, gpus, num_samples)
     slots = sum(s.trials(cpus, gpus) for s in shapes)
     if not slots:
         need = f"{cpus:g} CPUs" + (f" and {gpus:g} GPUs" if gpus else "")
