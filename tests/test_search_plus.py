@@ -88,6 +88,39 @@ def test_crop_is_a_window_of_the_black_padded_image():
     assert len(offsets) > 5, "the offsets vary from image to image"
 
 
+def test_the_training_loop_draws_an_epochs_augmentation_once_and_slices_it_per_batch(monkeypatch):
+    """No per-batch draw or host-to-device copy (each would make the host wait for a GPU):
+    every batch's step receives its slice of parameters drawn for the whole epoch."""
+    import tltune.train as train
+
+    draws, applied = [], []
+
+    def counting(draw):
+        def wrapped(n, generator):
+            draws.append(n)
+            return draw(n, generator)
+
+        return wrapped
+
+    def recording(apply):
+        def wrapped(images, params):
+            applied.append((len(images), len(params), params.device))
+            return apply(images, params)
+
+        return wrapped
+
+    steps = tuple((counting(draw), recording(apply)) for draw, apply in AUGMENTATIONS["flip_crop"])
+    monkeypatch.setitem(train.AUGMENTATIONS, "flip_crop", steps)
+    model = build_model("cnn", "scratch", num_classes=10, in_channels=3, image_size=8)
+    images, labels = uint8_images(100), torch.randint(0, 10, (100,))
+    transform = BatchTransform(3, 8, (0.5,) * 3, (0.25,) * 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    train.train_one_epoch(model, optimizer, images, labels, transform, 32, torch.Generator().manual_seed(0), augmentation="flip_crop")
+    assert draws == [100, 100], "one draw per step for the epoch's 100 images, none per batch"
+    assert [(n, m) for n, m, _ in applied] == [(32, 32)] * 6 + [(4, 4)] * 2, "each batch, each step: its own slice"
+    assert all(device == images.device for _, _, device in applied)
+
+
 # ---------------------------------------------------------------------- lr schedules
 
 

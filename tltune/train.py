@@ -33,43 +33,63 @@ check_table(OPTIMIZER_NAMES, OPTIMIZERS, "optimizers")
 
 
 # --------------------------------------------------------------- on-batch augmentation
-# On uint8 (B, H, W, C) batches on the trial's device, before BatchTransform converts them;
-# the random draws come from the epoch's seeded generator (a CPU one, like the shuffle's),
-# so a resumed trial sees the same batches, on any device.
+# On uint8 (B, H, W, C) batches on the trial's device, before BatchTransform converts them.
+# Every random parameter of an epoch (a flip per image, a crop offset per image) is drawn at
+# once at the epoch's start from its seeded generator (a CPU one, like the shuffle's) and moved
+# to the device once; each batch takes its slice. A draw and a copy per batch would make the
+# host wait for the GPU at every step. A resumed trial sees the same batches, on any device.
 
 CROP_PADDING = 4  # pixels of black around the image before a random crop of its own size
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Each image mirrored left-right with probability 1/2."""
-    flip = torch.rand(len(images), generator=generator).to(images.device) < 0.5
+def draw_flips(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    return torch.rand(n, generator=generator) < 0.5
+
+
+def random_flip(images: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Each image mirrored left-right where ``flip`` (one bool per image) says so."""
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(2), images)
 
 
-def random_crop(images: torch.Tensor, generator: torch.Generator | None, padding: int = CROP_PADDING) -> torch.Tensor:
+def draw_crop_offsets(n: int, generator: torch.Generator | None, padding: int = CROP_PADDING) -> torch.Tensor:
+    return torch.randint(0, 2 * padding + 1, (n, 2), generator=generator)
+
+
+def random_crop(images: torch.Tensor, offsets: torch.Tensor, padding: int = CROP_PADDING) -> torch.Tensor:
     """Each image padded with ``padding`` black pixels on every side, then cropped back to
-    its size at a random offset (the usual CIFAR recipe): a shift of up to ``padding`` pixels."""
+    its size at its (top, left) offset (the usual CIFAR recipe): a shift of up to ``padding`` pixels."""
     n, height, width, _ = images.shape
     padded = F.pad(images, (0, 0, padding, padding, padding, padding))  # (C, W, H) sides
-    top, left = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(images.device)
+    top, left = offsets[:, 0], offsets[:, 1]
     rows = top.view(n, 1, 1) + torch.arange(height, device=images.device).view(1, height, 1)
     cols = left.view(n, 1, 1) + torch.arange(width, device=images.device).view(1, 1, width)
     return padded[torch.arange(n, device=images.device).view(n, 1, 1), rows, cols]
 
 
-# name -> the steps applied to each training batch, in order
+# name -> the steps applied to each training batch, in order: (draw n parameters, apply them)
 AUGMENTATIONS = {
     "none": (),
-    "flip": (random_flip,),
-    "flip_crop": (random_flip, random_crop),
+    "flip": ((draw_flips, random_flip),),
+    "flip_crop": ((draw_flips, random_flip), (draw_crop_offsets, random_crop)),
 }
 check_table(AUGMENTATION_NAMES, AUGMENTATIONS, "augmentations")
 
 
-def augment(name: str, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    for step in AUGMENTATIONS[name]:
-        images = step(images, generator)
+def draw_augmentation(name: str, n: int, generator: torch.Generator | None, device) -> list[torch.Tensor]:
+    """The parameters of every step of augmentation ``name`` for ``n`` images (an epoch), on ``device``."""
+    return [draw(n, generator).to(device) for draw, _ in AUGMENTATIONS[name]]
+
+
+def apply_augmentation(name: str, images: torch.Tensor, draws: list[torch.Tensor]) -> torch.Tensor:
+    """Augmentation ``name`` on a batch, with its slice of the epoch's ``draws``."""
+    for (_, apply), params in zip(AUGMENTATIONS[name], draws):
+        images = apply(images, params)
     return images
+
+
+def augment(name: str, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One batch drawn and augmented on its own (the training loop draws per epoch)."""
+    return apply_augmentation(name, images, draw_augmentation(name, len(images), generator, images.device))
 
 
 # ------------------------------------------------------------ learning-rate schedules
@@ -244,8 +264,11 @@ def train_one_epoch(
     # Sums stay on the device: no host sync per batch (it would stall a GPU).
     total_loss = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    draws = draw_augmentation(augmentation, len(labels), generator, device)  # the whole epoch's, moved once
     for step, (x, y) in enumerate(iterate_batches(images, labels, batch_size, shuffle=True, generator=generator)):
-        x, y = transform(augment(augmentation, to_device(x, device), generator)), to_device(y, device)
+        start = step * batch_size
+        batch_draws = [d[start : start + len(y)] for d in draws]
+        x, y = transform(apply_augmentation(augmentation, to_device(x, device), batch_draws)), to_device(y, device)
         if schedule is not None:
             rate = schedule.rate(epoch, step)
             for group in optimizer.param_groups:
