@@ -286,15 +286,30 @@ def train_one_epoch(
     return EpochStats(mean_loss, correct.item() / len(labels))
 
 
+EVAL_BATCH = 512  # images per evaluation batch at up to EVAL_BATCH_SIZE_PX pixels a side
+EVAL_BATCH_SIZE_PX = 64
+
+
+def eval_batch_size(transform) -> int:
+    """Images per evaluation batch: 512 up to 64x64 inputs, fewer for larger ones, so that an
+    evaluation needs no more memory than 512 images at 64 px (AlexNet at 224 px: 41)."""
+    size = getattr(transform, "size", None)  # None: feature vectors
+    if not size or size <= EVAL_BATCH_SIZE_PX:
+        return EVAL_BATCH
+    return max(1, EVAL_BATCH * EVAL_BATCH_SIZE_PX**2 // size**2)
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
     images: torch.Tensor,
     labels: torch.Tensor,
     transform: BatchTransform,
-    batch_size: int = 512,
+    batch_size: int | None = None,
     runtime: Runtime | None = None,
 ) -> EpochStats:
+    """Mean loss and accuracy over ``images``; ``batch_size`` None: :func:`eval_batch_size`."""
+    batch_size = batch_size or eval_batch_size(transform)
     model.eval()
     runtime = runtime or default_runtime(model)
     device = runtime.device

@@ -9,6 +9,7 @@ The driver puts each dataset in Ray's object store once; every trial reads it fr
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 import time
@@ -53,6 +54,22 @@ def train_trial(tune_config: dict, inputs: dict) -> None:
     cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))
     device = trial_device()
+    release_memory(device)  # what an earlier trial of this actor may have left in the cache
+    try:
+        _train(config, inputs, device, started_at)
+    finally:  # completed, diverged, failed, or stopped by ASHA (Ray ends the trial inside tune.report)
+        release_memory(device)
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect what a trial left (model, optimizer, its tensors on the device) and hand the
+    GPU's cached blocks back, so that the next trial of this actor, or of this GPU, has them."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: float) -> None:
     started = time.perf_counter()
     splits: Splits = ray.get(inputs["splits"])  # zero-copy from the node's object store
     data_ready_s = time.perf_counter() - started
@@ -103,9 +120,6 @@ def train_trial(tune_config: dict, inputs: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(directory, model, optimizer, epoch, config, runtime.scaler)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
-    del model, optimizer  # reused actors run the next trial in this process
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def score_on_test_split(tune_config: dict, inputs: dict, checkpoint: tune.Checkpoint) -> dict:
