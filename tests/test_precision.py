@@ -229,11 +229,26 @@ def test_a_joined_cluster_skips_the_local_gpu_checks(monkeypatch, no_ray_address
     check_device_options(parse(["--precision", "fp16", "--address", "10.0.0.1:6379"]))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     check_device_options(parse(["--precision", "bf16", "--address", "10.0.0.1:6379"]))
-    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("no local compile probe for a cluster"))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("no local compile probe for a cluster"))
     check_device_options(parse(["--compile", "--address", "10.0.0.1:6379"]))
     # ...but --gpus-per-trial 0 says where trials run on any cluster
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         check_device_options(parse(["--precision", "fp16", "--gpus-per-trial", "0", "--address", "10.0.0.1:6379"]))
+
+
+def test_the_compile_probe_runs_in_a_child_process(monkeypatch):
+    """The driver holds no CUDA context or compile-worker pool for the whole sweep: the probe
+    compiles in a child, on the device the trials will use."""
+    from tltune.plan import COMPILE_PROBE, check_compile
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, **k: calls.append(argv) or subprocess.CompletedProcess(argv, 0, "", ""))
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: pytest.fail("nothing compiles in the driver"))
+    check_compile("cuda")
+    assert calls == [[sys.executable, "-c", COMPILE_PROBE, "cuda"]]
+    monkeypatch.setattr(subprocess, "run", lambda argv, **k: subprocess.CompletedProcess(argv, 1, "InductorError: no Triton\n", ""))
+    with pytest.raises(UserError, match=r"cannot run on this machine's cuda \(InductorError: no Triton\): drop --compile"):
+        check_compile("cuda")
 
 
 def test_compile_where_it_cannot_run_is_one_error_line(tmp_path):

@@ -121,28 +121,36 @@ def check_device_options(options: SweepOptions) -> None:
         check_compile(None if joined else "cpu" if on_cpu else "cuda")
 
 
+COMPILE_PROBE = """
+import logging, sys
+import torch
+logging.getLogger("torch").setLevel(logging.CRITICAL)
+try:
+    torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2, device=sys.argv[1]))
+except Exception as exc:  # no C++ compiler (CPU), no Triton (GPU)...
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    print(f"{type(exc).__name__}: {lines[0] if lines else ''}")
+    sys.exit(1)
+"""
+
+
 def check_compile(device: str | None) -> None:
     """torch.compile a trivial function on ``device`` (None: a joined cluster's, unknown
-    here: only whether this Python and platform support torch.compile at all)."""
-    import logging
+    here: only whether this Python and platform support torch.compile at all). The probe runs
+    in a child process, so the driver holds no CUDA context and no compile-worker pool for the
+    whole sweep."""
+    import subprocess
 
-    import torch
     import torch._dynamo
 
     if not torch._dynamo.is_dynamo_supported():
         raise UserError(f"--compile: torch.compile does not support this platform or Python {sys.version.split()[0]}: drop --compile")
     if device is None:
         return
-    quiet = logging.getLogger("torch")
-    level = quiet.level
-    quiet.setLevel(logging.CRITICAL)  # the error below says it in one line
-    try:
-        torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(2, device=device))
-    except Exception as exc:  # no C++ compiler (CPU), no Triton (GPU)...
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        raise UserError(f"--compile: torch.compile cannot run on this machine's {device} ({type(exc).__name__}: {lines[0] if lines else ''}): drop --compile") from None
-    finally:
-        quiet.setLevel(level)
+    probe = subprocess.run([sys.executable, "-c", COMPILE_PROBE, device], capture_output=True, text=True)
+    if probe.returncode != 0:
+        why = (probe.stdout.strip().splitlines() or probe.stderr.strip().splitlines()[-1:] or ["no reason given"])[-1]
+        raise UserError(f"--compile: torch.compile cannot run on this machine's {device} ({why}): drop --compile")
 
 
 def check_model_input(experiment: Experiment, settings: ExperimentSettings, splits) -> None:

@@ -229,6 +229,10 @@ class Runtime:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # a trial's input size is fixed: autotune once
         if self.compile:
+            import torch._inductor.config as inductor
+
+            # its compile workers share the trial's CPUs (Ray's share, set as torch's threads), not the node's
+            inductor.compile_threads = max(1, torch.get_num_threads())
             model.compile()
         return model
 
