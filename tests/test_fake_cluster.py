@@ -87,7 +87,7 @@ def test_default_flags_get_gpu_workers_launched_from_zero(fake_cluster, real_dat
 
 def test_gpus_the_autoscaler_can_never_provide_are_one_line(fake_cluster, real_data_root, tmp_path):
     argv = [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", "cifar10-cnn-search",
-            "--gpus-per-trial", "2", "--address", "127.0.0.1:6379",
+            "--gpus-per-trial", "1", "--cpus-per-trial", "4", "--address", "127.0.0.1:6379",  # its GPU workers have 1 CPU
             "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "toobig"]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=fake_cluster)
     assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
