@@ -17,7 +17,8 @@ OBJECT_STORE = 300 * 1024**2  # Cluster's default of 150 MiB per node is tight f
 
 
 @pytest.fixture
-def cluster():
+def cluster(monkeypatch):
+    monkeypatch.setenv("TLTUNE_LOGICAL_GPUS", "1")  # its nodes' GPUs are logical: trials train on the CPU (the nodes inherit it)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "object_store_memory": OBJECT_STORE})
     workers = [cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=OBJECT_STORE) for _ in range(2)]
     cluster.wait_for_nodes()

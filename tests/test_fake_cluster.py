@@ -46,7 +46,8 @@ def fake_cluster():
     if not port_free(6379):
         pytest.skip("port 6379 is taken: the fake multi-node provider needs Ray's default port")
     temp_dir = tempfile.mkdtemp(prefix="tlray", dir="/tmp")  # short: Ray's socket paths are length-limited
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled"}
+    # TLTUNE_LOGICAL_GPUS: the fake GPU workers' GPUs are logical, trials train on the CPU
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled", "TLTUNE_LOGICAL_GPUS": "1"}
     ray_cli = str(Path(sys.executable).with_name("ray"))
     subprocess.run([ray_cli, "start", "--head", f"--autoscaling-config={ROOT / 'cluster-local.yaml'}", f"--temp-dir={temp_dir}",
                     "--include-dashboard=false", "--num-cpus=0", "--num-gpus=0"],

@@ -23,3 +23,55 @@ def test_cpus_are_shared_among_no_more_trials_than_there_are():
     assert cpu_share(NodeShape("g", cpus=16, gpus=1), 0.25, num_samples=2) == 8.0
     assert cpu_share(NodeShape("c", cpus=2, gpus=0), 0, num_samples=8) == 1.0
     assert cpu_share(NodeShape("c", cpus=8, gpus=0), 0, num_samples=2) == 4.0
+
+
+# -- a GPU that CUDA cannot use: fail at once, never train on a CPU core while holding it ---------
+
+
+@pytest.mark.parametrize(
+    "arches, capability, runs",
+    [
+        (["sm_80", "sm_86", "sm_90"], (8, 9), True),  # Ada runs Ampere's sm_86 binary
+        (["sm_80", "sm_90", "sm_100", "sm_120"], (7, 0), False),  # a V100 with a wheel that dropped Volta
+        (["sm_75", "compute_75"], (8, 0), True),  # PTX compiles for later GPUs
+        (["sm_90a", "sm_100"], (9, 0), False),
+        (["sm_120"], (12, 0), True),
+    ],
+)
+def test_which_builds_run_on_which_gpus(arches, capability, runs):
+    from tltune.train import runs_on
+
+    assert runs_on(arches, *capability) is runs
+
+
+@pytest.fixture
+def holding_a_gpu(monkeypatch):
+    import torch
+
+    import tltune.raytune.trainable as trainable
+
+    monkeypatch.setattr(trainable.ray, "get_gpu_ids", lambda: [0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TLTUNE_LOGICAL_GPUS", raising=False)
+    return trainable
+
+
+def test_a_trial_holding_a_gpu_cuda_cannot_use_fails_at_once(holding_a_gpu, monkeypatch):
+    with pytest.raises(RuntimeError, match=r"this trial holds GPU 0 but torch .* cannot use it: no NVIDIA driver.*install a driver"):
+        holding_a_gpu.trial_device()
+    monkeypatch.setenv("TLTUNE_LOGICAL_GPUS", "1")  # a test cluster's logical GPUs
+    assert holding_a_gpu.trial_device().type == "cpu"
+
+
+def test_the_same_check_before_ray_where_this_machine_has_gpus(holding_a_gpu, monkeypatch):
+    import tltune.plan as plan
+    from tltune.errors import UserError
+    from tltune.options import parse
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(plan, "has_nvidia_gpu", lambda: True)
+    with pytest.raises(UserError, match=r"this machine has NVIDIA GPUs but torch .* cannot use it.*--gpus-per-trial 0"):
+        plan.check_device_options(parse([]))
+    plan.check_device_options(parse(["--gpus-per-trial", "0"]))  # trials on the CPUs: fine
+    monkeypatch.setattr(plan, "has_nvidia_gpu", lambda: False)
+    plan.check_device_options(parse([]))  # no GPU here at all: nothing to hold

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from tltune import signals, storage, trust
 from tltune.catalog import PRETRAINED_MODES
@@ -105,6 +106,12 @@ def check_device_options(options: SweepOptions) -> None:
 
     o = options
     joined = bool(o.address or os.environ.get("RAY_ADDRESS"))
+    if not joined and o.gpus_per_trial != 0 and has_nvidia_gpu() and os.environ.get("TLTUNE_LOGICAL_GPUS") != "1":
+        from tltune.train import cuda_problem
+
+        problem = cuda_problem()
+        if problem:  # Ray would still give trials this node's GPUs, and every trial would fail
+            raise UserError(f"this machine has NVIDIA GPUs but {problem} (or pass --gpus-per-trial 0 to train on the CPUs)")
     # Without --gpus-per-trial a local sweep gives trials a GPU when it has one (and torch sees it).
     on_cpu = o.gpus_per_trial == 0 or (not joined and not torch.cuda.is_available())
     if o.precision == "fp16" and on_cpu:
@@ -119,6 +126,12 @@ def check_device_options(options: SweepOptions) -> None:
         print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): --precision bf16 emulates it, many times slower than fp32", file=sys.stderr)
     if o.compile:
         check_compile(None if joined else "cpu" if on_cpu else "cuda")
+
+
+def has_nvidia_gpu() -> bool:
+    """The NVIDIA driver lists a GPU on this machine (what Ray counts as its GPUs)."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
 
 
 COMPILE_PROBE = """

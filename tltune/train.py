@@ -193,6 +193,36 @@ def gpu_has_bf16(device: torch.device | int | None = None) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def runs_on(arches: list[str], major: int, minor: int) -> bool:
+    """Whether a build for ``arches`` (``torch.cuda.get_arch_list()``: sm_80, sm_90, compute_90...)
+    runs on a GPU of compute capability major.minor: a binary (sm_XY) runs on X.Y and later
+    minors of X, PTX (compute_XY) is compiled for anything from X.Y on."""
+    for arch in arches:
+        kind, _, number = arch.partition("_")
+        if not number.isdigit() or len(number) < 2:
+            continue  # e.g. sm_90a: a variant next to sm_90
+        built = (int(number[:-1]), int(number[-1]))
+        if (kind == "sm" and built[0] == major and built[1] <= minor) or (kind == "compute" and built <= (major, minor)):
+            return True
+    return False
+
+
+def cuda_problem() -> str | None:
+    """Why this process cannot train on its GPUs with this torch, as one clause with what to
+    install; None when it can."""
+    if not torch.cuda.is_available():
+        cuda = torch.version.cuda or "none"
+        return (f"torch {torch.__version__} (built for CUDA {cuda}) cannot use it: no NVIDIA driver, or one older than CUDA {cuda} "
+                f"needs; install a driver for CUDA {cuda}, or a torch wheel built for the driver's CUDA")
+    arches = torch.cuda.get_arch_list()
+    for index in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(index)
+        if not runs_on(arches, major, minor):
+            return (f"{torch.cuda.get_device_name(index)} (compute capability {major}.{minor}) is not among the architectures "
+                    f"torch {torch.__version__} was built for ({', '.join(arches)}); install a torch wheel built for it")
+    return None
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """``auto`` -> bf16 on GPUs with bf16 (fp16 + loss scaling on older ones); on the CPU bf16
     where it is native, else fp32. Other names are returned as they are."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import tempfile
 import time
 
@@ -26,6 +27,7 @@ from tltune.train import (
     LRSchedule,
     Runtime,
     build_optimizer,
+    cuda_problem,
     evaluate,
     load_checkpoint,
     save_checkpoint,
@@ -35,9 +37,30 @@ from tltune.train import (
 )
 
 
+LOGICAL_GPUS_ENV = "TLTUNE_LOGICAL_GPUS"  # "1": GPUs Ray counts but CUDA lacks (test clusters): train on the CPU
+
+
 def trial_device() -> torch.device:
-    """The GPU Ray assigned to this trial (it sets CUDA_VISIBLE_DEVICES), else the CPU."""
-    return torch.device("cuda") if ray.get_gpu_ids() and torch.cuda.is_available() else torch.device("cpu")
+    """The GPU Ray assigned to this trial (it sets CUDA_VISIBLE_DEVICES), else the CPU. A trial
+    holding a GPU that CUDA cannot use fails at once instead of training on a CPU core while
+    the GPU sits idle (unless $TLTUNE_LOGICAL_GPUS=1: a test cluster's logical GPUs)."""
+    gpu_ids = ray.get_gpu_ids()
+    if not gpu_ids:
+        return torch.device("cpu")
+    problem = cuda_problem()
+    if problem is None:
+        return torch.device("cuda")
+    if os.environ.get(LOGICAL_GPUS_ENV) == "1":
+        return torch.device("cpu")
+    raise RuntimeError(f"this trial holds GPU {','.join(map(str, gpu_ids))} but {problem}")
+
+
+def device_report(device: torch.device) -> dict:
+    """What a trial trained on, for its results."""
+    if device.type != "cuda":
+        return {"device": "cpu", "device_capability": None}
+    major, minor = torch.cuda.get_device_capability(device)
+    return {"device": torch.cuda.get_device_name(device), "device_capability": f"{major}.{minor}"}
 
 
 def trial_runtime(config: TrialConfig, device: torch.device, compile: bool = True) -> Runtime:
@@ -116,6 +139,7 @@ def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: 
             "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
             "precision_used": runtime.precision,  # what config.precision (maybe "auto") became on this device
+            **device_report(device),
         }
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(directory, model, optimizer, epoch, config, runtime.scaler)
