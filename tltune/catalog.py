@@ -18,6 +18,9 @@ MODES = ("scratch", "finetune", "feature_extract")
 PRETRAINED_MODES = ("finetune", "feature_extract")
 CNN_MAX_DEPTH = 3
 
+# "1" in the environment of Ray's nodes: their GPUs are logical (test clusters), trials train on the CPU
+LOGICAL_GPUS_ENV = "TLTUNE_LOGICAL_GPUS"
+
 # dataset -> (channels, image size) of the datasets torchvision knows (tltune.data reads them)
 DATASET_SHAPES = {"cifar10": (3, 32), "mnist": (1, 28), "svhn": (3, 32)}
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tltune import signals, storage, trust
-from tltune.catalog import PRETRAINED_MODES
+from tltune.catalog import LOGICAL_GPUS_ENV, PRETRAINED_MODES
 from tltune.config import MODEL_SHAPE_KEYS
 from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import Experiment, IntRange, LogUniform, get_experiment, max_epochs, validate
@@ -102,13 +102,11 @@ def check_device_options(options: SweepOptions) -> None:
     (--address) may have GPUs this machine lacks: then only what the options say is checked."""
     import torch
 
-    from tltune.train import cpu_has_bf16, gpu_has_bf16
+    from tltune.train import cpu_has_bf16, cuda_problem, gpu_has_bf16
 
     o = options
     joined = bool(o.address or os.environ.get("RAY_ADDRESS"))
-    if not joined and o.gpus_per_trial != 0 and has_nvidia_gpu() and os.environ.get("TLTUNE_LOGICAL_GPUS") != "1":
-        from tltune.train import cuda_problem
-
+    if not joined and o.gpus_per_trial != 0 and has_nvidia_gpu() and os.environ.get(LOGICAL_GPUS_ENV) != "1":
         problem = cuda_problem()
         if problem:  # Ray would still give trials this node's GPUs, and every trial would fail
             raise UserError(f"this machine has NVIDIA GPUs but {problem} (or pass --gpus-per-trial 0 to train on the CPUs)")
@@ -190,11 +188,12 @@ def pretrained_alexnet(experiment: Experiment) -> bool:
     return experiment.model == "alexnet" and experiment.mode in PRETRAINED_MODES
 
 
-def resolve_weights(options: SweepOptions, needed: bool) -> dict | None:
-    """ImageNet AlexNet weights if any experiment needs them; read once here, before Ray."""
+def resolve_weights(options: SweepOptions) -> dict | None:
+    """The ImageNet AlexNet weights the pretrained AlexNet experiments start from (None: random
+    init), read once here, before Ray."""
     from tltune.models import load_imagenet_state
 
-    if not needed or options.weights == "none":
+    if options.weights == "none":
         return None
     return load_imagenet_state(options.weights or "imagenet")
 
@@ -306,7 +305,7 @@ def prepare_inputs(chosen: list[Experiment], settings: dict, options: SweepOptio
     imagenet_state = None
     if any(pretrained_alexnet(e) for e in chosen):
         try:
-            imagenet_state = resolve_weights(o, needed=True)
+            imagenet_state = resolve_weights(o)
         except UserError as exc:
             if o.quick and o.weights is None:
                 # Training a randomly initialised AlexNet says nothing about transfer learning

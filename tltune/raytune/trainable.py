@@ -19,6 +19,7 @@ import ray
 import torch
 from ray import tune
 
+from tltune.catalog import LOGICAL_GPUS_ENV
 from tltune.config import ModelSpec, TrialConfig
 from tltune.data import Splits, as_tensors
 from tltune.features import feature_splits
@@ -35,9 +36,6 @@ from tltune.train import (
     setup_model,
     train_one_epoch,
 )
-
-
-LOGICAL_GPUS_ENV = "TLTUNE_LOGICAL_GPUS"  # "1": GPUs Ray counts but CUDA lacks (test clusters): train on the CPU
 
 
 def trial_device() -> torch.device:
