@@ -26,7 +26,7 @@ def sweep(splits, epochs: int, asha: bool, storage: str, seed: int) -> list[list
 
     from tltune.raytune.trainable import train_trial
 
-    inputs = {"splits": ray.put(splits), "pretrained_state": ray.put(None)}
+    inputs = {"splits": ray.put(splits), "pretrained": {}}
     # GRID's keys are searched: their values here are replaced by Tune's domains
     fixed = TrialConfig(dataset="cifar10", model="cnn", mode="scratch", optimizer="adam", lr=1e-3, epochs=epochs, batch_size=64, seed=0).to_dict()
     if asha:

@@ -45,7 +45,7 @@ def tltune_trials(splits, trials: int, batch_size: int, storage: str) -> list[di
 
     from tltune.raytune.trainable import train_trial
 
-    inputs = {"splits": ray.put(splits), "pretrained_state": ray.put(None)}
+    inputs = {"splits": ray.put(splits), "pretrained": {}}
     config = TrialConfig(dataset="cifar10", model="cnn", mode="scratch", optimizer="adam", lr=1e-3, epochs=1,
                          batch_size=batch_size, seed=0)  # fmt: skip
     tuner = tune.Tuner(

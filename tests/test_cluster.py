@@ -101,3 +101,40 @@ def test_a_trial_whose_node_dies_goes_on_from_its_checkpoint(cluster, real_data_
     assert moved >= 1, "a trial of the removed node finished on the other one"
     summary = json.loads((exp_dir / "tltune_best.json").read_text())
     assert summary["trials"] == 4 and summary["errored_trials"] == 0
+
+
+def test_a_user_factory_reaches_every_node_with_the_trials(cluster, real_data_root, tmp_path):
+    """A spec's ``module:function`` model lives in the user's folder, not on the nodes: Ray's
+    runtime environment ships it, and the trials on both worker nodes build it from there."""
+    cluster, _ = cluster
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "usernet.py").write_text(
+        "import os\nimport torch.nn as nn\n\n\n"
+        "def build(num_classes, hidden=16):\n"
+        "    with open(os.environ['USERNET_MARKER'], 'a') as f:\n"
+        "        f.write(__file__ + '\\n')\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n"
+    )
+    (project / "spec.yaml").write_text(
+        "experiments:\n"
+        "  - name: usernet\n"
+        "    dataset: mnist\n"
+        "    model: usernet:build\n"
+        "    mode: scratch\n"
+        "    reference: {optimizer: adam, lr: 0.001, epochs: 1, hidden: 16}\n"
+        "    space:\n"
+        "      hidden: {choice: [8, 16, 32]}\n"
+        "    num_samples: 4\n"
+        "    repeats: 1\n"
+    )
+    marker = tmp_path / "built-from.txt"
+    argv = [sys.executable, "-m", "tltune", "sweep", str(project / "spec.yaml"), "--train-subset", "600", "--test-subset", "200",
+            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "usernet", "--address", cluster.address,
+            "--cpus-per-trial", "1", "--gpus-per-trial", "0"]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**__import__("os").environ, "USERNET_MARKER": str(marker)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    node_ids = {rows[0]["node_id"] for rows in trials(tmp_path / "usernet" / "usernet").values()}
+    assert len(node_ids) == 2, "trials ran on both worker nodes"
+    shipped = [line for line in marker.read_text().splitlines() if "runtime_resources" in line]
+    assert shipped, f"the trials built the factory from Ray's shipped copy, not {project}: {marker.read_text()}"

@@ -38,8 +38,8 @@ def test_a_deterministic_error_in_every_trial_fails_the_experiment(tmp_path):
     args = parse(["--num-samples", "1", "--max-epochs", "1", "--image-size", "2"])
     # one retry (the sweep's default is 2): enough to see that a retry fails the same way
     settings = {experiment.name: dataclasses.replace(experiment_settings(experiment, args), dataset="tiny", max_failures=1)}
-    plan = SweepPlan(experiments=[experiment], settings=settings, splits={"tiny": tiny_splits()}, imagenet_state=None,
-                     weights="none", run_dir=str(tmp_path / "run"), record=RunRecord(), source_run=None, address=None,
+    plan = SweepPlan(experiments=[experiment], settings=settings, splits={"tiny": tiny_splits()}, weights={},
+                     pretrained_states={}, run_dir=str(tmp_path / "run"), record=RunRecord(), source_run=None, address=None,
                      cpus_per_trial=1, gpus_per_trial=0)  # fmt: skip
     with pytest.raises(TrialsFailed) as failure:
         run_sweep(plan)

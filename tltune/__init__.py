@@ -10,7 +10,7 @@ The training core (``data``, ``models``, ``train``) is plain PyTorch and imports
 
 from tltune.api import ExperimentRun, Run, experiments, load, run
 from tltune.errors import TrialsFailed, UserError
-from tltune.experiments import Choice, Experiment, IntRange, LogUniform
+from tltune.experiments import Choice, Experiment, IntRange, LogUniform, Uniform
 from tltune.options import SweepOptions
 
-__all__ = ["run", "load", "SweepOptions", "experiments", "Run", "ExperimentRun", "Experiment", "Choice", "LogUniform", "IntRange", "UserError", "TrialsFailed"]
+__all__ = ["run", "load", "SweepOptions", "experiments", "Run", "ExperimentRun", "Experiment", "Choice", "LogUniform", "Uniform", "IntRange", "UserError", "TrialsFailed"]

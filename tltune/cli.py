@@ -49,13 +49,17 @@ def main(experiments: list[str | Experiment], description: str, argv: list[str] 
 
 
 def print_report(run_dir: str) -> None:
-    from tltune.results import best_configs_text, load_run, markdown_table, table_rows
+    from tltune.results import best_configs_text, load_run, markdown_table, model_mode_text, table_rows
 
-    rows = table_rows(load_run(run_dir))
+    experiments = load_run(run_dir)
+    rows = table_rows(experiments)
     print("\nBest configuration of each experiment:")
     print(best_configs_text(rows))
     print()
     print(markdown_table(rows))
+    per_model_mode = model_mode_text(experiments)
+    if per_model_mode:
+        print(f"\n{per_model_mode}")
     if storage.is_uri(run_dir):  # TensorBoard reads cloud storage only with extra packages
         print(f"\nTensorBoard:  copy {run_dir} to a local folder, then tensorboard --logdir FOLDER --host 127.0.0.1")
     else:

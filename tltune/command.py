@@ -1,6 +1,8 @@
 """The ``tltune`` command: sweeps, the experiments, best configurations and reports.
 
     tltune sweep cifar10 --quick            # a family of experiments (or experiment names)
+    tltune sweep my.yaml                    # the experiments of a spec file
+    tltune spec cifar10 > my.yaml           # a built-in spec file to copy and edit (tltune spec: their names)
     tltune list                             # every experiment, its family and reference accuracy
     tltune best RUN [--trials] [--csv | --json]
     tltune report RUN... [--out DIR]
@@ -18,30 +20,44 @@ import sys
 
 from tltune import cli
 from tltune.errors import UserError
-from tltune.experiments import EXPERIMENTS, FAMILIES
+from tltune.experiments import EXPERIMENTS, FAMILIES, Experiment
+from tltune.specs import builtin_spec_path, builtin_specs, did_you_mean, is_spec_path, load_spec_file
 
 USAGE = __doc__.split("\n\n")[1]
 
 
 def sweep_main(argv: list[str]) -> int:
-    """``tltune sweep TARGET... [flags]``: TARGETs are families or experiment names."""
+    """``tltune sweep TARGET... [flags]``: TARGETs are families, experiment names or spec files."""
     targets = []
     while argv and not argv[0].startswith("-"):
         targets.append(argv.pop(0))
     if not targets:
         targets = ["--help"] if "-h" in argv or "--help" in argv else []
     if not targets or targets == ["--help"]:
-        print(f"usage: tltune sweep FAMILY|EXPERIMENT... [flags]\n  families: {', '.join(FAMILIES)}\n  "
-              f"experiments: tltune list\n  flags: tltune sweep cifar10 --help", file=sys.stderr if not targets else sys.stdout)  # fmt: skip
+        print(f"usage: tltune sweep FAMILY|EXPERIMENT|SPEC.yaml... [flags]\n  families: {', '.join(FAMILIES)}\n  "
+              f"experiments: tltune list\n  spec files: tltune spec\n  flags: tltune sweep cifar10 --help", file=sys.stderr if not targets else sys.stdout)  # fmt: skip
         return 2 if not targets else 0
-    names = []
+    chosen: dict[str, str | Experiment] = {}  # name -> a built-in's name, or a spec file's Experiment
     for target in targets:
-        if target not in FAMILIES and target not in EXPERIMENTS:
-            print(f"error: unknown family or experiment {target!r}: use one of {', '.join(FAMILIES)} or an experiment name (tltune list)", file=sys.stderr)
+        if target in FAMILIES or target in EXPERIMENTS:
+            declared = {name: name for name in FAMILIES.get(target, [target])}
+        elif is_spec_path(target):
+            try:
+                declared = {e.name: e for e in load_spec_file(target)}
+            except UserError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+        else:
+            print(f"error: unknown family or experiment {target!r}: {did_you_mean(target, [*FAMILIES, *EXPERIMENTS])}use one of {', '.join(FAMILIES)}, "
+                  "an experiment name (tltune list) or a spec file, SPEC.yaml (tltune spec)", file=sys.stderr)  # fmt: skip
             return 2
-        names += [n for n in FAMILIES.get(target, [target]) if n not in names]
-    description = f"Sweep {' '.join(targets)}: {', '.join(names)}."
-    return cli.main(names, description, argv, run_all=targets == ["all"], prog=f"tltune sweep {' '.join(targets)}")
+        for name, experiment in declared.items():
+            if name in chosen and chosen[name] != experiment:
+                print(f"error: {target}: experiment {name!r} is declared by an earlier target too: rename one", file=sys.stderr)
+                return 2
+            chosen[name] = experiment
+    description = f"Sweep {' '.join(targets)}: {', '.join(chosen)}."
+    return cli.main(list(chosen.values()), description, argv, run_all=targets == ["all"], prog=f"tltune sweep {' '.join(targets)}")
 
 
 def list_main(argv: list[str]) -> int:
@@ -54,8 +70,28 @@ def list_main(argv: list[str]) -> int:
     return 0
 
 
+def spec_main(argv: list[str]) -> int:
+    """``tltune spec NAME``: a built-in spec file's text, a start for one's own."""
+    parser = argparse.ArgumentParser(
+        prog="tltune spec", description="Print a built-in spec file to copy and edit: tltune spec cifar10 > my.yaml, then tltune sweep my.yaml.")
+    parser.add_argument("name", nargs="?", help="a family (its file) or a built-in experiment (the file declaring it); none: list them")
+    args = parser.parse_args(argv)
+    if args.name is None:
+        print(f"{'spec':16} experiments")
+        for family, spec in builtin_specs().items():
+            print(f"{family:16} {', '.join(e.name for e in spec.experiments)}")
+        return 0
+    try:
+        path = builtin_spec_path(args.name)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path.read_text(encoding="utf-8"), end="")
+    return 0
+
+
 def best_main(argv: list[str] | None = None, prog: str = "tltune best") -> int:
-    from tltune.results import best_configs_text, load_run, markdown_table, table_rows, trial_rows, trials_csv
+    from tltune.results import best_configs_text, load_run, markdown_table, model_mode_text, table_rows, trial_rows, trials_csv
 
     parser = argparse.ArgumentParser(prog=prog, description="Best configurations and the seed-format table of a run, or every trial. Reads the run only.")
     parser.add_argument("run_dir", help="a run directory printed by a sweep (or one experiment directory in it)")
@@ -64,9 +100,10 @@ def best_main(argv: list[str] | None = None, prog: str = "tltune best") -> int:
     output.add_argument("--csv", action="store_true", help="one CSV row per experiment (per trial with --trials) on stdout")
     output.add_argument("--json", action="store_true", help="a JSON list, one object per experiment (per trial with --trials), on stdout")
     args = parser.parse_args(argv)
-    rows = _or_exit_2(lambda: (trial_rows if args.trials else table_rows)(load_run(args.run_dir)))
-    if rows is None:
+    experiments = _or_exit_2(lambda: load_run(args.run_dir))
+    if experiments is None:
         return 2
+    rows = (trial_rows if args.trials else table_rows)(experiments)
     if args.json:
         print(json.dumps(rows, indent=2))
     elif args.trials:
@@ -81,6 +118,9 @@ def best_main(argv: list[str] | None = None, prog: str = "tltune best") -> int:
         print(best_configs_text(rows))
         print()
         print(markdown_table(rows))
+        per_model_mode = model_mode_text(experiments)
+        if per_model_mode:
+            print(f"\n{per_model_mode}")
     return 0
 
 
@@ -119,7 +159,7 @@ def version() -> str:
         return "unknown (not installed)"
 
 
-COMMANDS = {"sweep": sweep_main, "list": list_main, "best": best_main, "report": report_main}
+COMMANDS = {"sweep": sweep_main, "spec": spec_main, "list": list_main, "best": best_main, "report": report_main}
 
 
 def main(argv: list[str] | None = None) -> int:

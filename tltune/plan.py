@@ -17,9 +17,9 @@ from pathlib import Path
 
 from tltune import signals, storage, trust
 from tltune.catalog import LOGICAL_GPUS_ENV, PRETRAINED_MODES
-from tltune.config import MODEL_SHAPE_KEYS
+from tltune.config import model_shape_keys
 from tltune.errors import TrialsFailed, UserError
-from tltune.experiments import Experiment, IntRange, LogUniform, get_experiment, max_epochs, validate
+from tltune.experiments import EXPERIMENTS, Experiment, IntRange, LogUniform, get_experiment, max_epochs, validate
 from tltune.options import DEFAULT_BATCH_SIZE, DEFAULT_GRACE_PERIOD, DEFAULT_REPEATS, QUICK, SweepOptions, flag
 from tltune.records import RunRecord
 from tltune.results import RUNS_FILE, SUMMARY_FILE, best_checkpoint, top_configs
@@ -33,9 +33,44 @@ def choose_experiments(experiments: list[str | Experiment], only: tuple[str, ...
         if unknown:
             raise UserError(f"unknown experiment(s) {', '.join(unknown)} here: use {', '.join(e.name for e in chosen)}")
         chosen = [e for e in chosen if e.name in only]
+    make_factories_importable(chosen)
+    declared = {**EXPERIMENTS, **{e.name: e for e in chosen}}  # a spec's transfer may name an experiment of its own file
     for experiment in chosen:
-        validate(experiment)
+        validate(experiment, declared)
     return chosen
+
+
+def make_factories_importable(chosen: list[Experiment]) -> None:
+    """A user factory's module is looked up as Python would from where the user stands: the
+    current directory, then the folder of the spec file naming it (as ``python -m`` would,
+    which the ``tltune`` script alone does not)."""
+    if not any(":" in model for e in chosen for model in e.models()):
+        return
+    folders = [os.getcwd(), *(str(Path(e.spec_file).resolve().parent) for e in chosen if e.spec_file)]
+    for folder in reversed(dict.fromkeys(folders)):
+        if folder not in sys.path:
+            sys.path.insert(0, folder)
+
+
+def factory_modules(chosen: list[Experiment]) -> tuple[str, ...]:
+    """The local code of the experiments' model factories, for Ray to ship to every node: the
+    folder of each factory's top-level package (or its ``.py`` file), unless it is installed
+    (site-packages: the nodes' environment is expected to have it too)."""
+    import importlib
+
+    paths = []
+    for model in dict.fromkeys(m for e in chosen for m in e.models() if ":" in m):
+        top = importlib.import_module(model.split(":")[0].split(".")[0])  # imported already by the model check
+        file = getattr(top, "__file__", None)
+        if file is not None:
+            path = Path(file).parent if Path(file).name == "__init__.py" else Path(file)
+        elif getattr(top, "__path__", None):  # a namespace package
+            path = Path(list(top.__path__)[0])
+        else:
+            continue
+        if not {"site-packages", "dist-packages"} & set(path.parts):
+            paths.append(str(path))
+    return tuple(dict.fromkeys(paths))
 
 
 def _given(value, default):
@@ -44,7 +79,10 @@ def _given(value, default):
 
 
 def experiment_settings(experiment: Experiment, options: SweepOptions) -> ExperimentSettings:
-    """The reference and search space of one experiment after the user's options and presets."""
+    """The reference and search space of one experiment after the user's options and presets:
+    a flag wins over --quick's presets, which win over the experiment's own values."""
+    from tltune.models import model_kind
+
     o = options
     reference = dict(experiment.reference)
     space = dict(experiment.space)
@@ -54,7 +92,7 @@ def experiment_settings(experiment: Experiment, options: SweepOptions) -> Experi
         space["epochs"] = IntRange(*o.epochs_range)
     for key in ("optimizer", "activation", "lr", "epochs", "batch_size"):
         value = getattr(o, key)
-        if value is not None and (key != "activation" or experiment.model == "cnn"):
+        if value is not None and (key != "activation" or "cnn" in experiment.models()):
             reference[key] = value
             space.pop(key, None)
     # Never searched: every trial gets them in its config, through the fixed part of the reference.
@@ -71,22 +109,25 @@ def experiment_settings(experiment: Experiment, options: SweepOptions) -> Experi
         print(f"warning: {experiment.name}: the reference's {', '.join(outside)} lies outside the searched ranges, so the "
               "search has no reference trial and the table no number at the reference settings", file=sys.stderr)  # fmt: skip
     num_samples = _given(o.num_samples, min(experiment.num_samples, QUICK["num_samples"]) if o.quick else experiment.num_samples)
-    quick_size = QUICK["alexnet_image_size"] if o.quick and experiment.model == "alexnet" else None
+    # --quick feeds ImageNet models (AlexNet and torchvision's) small images, unless the
+    # experiment also builds a model that takes the dataset's own size.
+    imagenet_models = all(model_kind(m) in ("alexnet", "torchvision") for m in experiment.models())
+    quick_size = QUICK["alexnet_image_size"] if o.quick and imagenet_models else None
     return ExperimentSettings(
         dataset=o.dataset or experiment.dataset,
         reference=reference,
         space=space,
         num_samples=num_samples,
         max_epochs=max_epochs(reference, space),
-        batch_size=_given(o.batch_size, DEFAULT_BATCH_SIZE),
+        batch_size=_given(o.batch_size, _given(experiment.batch_size, DEFAULT_BATCH_SIZE)),
         seed=o.seed,
         image_size=_given(o.image_size, experiment.input.get("image_size", quick_size)),
         channels=experiment.input.get("channels"),
-        cached_features=experiment.mode == "feature_extract" and backbone_output_is_fixed(reference, space) and not o.no_feature_cache,
-        grace_period=_given(o.grace_period, QUICK["grace_period"] if o.quick else DEFAULT_GRACE_PERIOD),
+        cached_features="feature_extract" in experiment.modes() and backbone_output_is_fixed(reference, space) and not o.no_feature_cache,
+        grace_period=_given(o.grace_period, QUICK["grace_period"] if o.quick else _given(experiment.grace_period, DEFAULT_GRACE_PERIOD)),
         max_concurrent_trials=o.max_concurrent_trials,
         warm_start=tuple(top_configs(o.warm_start, experiment.name)) if o.warm_start else (),
-        repeats=_given(o.repeats, QUICK["repeats"] if o.quick else DEFAULT_REPEATS),
+        repeats=_given(o.repeats, QUICK["repeats"] if o.quick else _given(experiment.repeats, DEFAULT_REPEATS)),
     )
 
 
@@ -94,7 +135,7 @@ def backbone_output_is_fixed(reference: dict, space: dict) -> bool:
     """Whether a frozen backbone gives every trial the same output per image, so that it can be
     computed once: not if the network's shape is searched, or the images are augmented."""
     augmented = "augmentation" in space or reference.get("augmentation", "none") != "none"
-    return not augmented and not set(MODEL_SHAPE_KEYS) & set(space)
+    return not augmented and not model_shape_keys(space)
 
 
 def check_device_options(options: SweepOptions) -> None:
@@ -164,38 +205,108 @@ def check_compile(device: str | None) -> None:
         raise UserError(f"--compile: torch.compile cannot run on this machine's {device} ({why}): drop --compile")
 
 
+def where(experiment: Experiment) -> str:
+    """How errors name an experiment: with the spec file that declared it, if any."""
+    return f"{experiment.spec_file}: experiment {experiment.name}" if experiment.spec_file else experiment.name
+
+
 def check_model_input(experiment: Experiment, settings: ExperimentSettings, splits) -> None:
-    """Build the experiment's model as its reference trial would and run two real images
-    through it: an input too small for the model fails here, not in every trial."""
+    """Build each of the experiment's models as its reference trial would (a user factory is
+    imported and called here, once) and run two real images through it: an input too small
+    for a model, a factory that fails or gives the wrong output fail here, not in every trial."""
     import numpy as np
     import torch
 
     from tltune.data import as_tensors
+    from tltune.models import is_factory
     from tltune.train import setup_image_model
 
-    try:
-        model, transform = setup_image_model(settings.reference_model_spec(experiment.model), experiment.mode, splits, None)
-        images, _ = as_tensors(splits.train.subset(np.arange(min(2, len(splits.train)))))
-        with torch.no_grad():
-            model.eval()(transform(images))
-    except (RuntimeError, ValueError) as exc:
-        size = settings.image_size or splits.image_size
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{experiment.name}: a {size}x{size} input does not fit the {experiment.model} model ({first}): pass a larger --image-size") from None
+    images, _ = as_tensors(splits.train.subset(np.arange(min(2, len(splits.train)))))
+    for model_name in experiment.models():
+        what = f"the model factory {model_name}" if is_factory(model_name) else f"the {model_name} model"
+        try:
+            model, transform = setup_image_model(settings.reference_model_spec(model_name), experiment.mode, splits, None)
+            with torch.no_grad():
+                output = model.eval()(transform(images))
+        except UserError as exc:
+            raise UserError(f"{where(experiment)}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001  a user's model may raise anything
+            size = settings.image_size or splits.image_size
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = "" if is_factory(model_name) else ": pass a larger --image-size (image_size in a spec)"
+            raise UserError(f"{where(experiment)}: a {size}x{size} input does not fit {what} ({type(exc).__name__}: {first}){hint}") from None
+        expected = (len(images), splits.num_classes)
+        if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
+            got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+            raise UserError(f"{where(experiment)}: {what} gives outputs of shape {got} for {len(images)} images, expected {expected}")
 
 
-def pretrained_alexnet(experiment: Experiment) -> bool:
-    return experiment.model == "alexnet" and experiment.mode in PRETRAINED_MODES
+def weights_source(experiment: Experiment, model: str, options: SweepOptions) -> str:
+    """Where ``model`` of ``experiment`` starts in a pretrained mode: --weights, else the spec's
+    ``weights``, else each model's ImageNet weights (a mapping names models one by one)."""
+    given = parse_weights(options.weights) if options.weights is not None else experiment.weights
+    if isinstance(given, dict):
+        return given.get(model, "imagenet")
+    return given or "imagenet"
 
 
-def resolve_weights(options: SweepOptions) -> dict | None:
-    """The ImageNet AlexNet weights the pretrained AlexNet experiments start from (None: random
-    init), read once here, before Ray."""
-    from tltune.models import load_imagenet_state
+def parse_weights(value: str) -> str | dict:
+    """``--weights``: 'imagenet', 'none', a torchvision weights name, a file, or
+    'model=SOURCE,model=SOURCE' naming one per model."""
+    if "=" in value and not Path(value).expanduser().exists():
+        pairs = [part.split("=", 1) for part in value.split(",") if part.strip()]
+        return {model.strip(): source.strip() for model, source in pairs}
+    return value
 
-    if options.weights == "none":
-        return None
-    return load_imagenet_state(options.weights or "imagenet")
+
+def pretrained_weights(experiment: Experiment, options: SweepOptions) -> dict[str, str]:
+    """model -> where its pretrained weights come from, for each of the experiment's models that
+    starts from weights tltune loads: AlexNet and torchvision models (ImageNet by default), a
+    user factory given a weights file (else it loads its own, or starts random). None for the
+    CNN: a transfer source gives its weights."""
+    from tltune.models import model_kind
+
+    if not set(experiment.modes()) & set(PRETRAINED_MODES):
+        return {}
+    weights = {}
+    for model in experiment.models():
+        kind, source = model_kind(model), weights_source(experiment, model, options)
+        if kind == "cnn" or source == "none" or (kind == "factory" and source == "imagenet"):
+            continue
+        weights[model] = source
+    return weights
+
+
+def load_weights(chosen: list[Experiment], options: SweepOptions, run_all: bool, skipped: dict):
+    """Each pretrained model's weights, read once before Ray: (experiments still to run,
+    experiment -> model -> source, (model, source) -> state dict). Weights that cannot be had
+    are an error; with --quick and no weights given anywhere, or with ``run_all``, their
+    experiments are skipped (named in ``skipped``, with why)."""
+    from tltune.models import load_pretrained_state
+
+    weights, states, kept = {}, {}, []
+    for experiment in chosen:
+        wanted = pretrained_weights(experiment, options)
+        try:
+            for model, source in wanted.items():
+                if (model, source) not in states:
+                    states[model, source] = load_pretrained_state(model, source)
+        except UserError as exc:
+            if options.quick and options.weights is None and experiment.weights is None:
+                # Training a randomly initialised AlexNet says nothing about transfer learning
+                # and would take most of a quick run: leave such rows out, and say so.
+                print(f"warning: {exc}\nwarning: --quick skips {experiment.name}: without pretrained weights it would "
+                      "measure nothing. Pass --weights FILE (or --weights none to train from random weights anyway).", file=sys.stderr)  # fmt: skip
+                skipped[experiment.name] = "--quick without pretrained weights: pass --weights FILE"
+                continue
+            if not run_all:
+                raise UserError(f"{where(experiment)}: {exc}") from None
+            print(f"warning: skipping {experiment.name}: {exc}", file=sys.stderr)
+            skipped[experiment.name] = str(exc)
+            continue
+        weights[experiment.name] = wanted
+        kept.append(experiment)
+    return kept, weights, states
 
 
 def run_label(chosen: list[Experiment]) -> str:
@@ -269,7 +380,7 @@ class SweepOutcome:
 
 
 def prepare_inputs(chosen: list[Experiment], settings: dict, options: SweepOptions, run_dir: str, run_all: bool, skipped: dict):
-    """Load each dataset once, the ImageNet weights if needed, and check transfer sources, all
+    """Load each dataset once, the pretrained weights if needed, and check transfer sources, all
     before Ray starts. What is missing is an error; with ``run_all`` its experiments are skipped
     (named in ``skipped``, with why)."""
     from tltune.data import load_dataset, make_splits
@@ -302,29 +413,14 @@ def prepare_inputs(chosen: list[Experiment], settings: dict, options: SweepOptio
         if settings[experiment.name].dataset in splits:
             check_model_input(experiment, settings[experiment.name], splits[settings[experiment.name].dataset])
 
-    imagenet_state = None
-    if any(pretrained_alexnet(e) for e in chosen):
-        try:
-            imagenet_state = resolve_weights(o)
-        except UserError as exc:
-            if o.quick and o.weights is None:
-                # Training a randomly initialised AlexNet says nothing about transfer learning
-                # and would take most of a quick run: leave those rows out, and say so.
-                print(f"warning: {exc}\nwarning: --quick skips {', '.join(e.name for e in chosen if pretrained_alexnet(e))}: "
-                      "without pretrained weights they would measure nothing. Pass --weights FILE (or --weights none "
-                      "to train AlexNet from random weights anyway).", file=sys.stderr)  # fmt: skip
-                why = "--quick without pretrained AlexNet weights: pass --weights FILE"
-                skipped.update({e.name: why for e in chosen if pretrained_alexnet(e)})
-                chosen = [e for e in chosen if not pretrained_alexnet(e)]
-            else:
-                chosen = skip_or_raise(exc, "the pretrained AlexNet experiments", pretrained_alexnet)
+    chosen, weights, states = load_weights(chosen, o, run_all, skipped)
     names = {e.name for e in chosen}
     for experiment in [e for e in chosen if e.source and e.source not in names]:
         try:  # fail now, not after hours of other experiments
             best_checkpoint(o.source_run or run_dir, experiment.source)
         except UserError as exc:
             chosen = skip_or_raise(exc, experiment.name, lambda e: e is experiment)
-    return chosen, splits, imagenet_state
+    return chosen, splits, weights, states
 
 
 def sweep(experiments: list[str | Experiment], options: SweepOptions, run_all: bool = False, argv: list[str] | None = None) -> SweepOutcome:
@@ -364,7 +460,7 @@ def sweep(experiments: list[str | Experiment], options: SweepOptions, run_all: b
 def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: bool, address: str | None, argv) -> SweepOutcome:
     outcome = SweepOutcome(run_dir)
     try:
-        chosen, splits, imagenet_state = prepare_inputs(chosen, settings, options, run_dir, run_all, outcome.skipped)
+        chosen, splits, weights, states = prepare_inputs(chosen, settings, options, run_dir, run_all, outcome.skipped)
         if not chosen:
             print("nothing to run")
             return SweepOutcome(None, outcome.skipped)
@@ -372,14 +468,15 @@ def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: 
             experiments=chosen,
             settings=settings,
             splits=splits,
-            imagenet_state=imagenet_state,
-            weights=options.weights or "imagenet",
+            weights=weights,
+            pretrained_states=states,
             run_dir=run_dir,
             record=RunRecord(started=time.strftime("%Y-%m-%d %H:%M:%S"), argv=list(argv if argv is not None else sys.argv), options=options.record()),
             source_run=options.source_run,
             address=address,
             cpus_per_trial=options.cpus_per_trial,
             gpus_per_trial=options.gpus_per_trial,
+            py_modules=factory_modules(chosen),
         )
         from tltune.raytune.sweep import run_sweep  # imports Ray: only once the input is known to be good
 

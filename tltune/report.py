@@ -20,6 +20,7 @@ import time
 import warnings
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Iterator
 
 from tltune import storage
@@ -30,7 +31,6 @@ from tltune.results import (
     ASHA_STOP,
     COMPLETED,
     DATASET_NAMES,
-    HYPERPARAMETERS,
     DIVERGED,
     ERROR,
     EXPERIMENT_FILE,
@@ -38,6 +38,9 @@ from tltune.results import (
     OPTUNA_JOURNAL,
     SUMMARY_FILE,
     ExperimentResult,
+    best_per_model_mode,
+    model_mode_text,
+    shown_config,
     accuracy_text,
     best_over_time,
     best_vs_reference,
@@ -104,9 +107,9 @@ def _fmt(value, spec: str) -> str:
     return format(value, spec) if is_number(value) else "-"
 
 
-def _config_text(config: dict) -> str:
-    keys = HYPERPARAMETERS
-    return ", ".join(f"{k}={config[k]:.3g}" if isinstance(config[k], float) else f"{k}={config[k]}" for k in keys if config.get(k) is not None)
+def _config_text(config: dict, searched) -> str:
+    shown = shown_config(config, searched)
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
 
 def reference_table(found: dict[str, ExperimentResult]) -> str:
@@ -115,11 +118,18 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
         "Best − reference | Difference to the seed | Trials | Epochs spent | Wall time | Our best configuration | Run |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, declared in EXPERIMENTS.items():
-        exp = found.get(name)
+    # the seed's rows (run or not), then the user's own experiments (spec files) that ran
+    for name in dict.fromkeys([*EXPERIMENTS, *found]):
+        exp, declared = found.get(name), EXPERIMENTS.get(name)
+        if declared is None:  # a user's experiment: what its record says
+            record = exp.record
+            declared = SimpleNamespace(label=record.label or name, dataset=record.dataset or "?", reference=record.reference or {},
+                                       reference_accuracy=record.reference_accuracy if is_number(record.reference_accuracy) else None)  # fmt: skip
         label = (exp.record.label if exp.record.label is not None else declared.label) if exp else declared.label
         if declared.reference_accuracy is not None:
             reference = f"{declared.reference_accuracy:.2f}%"
+        elif name not in EXPERIMENTS:
+            reference = "-"
         else:  # the seed's MNIST -> SVHN cells are empty; the extended search has no cell at all
             reference = "(never filled)" if name in FAMILIES["mnist_to_svhn"] else "(not in the seed)"
         ours, diff, config, run = "not run", "", "", ""
@@ -129,7 +139,7 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
             run = f"`{exp.path.rstrip('/').rsplit('/', 2)[-2]}`"
             ours = "no finished trial"
         if best is not None:
-            config = _config_text(best["config"]) + f" ({best.get('epochs_trained')} epochs trained)"
+            config = _config_text(best["config"], exp.record.space or {}) + f" ({best.get('epochs_trained')} epochs trained)"
             if "test_acc" in best:
                 best_runs, reference_runs = seed_accuracies(exp.summary, "best"), seed_accuracies(exp.summary, "reference")
                 ours, at_reference = accuracy_text(best_runs) if best_runs else _pct(best["test_acc"]), accuracy_text(reference_runs)
@@ -145,8 +155,8 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
         if exp is not None and (exp.failure is not None or exp.all_diverged):
             ours, diff = experiment_status(exp), ""
         lines.append(
-            f"| {DATASET_NAMES.get(declared.dataset, declared.dataset)} | {label} | {declared.reference['lr']:g} | "
-            f"{declared.reference['epochs']} | {reference} | {at_reference} | {ours} | {vs_reference} | {diff} | {trials} | {epochs} | {wall} | {config} | {run} |"
+            f"| {DATASET_NAMES.get(declared.dataset, declared.dataset)} | {label} | {_fmt(declared.reference.get('lr'), 'g')} | "
+            f"{declared.reference.get('epochs', '-')} | {reference} | {at_reference} | {ours} | {vs_reference} | {diff} | {trials} | {epochs} | {wall} | {config} | {run} |"
         )
     return "\n".join(lines)
 
@@ -264,6 +274,8 @@ def finetune_vs_extract_bars(found: dict[str, ExperimentResult]) -> dict[str, di
     for name in dict.fromkeys([*EXPERIMENTS, *found]):
         exp, declared = found.get(name), EXPERIMENTS.get(name)
         mode = exp.record.mode if exp else declared.mode
+        if exp is not None and best_per_model_mode(exp):
+            continue  # its backbones and modes get bars of their own, below
         reference = exp.record.reference_accuracy if exp else declared.reference_accuracy  # None on another dataset
         reference = reference if is_number(reference) else None
         if mode not in TRANSFER_MODES or (exp is None and reference is None):
@@ -271,6 +283,10 @@ def finetune_vs_extract_bars(found: dict[str, ExperimentResult]) -> dict[str, di
         best = exp.best() if exp else None
         ours = 100 * best["test_acc"] if best and "test_acc" in best else None
         bars.setdefault(name.removesuffix(f"-{mode}"), {})[mode] = (ours, reference)
+    for exp in found.values():  # experiments searching the model and/or mode: per backbone, within the sweep
+        for row in best_per_model_mode(exp):
+            if row["mode"] in TRANSFER_MODES:
+                bars.setdefault(f"{row['model']}\n({exp.name}, val)", {})[row["mode"]] = (row["val_acc"], None)
     return bars
 
 
@@ -496,6 +512,7 @@ def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Pat
         "## Against the reference",
         reference_table(found),
         transfer_gain(found),
+        model_mode_text(list(found.values())),
         f"Every trial with its configuration, epochs run, stop reason, accuracies and wall time: [{TRIALS_CSV}]({TRIALS_CSV}); "
         f"the reference and the best configuration per seed: [{REPEATS_CSV}]({REPEATS_CSV}); "
         f"per experiment, what it spent and its accuracies over seeds: [{EXPERIMENTS_CSV}]({EXPERIMENTS_CSV}).",

@@ -294,8 +294,54 @@ def top_configs(path: str | Path, experiment: str, k: int = 3) -> list[dict]:
 # ---------------------------------------------------------------------------- formatting
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "mnist": "MNIST", "svhn": "SVHN"}
-HYPERPARAMETERS = ("optimizer", "activation", "lr", "epochs", "batch_size", "image_size",
+HYPERPARAMETERS = ("model", "mode", "optimizer", "activation", "lr", "epochs", "batch_size", "image_size",
                    "weight_decay", "schedule", "augmentation", "width", "label_smoothing")  # fmt: skip
+# In a best configuration's text: these only where searched (every trial of most experiments shares them)
+SHOWN_WHEN_SEARCHED = ("model", "mode")
+
+
+def shown_config(config: dict, searched) -> dict:
+    """The hyperparameters of ``config`` a reader compares: the common ones (model and mode only
+    where searched) and whatever else the experiment searched (a user factory's keywords)."""
+    keys = [k for k in HYPERPARAMETERS if k not in SHOWN_WHEN_SEARCHED or k in searched]
+    keys += [k for k in searched if k not in keys]
+    return {k: config[k] for k in keys if config.get(k) is not None}
+
+
+def best_per_model_mode(exp: ExperimentResult) -> list[dict]:
+    """For an experiment that searches the model or the mode: per (model, mode) its trials, the
+    best trial by last val_acc and that accuracy (%), best first. Empty for any other experiment."""
+    if not {"model", "mode"} & set(exp.record.space or {}):
+        return []
+    groups: dict[tuple, list[Trial]] = {}
+    for trial in exp.trials:
+        groups.setdefault((trial.config.get("model"), trial.config.get("mode")), []).append(trial)
+    rows = []
+    for (model, mode), trials in groups.items():
+        scored = [t for t in trials if t.score > -math.inf and not t.diverged]
+        best = max(scored, key=lambda t: t.score, default=None)
+        rows.append({"experiment": exp.name, "model": model, "mode": mode, "trials": len(trials),
+                     "best_trial": best.name if best else None, "val_acc": 100 * best.score if best else None,
+                     "config": shown_config(best.config, exp.record.space or {}) if best else None})  # fmt: skip
+    return sorted(rows, key=lambda r: -(r["val_acc"] if r["val_acc"] is not None else -1))
+
+
+def model_mode_text(experiments: list[ExperimentResult]) -> str:
+    """The best per (model, mode) of each experiment that searches them, as Markdown tables."""
+    parts = []
+    for exp in experiments:
+        rows = best_per_model_mode(exp)
+        if not rows:
+            continue
+        lines = [f"{exp.name}: best per model and mode (validation accuracy; only the overall best is tested)",
+                 "| Model | Mode | Trials | Best val accuracy | Its configuration |", "|---|---|---|---|---|"]  # fmt: skip
+        for row in rows:
+            val = f"{row['val_acc']:.2f}%" if row["val_acc"] is not None else "-"
+            config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (row["config"] or {}).items()
+                               if k not in ("model", "mode"))  # fmt: skip
+            lines.append(f"| {row['model']} | {row['mode']} | {row['trials']} | {val} | {config or '-'} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 ALL_DIVERGED = "all trials diverged"
@@ -413,7 +459,7 @@ def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
                     "Epochs": best.get("epochs_trained"),
                     "Accuracy": 100 * best["test_acc"] if "test_acc" in best else None,
                     "val_acc": 100 * best["val_acc"],
-                    "config": {k: best["config"][k] for k in HYPERPARAMETERS if best["config"].get(k) is not None},
+                    "config": shown_config(best["config"], record.space or {}),
                 }
             )
         rows.append(row)

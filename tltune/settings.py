@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from tltune.config import MODEL_SHAPE_KEYS, ModelSpec
+from tltune.config import MODEL_SHAPE_KEYS, ModelSpec, factory_params
 from tltune.experiments import Experiment
 from tltune.records import RunRecord
 
@@ -36,12 +36,14 @@ class ExperimentSettings:
     max_failures: int = 2  # retries of a failing trial (its node died, or an error)
     cpus_per_trial: float | None = None  # None until sized to the cluster
     gpus_per_trial: float | None = None
-    pretrained: str = "none"  # the source of the starting weights: 'imagenet', a file, a checkpoint
+    pretrained: str = "none"  # where the starting weights come from: 'imagenet', a file, a checkpoint ('model=..., ...' for several models)
 
     def reference_model_spec(self, model: str) -> ModelSpec:
-        """The network of the reference trial (and of every trial, where its shape is not searched)."""
+        """The network of the reference trial with ``model`` (and of every trial with it, where
+        its shape is not searched); a user factory gets the reference's keyword arguments."""
         shape = {key: self.reference[key] for key in MODEL_SHAPE_KEYS if key in self.reference}
-        return ModelSpec(model, image_size=self.image_size, channels=self.channels, **shape)
+        params = tuple(sorted(factory_params(self.reference).items())) if ":" in model else ()
+        return ModelSpec(model, image_size=self.image_size, channels=self.channels, params=params, **shape)
 
     def record(self) -> dict:
         """Everything but the search space (recorded on its own, readably)."""
@@ -53,11 +55,12 @@ class SweepPlan:
     experiments: list[Experiment]  # in the order they run
     settings: dict[str, ExperimentSettings]  # by experiment name
     splits: dict[str, Splits]  # per dataset, loaded once by the driver
-    imagenet_state: dict | None  # AlexNet weights, None for random init
-    weights: str  # where imagenet_state came from: 'imagenet' or a file path
+    weights: dict[str, dict[str, str]]  # experiment -> model -> where its pretrained weights come from ('imagenet', a torchvision weights name, a file)
+    pretrained_states: dict[tuple[str, str], dict]  # (model, where from) -> its state dict, read once by the driver
     run_dir: str  # a local path or a storage URI (s3://...)
     record: RunRecord  # this invocation, appended to the run's runs.jsonl
     source_run: str | None  # transfer experiments: the run holding their source experiment
     address: str | None  # the Ray cluster to join; None starts a local Ray
     cpus_per_trial: float | None  # None: sized to the cluster
     gpus_per_trial: float | None
+    py_modules: tuple[str, ...] = ()  # local modules of users' model factories, shipped to every node

@@ -23,7 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from tltune import storage
-from tltune.experiments import Choice, IntRange, LogUniform
+from tltune.experiments import Choice, IntRange, LogUniform, Uniform
 from tltune.results import (
     ASHA_STOP,
     COMPLETED,
@@ -45,6 +45,8 @@ def distribution(domain) -> BaseDistribution:
         return CategoricalDistribution(list(domain.options))
     if isinstance(domain, LogUniform):
         return FloatDistribution(domain.low, domain.high, log=True)
+    if isinstance(domain, Uniform):
+        return FloatDistribution(domain.low, domain.high)
     if isinstance(domain, IntRange):
         return IntDistribution(domain.low, domain.high)
     raise TypeError(f"unknown search domain {domain!r}")

@@ -417,11 +417,11 @@ def load_checkpoint(
 
 def setup_model(config: TrialConfig, splits, pretrained_state: dict | None) -> tuple[nn.Module, BatchTransform | FeatureTransform]:
     """The model a trial ``config`` describes, and the batch transform that feeds it.
-    With ``cached_features`` the splits hold backbone features and the model is the head.
+    On cached features (``config.on_cached_features``) the splits hold backbone features and the model is the head.
     The initial weights come from ``config.seed`` alone, whatever ran before in this process
     (a Ray actor reused for another trial)."""
     seed_everything(config.seed)
-    if config.cached_features:
+    if config.on_cached_features:
         head = nn.Linear(splits.train.images.shape[1], splits.num_classes)
         return BackboneHead(nn.Identity(), head), FeatureTransform()
     return setup_image_model(config.model_spec, config.mode, splits, pretrained_state)
@@ -433,6 +433,7 @@ def setup_image_model(spec: ModelSpec, mode: str, splits, pretrained_state: dict
         spec.model, splits.channels, splits.image_size, spec.channels, spec.image_size, splits.mean, splits.std
     )
     model = build_model(
-        spec.model, mode, splits.num_classes, channels, size, spec.activation, pretrained_state, spec.width, spec.depth, spec.batch_norm
-    )
+        spec.model, mode, splits.num_classes, channels, size, spec.activation, pretrained_state,
+        spec.width, spec.depth, spec.batch_norm, params=dict(spec.params),
+    )  # fmt: skip
     return model, BatchTransform(channels, size, mean, std)

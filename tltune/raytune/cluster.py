@@ -52,8 +52,11 @@ class TrialSize:
     concurrent: int  # trials started together: Tune asks the searcher and the autoscaler for this many
 
 
-def connect(address: str | None) -> None:
-    """Join the cluster at ``address``, or start a local Ray bound to the loopback interface."""
+def connect(address: str | None, py_modules: tuple[str, ...] = ()) -> None:
+    """Join the cluster at ``address``, or start a local Ray bound to the loopback interface.
+    ``py_modules``: local packages or ``.py`` files (users' model factories) that Ray ships to
+    every node the trials run on."""
+    runtime_env = {"py_modules": list(py_modules)} if py_modules else None
     if address is None:
         # Every Ray server binds to the node's IP, and Ray swaps a loopback node IP for the
         # machine's outward one unless this flag (meant for single-machine platforms) is off.
@@ -63,12 +66,12 @@ def connect(address: str | None) -> None:
         saved = ray_constants.ENABLE_RAY_CLUSTER
         ray_constants.ENABLE_RAY_CLUSTER = False
         try:
-            ray.init(address="local", include_dashboard=False, logging_level="WARNING", _node_ip_address=LOOPBACK)
+            ray.init(address="local", include_dashboard=False, logging_level="WARNING", _node_ip_address=LOOPBACK, runtime_env=runtime_env)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = saved
         return
     try:
-        ray.init(address=address, logging_level="WARNING")
+        ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise UserError(f"cannot connect to the Ray cluster at {address} ({exc}): check the address, or leave --address out to start a local Ray") from None
 

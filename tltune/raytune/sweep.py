@@ -26,8 +26,10 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tltune import signals, storage, trust
 from tltune.errors import TrialsFailed, UserError
-from tltune.experiments import Choice, Experiment, IntRange, LogUniform
-from tltune.models import PRETRAINED_MODES
+from tltune.catalog import PRETRAINED_MODES
+from tltune.config import factory_params
+from tltune.experiments import Choice, Experiment, IntRange, LogUniform, Uniform
+from tltune.models import model_kind
 from tltune.raytune import cluster
 from tltune.raytune.callbacks import TensorBoardCallback, write_run_hparams
 from tltune.raytune.progress import ProgressCallback
@@ -47,14 +49,19 @@ def to_tune_domain(domain):
         return tune.choice(list(domain.options))
     if isinstance(domain, LogUniform):
         return tune.loguniform(domain.low, domain.high)
+    if isinstance(domain, Uniform):
+        return tune.uniform(domain.low, domain.high)
     if isinstance(domain, IntRange):
         return tune.randint(domain.low, domain.high + 1)  # randint's upper bound is exclusive
     raise TypeError(f"unknown search domain {domain!r}")
 
 
 def trial_dirname(trial) -> str:
-    """``<trial id>-<the hyperparameters that vary>``: readable run names in TensorBoard."""
-    parts = [str(trial.config[k]) for k in ("optimizer", "activation") if k in trial.config]
+    """``<trial id>-<the hyperparameters that vary>``: readable run names in TensorBoard.
+    The model and mode are named where an experiment searches them (they are Tune domains there)."""
+    searched = getattr(trial, "evaluated_params", {}) or {}
+    parts = [str(trial.config[k]) for k in ("model", "mode") if k in searched]
+    parts += [str(trial.config[k]) for k in ("optimizer", "activation") if k in trial.config]
     parts += [f"lr{trial.config['lr']:.1e}", f"ep{trial.config['epochs']}"]
     return "-".join([trial.trial_id, *parts])
 
@@ -72,6 +79,9 @@ def trial_config(experiment: Experiment, settings: ExperimentSettings) -> tuple[
         "channels": settings.channels,
         "cached_features": settings.cached_features,
     }
+    keywords = sorted(factory_params({**reference, **space}))
+    if keywords:  # a user factory's keyword arguments: TrialConfig tells them from mistakes by this list
+        fixed["factory_keys"] = ",".join(keywords)
     # A searched hyperparameter (e.g. the extended search's batch size) is never overridden by a fixed setting.
     param_space = {
         **{k: v for k, v in reference.items() if k not in space},
@@ -244,16 +254,7 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
         storage.write_text(storage.join(exp_dir, EXPERIMENT_FILE), experiment_record(experiment, settings).to_json())
 
     if settings.cached_features:
-        started = time.time()
-        spec = asdict(settings.reference_model_spec(experiment.model))
-        if settings.gpus_per_trial:  # on a GPU, as a trial would
-            task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(precompute_features)
-            features = task.remote(spec, inputs)
-            ray.wait([features], fetch_local=False)
-        else:  # CPU trials: here, as the test scoring (see score)
-            features = ray.put(precompute_features(spec, inputs))
-        inputs = {**inputs, "splits": features}
-        print(f"backbone features ready in {time.time() - started:.1f}s (computed once, or from the cache)")
+        inputs = {**inputs, "features": backbone_features(experiment, settings, inputs)}
     param_space, points = trial_config(experiment, settings)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, inputs=inputs),
@@ -301,6 +302,21 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
         summary.update(epochs_spent=search_epochs + summary.get("repeats", {}).get("epochs_spent", 0), wall_s=round(clock.spent_s(), 1))
         storage.write_text(storage.join(exp_dir, SUMMARY_FILE), ExperimentSummary(**summary).to_json())
     return summary
+
+
+def backbone_features(experiment: Experiment, settings: ExperimentSettings, inputs: dict) -> dict:
+    """model -> its frozen backbone's features of every image (object refs), computed once per
+    backbone (or read from the disk cache) for the experiment's feature-extraction trials."""
+    started = time.time()
+    specs = {model: asdict(settings.reference_model_spec(model)) for model in experiment.models()}
+    if settings.gpus_per_trial:  # on GPUs, as trials would, side by side
+        task = ray.remote(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)(precompute_features)
+        features = {model: task.remote(spec, inputs) for model, spec in specs.items()}
+        ray.wait(list(features.values()), num_returns=len(features), fetch_local=False)
+    else:  # CPU trials: here, as the test scoring (see score)
+        features = {model: ray.put(precompute_features(spec, inputs)) for model, spec in specs.items()}
+    print(f"backbone features of {', '.join(specs)} ready in {time.time() - started:.1f}s (computed once, or from the cache)")
+    return features
 
 
 class ExperimentClock:
@@ -465,7 +481,8 @@ def root_cause(error: BaseException) -> str:
 
 
 def experiment_record(experiment: Experiment, settings: ExperimentSettings) -> ExperimentRecord:
-    random_init = experiment.mode in PRETRAINED_MODES and settings.pretrained == "none"
+    pretrained_models = [m for m in experiment.models() if model_kind(m) in ("alexnet", "torchvision")]
+    random_init = bool(set(experiment.modes()) & set(PRETRAINED_MODES) and pretrained_models) and settings.pretrained == "none"
     searched = settings.space.get("optimizer")
     optimizers = sorted({settings.reference["optimizer"], *(searched.options if searched else ())})
     return ExperimentRecord(
@@ -482,12 +499,19 @@ def experiment_record(experiment: Experiment, settings: ExperimentSettings) -> E
     )
 
 
+def pretrained_label(weights: dict[str, str]) -> str:
+    """Where an experiment's models start: 'imagenet', or 'resnet18=imagenet, alexnet=FILE'."""
+    if len(set(weights.values())) == 1:
+        return next(iter(weights.values()))
+    return ", ".join(f"{model}={source}" for model, source in weights.items())
+
+
 def run_sweep(plan: SweepPlan) -> None:
     """Connect to Ray, size the trials, record the run and run its experiments in order.
 
     Resources are checked against the cluster before anything is written to the run
     directory, so a sweep that cannot run leaves nothing behind."""
-    cluster.connect(plan.address)
+    cluster.connect(plan.address, plan.py_modules)
     signals.install()  # again: Ray's core worker replaced the SIGTERM handler
     try:
         settings = {}
@@ -497,24 +521,24 @@ def run_sweep(plan: SweepPlan) -> None:
             settings[experiment.name] = replace(s, cpus_per_trial=size.cpus, gpus_per_trial=size.gpus, max_concurrent_trials=size.concurrent)
         storage.append_line(storage.join(plan.run_dir, RUNS_FILE), plan.record.to_json(indent=None))
         write_run_hparams(plan.run_dir, [(trial_config(e, settings[e.name])[0], settings[e.name].space) for e in plan.experiments])
-        imagenet_ref, none_ref = ray.put(plan.imagenet_state), ray.put(None)
+        state_refs = {key: ray.put(state) for key, state in plan.pretrained_states.items()}
         split_refs = {name: ray.put(s) for name, s in plan.splits.items()}
         print(f"results: {plan.run_dir}")
         failures = []
         for experiment in plan.experiments:
             s = settings[experiment.name]
-            pretrained_ref = none_ref
+            weights = plan.weights.get(experiment.name, {})
+            pretrained = {model: state_refs[(model, source)] for model, source in weights.items()}
+            if weights:
+                s = replace(s, pretrained=pretrained_label(weights))
             if experiment.source:  # the CNN takes the architecture, and maybe the weights, of the source's best trial
                 source_config, checkpoint = best_checkpoint(plan.source_run or plan.run_dir, experiment.source)
                 s = replace(s, reference={**s.reference, "activation": source_config["activation"]}, pretrained=str(checkpoint))
-                if experiment.mode in PRETRAINED_MODES:
-                    pretrained_ref = ray.put(load_model_state(checkpoint))
-            elif experiment.model == "alexnet":
-                s = replace(s, pretrained=plan.weights if plan.imagenet_state is not None else "none")
-                pretrained_ref = imagenet_ref
+                if set(experiment.modes()) & set(PRETRAINED_MODES):
+                    pretrained["cnn"] = ray.put(load_model_state(checkpoint))
             print(f"\n== {experiment.name}: {s.num_samples} trial(s), up to {s.max_epochs} epochs, "
                   f"{s.cpus_per_trial:g} CPU / {s.gpus_per_trial:g} GPU per trial, up to {s.max_concurrent_trials} at once")  # fmt: skip
-            inputs = {"splits": split_refs[s.dataset], "pretrained_state": pretrained_ref}
+            inputs = {"splits": split_refs[s.dataset], "pretrained": pretrained}
             try:
                 with tune_environment():
                     run_experiment(experiment, s, inputs, plan.run_dir)

@@ -92,9 +92,9 @@ def release_memory(device: torch.device) -> None:
 
 def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: float) -> None:
     started = time.perf_counter()
-    splits: Splits = ray.get(inputs["splits"])  # zero-copy from the node's object store
+    splits, pretrained_state = trial_inputs(config, inputs)
     data_ready_s = time.perf_counter() - started
-    model, transform = setup_model(config, splits, ray.get(inputs["pretrained_state"]))
+    model, transform = setup_model(config, splits, pretrained_state)
     runtime = trial_runtime(config, device)
     if runtime.compile:  # a reused actor: the last trial's graphs would count toward Dynamo's recompile limit
         torch._dynamo.reset()
@@ -149,8 +149,8 @@ def score_on_test_split(tune_config: dict, inputs: dict, checkpoint: tune.Checkp
     trials) a call in the driver."""
     config = TrialConfig.from_dict(tune_config)
     device = trial_device()
-    splits: Splits = ray.get(inputs["splits"])
-    model, transform = setup_model(config, splits, ray.get(inputs["pretrained_state"]))
+    splits, pretrained_state = trial_inputs(config, inputs)
+    model, transform = setup_model(config, splits, pretrained_state)
     runtime = trial_runtime(config, device, compile=False)  # one pass over the test split: compiling does not pay
     runtime.prepare(model, transform)
     with checkpoint.as_directory() as directory:
@@ -160,8 +160,19 @@ def score_on_test_split(tune_config: dict, inputs: dict, checkpoint: tune.Checkp
     return {"test_acc": stats.accuracy, "test_loss": stats.loss, "test_images": len(test_y)}
 
 
+def trial_inputs(config: TrialConfig, inputs: dict) -> tuple[Splits, dict | None]:
+    """A trial's splits (images, or its backbone's cached features) and its model's starting
+    weights, zero-copy from the node's object store. ``inputs``: ``splits`` (the images),
+    ``pretrained`` (model -> weights, which a scratch-mode trial ignores) and, for feature extraction, ``features`` (model -> splits)."""
+    splits = inputs["features"][config.model] if config.on_cached_features else inputs["splits"]
+    pretrained = inputs["pretrained"].get(config.model) if config.mode != "scratch" else None
+    return ray.get(splits), (None if pretrained is None else ray.get(pretrained))
+
+
 def precompute_features(input_config: dict, inputs: dict) -> Splits:
     """Backbone features of every image, computed once (or read from the disk cache) on the
     device a trial would get; runs as a Ray task, its result stays in the object store.
     ``input_config``: the fields of :class:`~tltune.config.ModelSpec`."""
-    return feature_splits(ray.get(inputs["splits"]), ModelSpec(**input_config), ray.get(inputs["pretrained_state"]), trial_device())
+    spec = ModelSpec(**{**input_config, "params": tuple(map(tuple, input_config.get("params", ())))})
+    pretrained = inputs["pretrained"].get(spec.model)
+    return feature_splits(ray.get(inputs["splits"]), spec, None if pretrained is None else ray.get(pretrained), trial_device())

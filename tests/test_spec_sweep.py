@@ -1,0 +1,125 @@
+"""A user's own sweep end to end: a spec file that searches torchvision backbones and the mode
+(fine-tuning vs feature extraction), and a user factory with a searched keyword, run once
+through the ``tltune`` command on a tiny real class-folder dataset; the table, trials.csv, the
+Optuna journal and the report read it back with the new dimensions like any other."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from conftest import write_class_folders
+
+FACTORY = '''
+import torch.nn as nn
+
+
+def build(num_classes, dropout=0.0, hidden=16):
+    """A small user model: conv features, a hidden Linear with Dropout, a last Linear."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+        nn.Linear(8 * 16, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, num_classes),
+    )
+'''
+
+
+def spec_text(data: str) -> str:
+    return textwrap.dedent(f"""\
+        experiments:
+          - name: tiny-backbones
+            dataset: {data}
+            model: {{choice: [resnet18, mobilenet_v3_small]}}
+            mode: {{choice: [finetune, feature_extract]}}
+            weights: none
+            image_size: 32
+            reference: {{optimizer: sgd, lr: 0.01, epochs: 2}}
+            space:
+              optimizer: {{choice: [sgd, adam]}}
+              lr: {{loguniform: [1.0e-4, 1.0e-1]}}
+              epochs: {{int: [1, 2]}}
+            num_samples: 5
+            grace_period: 1
+            repeats: 1
+          - name: tiny-factory
+            dataset: {data}
+            model: "mymodels:build"
+            mode: {{choice: [scratch, feature_extract]}}
+            reference: {{optimizer: adam, lr: 0.003, epochs: 2, dropout: 0.1}}
+            space:
+              lr: {{loguniform: [1.0e-4, 1.0e-2]}}
+              dropout: {{uniform: [0.0, 0.5]}}
+            num_samples: 3
+            repeats: 1
+        """)
+
+
+@pytest.fixture(scope="module")
+def spec_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("spec-run")
+    data = write_class_folders(tmp / "pets", per_class=8, size=(16, 16))
+    (tmp / "spec").mkdir()
+    (tmp / "spec" / "mymodels.py").write_text(FACTORY)
+    spec = tmp / "spec" / "pets.yaml"
+    spec.write_text(spec_text(str(data)))
+    argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--storage-path", str(tmp / "results"), "--name", "pets", "--val-fraction", "0.25"]
+    # from another folder: the factory's module is found beside the spec file
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    return tmp / "results" / "pets", out.stdout
+
+
+def tltune(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tltune", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_the_table_gives_the_best_per_model_and_mode(spec_run):
+    run_dir, stdout = spec_run
+    assert "tiny-backbones: best per model and mode" in stdout
+    assert "tiny-factory: best per model and mode" in stdout
+    best = tltune("best", str(run_dir), "--json")
+    rows = {row["experiment"]: row for row in json.loads(best.stdout)}
+    assert rows["tiny-backbones"]["status"] == "finished" and rows["tiny-factory"]["status"] == "finished"
+    assert {"model", "mode"} <= set(rows["tiny-backbones"]["config"])  # searched: shown
+    assert "dropout" in rows["tiny-factory"]["config"]
+
+
+def test_trials_csv_has_the_new_dimensions(spec_run):
+    run_dir, _ = spec_run
+    rows = list(csv.DictReader(io.StringIO(tltune("best", str(run_dir), "--trials").stdout)))
+    backbones = [r for r in rows if r["experiment"] == "tiny-backbones"]
+    assert len(backbones) == 5
+    assert {r["config/model"] for r in backbones} <= {"resnet18", "mobilenet_v3_small"}
+    assert {r["config/mode"] for r in backbones} <= {"finetune", "feature_extract"}
+    factory = [r for r in rows if r["experiment"] == "tiny-factory"]
+    assert all(0.0 <= float(r["config/dropout"]) <= 0.5 for r in factory)
+    assert len({r["config/dropout"] for r in factory}) > 1, "dropout is searched"
+
+
+def test_the_optuna_study_holds_model_and_mode(spec_run):
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    run_dir, _ = spec_run
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "tiny-backbones" / "optuna.journal")))
+    study = optuna.load_study(study_name="tiny-backbones", storage=storage)
+    assert len(study.trials) == 5
+    assert all({"model", "mode", "lr"} <= set(t.params) for t in study.trials)
+
+
+def test_the_report_draws_each_backbone(spec_run, tmp_path):
+    run_dir, _ = spec_run
+    out = tltune("report", str(run_dir), "--out", str(tmp_path / "report"))
+    assert out.returncode == 0, out.stderr
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "tiny-backbones" in report and "best per model and mode" in report
+    assert (tmp_path / "report" / "finetune_vs_feature_extraction.png").stat().st_size > 0
+
+
+def test_feature_extraction_trials_use_one_cache_per_backbone(spec_run):
+    run_dir, stdout = spec_run
+    assert "backbone features of resnet18, mobilenet_v3_small ready" in stdout
