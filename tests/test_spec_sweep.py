@@ -123,3 +123,29 @@ def test_the_report_draws_each_backbone(spec_run, tmp_path):
 def test_feature_extraction_trials_use_one_cache_per_backbone(spec_run):
     run_dir, stdout = spec_run
     assert "backbone features of resnet18, mobilenet_v3_small ready" in stdout
+
+
+def test_tensorboard_hparams_has_the_new_dimensions(spec_run):
+    from test_tensorboard_hparams import TensorBoardBackend
+
+    run_dir, _ = spec_run
+    infos = {info.name: info for info in TensorBoardBackend(run_dir).experiment().hparam_infos}
+    assert {"model", "mode", "dropout"} <= set(infos)
+    assert {v.string_value for v in infos["model"].domain_discrete.values} == {"resnet18", "mobilenet_v3_small", "mymodels:build"}
+    assert (infos["dropout"].domain_interval.min_value, infos["dropout"].domain_interval.max_value) == (0.0, 0.5)
+
+
+def test_resume_and_warm_start_take_the_spec(spec_run, tmp_path):
+    run_dir, _ = spec_run
+    spec = run_dir.parents[1] / "spec" / "pets.yaml"
+    resumed = subprocess.run([sys.executable, "-m", "tltune", "sweep", str(spec), "--resume", str(run_dir), "--val-fraction", "0.25"],
+                             capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr
+    assert "tiny-backbones: finished" in resumed.stdout and "tiny-factory: finished" in resumed.stdout
+    best = json.loads((run_dir / "tiny-factory" / "tltune_best.json").read_text())["config"]
+    warm = subprocess.run([sys.executable, "-m", "tltune", "sweep", str(spec), "--experiments", "tiny-factory", "--warm-start", str(run_dir),
+                           "--num-samples", "2", "--repeats", "1", "--val-fraction", "0.25", "--storage-path", str(tmp_path), "--name", "warm"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert warm.returncode == 0, warm.stdout[-2000:] + warm.stderr[-2000:]
+    configs = [json.loads(p.read_text()) for p in (tmp_path / "warm" / "tiny-factory").glob("*/params.json")]
+    assert any(c["lr"] == best["lr"] and c["dropout"] == best["dropout"] for c in configs), "the earlier run's best is evaluated again"

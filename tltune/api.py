@@ -22,6 +22,7 @@ from tltune.experiments import EXPERIMENTS, Experiment
 from tltune.options import SweepOptions
 from tltune.plan import sweep
 from tltune.results import ExperimentResult, experiment_status, load_run, markdown_table, table_rows, trial_rows
+from tltune.specs import is_spec_path, load_spec_file
 
 
 @dataclass
@@ -120,12 +121,13 @@ def load(run_dir: str | Path) -> Run:
 
 
 def run(experiments: str | Experiment | list[str | Experiment], **options) -> Run:
-    """Sweep ``experiments`` (names or :class:`Experiment` objects), one after another, into a
+    """Sweep ``experiments`` (names, spec files ``*.yaml`` or :class:`Experiment` objects), one after another, into a
     new run directory (or ``resume=RUN_DIR``), and return it loaded. ``options`` are the fields
     of :class:`tltune.SweepOptions` (the command line's flags: ``num_samples=6`` is
     ``--num-samples 6``); a wrong name, type or value raises :class:`UserError`. A failed
     experiment does not raise: its ``status`` says why."""
-    chosen = [experiments] if isinstance(experiments, (str, Experiment)) else list(experiments)
+    chosen = [experiments] if isinstance(experiments, (str, Path, Experiment)) else list(experiments)
+    chosen = [e for item in chosen for e in (load_spec_file(item) if isinstance(item, (str, Path)) and is_spec_path(str(item)) else [item])]
     checked = SweepOptions.from_keywords(**options)
     with signals.installed():
         try:

@@ -56,7 +56,9 @@ class SweepOptions:
     val_fraction: float = option(0.1, "share of the training set held out for validation (default 0.1)", "data")
     image_size: int | None = option(None, "model input size (default: 224 for AlexNet, native for the CNN)", "data")
     # model and training
-    weights: str | None = option(None, "AlexNet pretrained weights: 'imagenet' (download), 'none', or a state-dict file (default: imagenet)", "model and training")
+    weights: str | None = option(
+        None, "pretrained models' weights: 'imagenet' (each model's torchvision weights, downloaded), 'none', a torchvision weights "
+        "name (IMAGENET1K_V2), a state-dict file, or MODEL=SOURCE,... one per model (default: a spec's weights, else imagenet)", "model and training")  # fmt: skip
     optimizer: str | None = option(None, "fix the optimizer instead of searching it", "model and training", choices=OPTIMIZER_NAMES)
     activation: str | None = option(None, "fix the CNN activation instead of searching it", "model and training", choices=ACTIVATION_NAMES)
     lr: float | None = option(None, "fix the learning rate instead of searching it", "model and training")
@@ -87,6 +89,11 @@ class SweepOptions:
     address: str | None = option(None, "join this Ray cluster (else $RAY_ADDRESS, else start a local Ray)", "sweep")
     storage_path: str = option("results", "where run directories go: a local folder (default ./results) or a URI (s3://bucket/prefix, gs://...)", "sweep")
     name: str | None = option(None, "run directory name (default: the experiments' common name, e.g. cifar10, then -<date>-<time>)", "sweep")
+    time_budget: str | None = option(
+        None, "stop searching after this long, e.g. 90s, 30m, 2h, 1h30m (per experiment; default: a spec's time_budget, else none): "
+        "no new trials, running ones stop at their next epoch", "sweep", "DURATION")  # fmt: skip
+    log_to: tuple[str, ...] | None = option(None, "also log every trial to these trackers: mlflow, wandb (extras: pip install 'tltune[mlflow]')", "sweep", "TRACKER")
+    quiet: bool = option(False, "print only the final table (and a count of trials per state at most once a minute)", "sweep")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -142,8 +149,34 @@ class SweepOptions:
                 raise UserError(f"{flag(name)} must be at least 1, got {value}")
         if not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
+        if self.time_budget is not None:
+            parse_duration(self.time_budget, "--time-budget")
+        unknown = [t for t in self.log_to or () if t not in TRACKERS]
+        if unknown:
+            raise UserError(f"--log-to {unknown[0]}: unknown tracker (use {', '.join(TRACKERS)})")
         if not (math.isfinite(self.val_fraction) and 0 < self.val_fraction < 1):
             raise UserError(f"--val-fraction must be between 0 and 1 (exclusive), got {self.val_fraction}")
+
+
+TRACKERS = ("mlflow", "wandb")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """Seconds in ``90``, ``90s``, ``30m``, ``2h``, ``1h30m``, ``1.5h``; a UserError naming ``what``."""
+    import re
+
+    cleaned = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", cleaned):
+        seconds = float(cleaned)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", cleaned)
+        if not parts or "".join(n + u for n, u in parts) != cleaned:
+            raise UserError(f"{what} {text!r}: use a duration such as 90s, 30m, 2h or 1h30m")
+        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"{what} must be longer than 0, got {text!r}")
+    return seconds
 
 
 def flag(name: str) -> str:
