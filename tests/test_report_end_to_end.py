@@ -36,11 +36,19 @@ def test_a_csv_row_per_trial_with_the_stop_reason_its_results_show(report):
         assert (row["stop_reason"] == "completed") == (len(results) == planned)
         assert float(row["last_val_acc"]) == results[-1]["val_acc"]
         assert 0 < float(row["wall_s"]) == pytest.approx(results[-1]["time_total_s"], abs=0.01)
+        assert float(row["cpu_s"]) == pytest.approx(float(row["wall_s"]) * results[-1]["cpus_held"], abs=0.02)
     summary = json.loads((exp_dir / "tltune_best.json").read_text())
     tested = {summary["best_trial"], summary["reference_trial"]["trial"]}
     assert {name for name, row in rows.items() if row["test_acc"]} == tested, "the best and the reference trial are tested"
     assert float(rows[summary["best_trial"]]["test_acc"]) == summary["test_acc"]
     assert "[trials.csv](trials.csv)" in (out / "report.md").read_text()
+
+
+def test_accuracy_against_compute_names_the_cheapest_near_the_best(report):
+    _, out = report
+    report_md = (out / "report.md").read_text()
+    assert "## Accuracy per compute" in report_md and "- mnist-cnn: " in report_md and "CPU-seconds" in report_md
+    assert (out / "accuracy_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_optuna_plots_from_the_study_the_sweep_kept(report):

@@ -144,8 +144,11 @@ def test_resume_and_warm_start_take_the_spec(spec_run, tmp_path):
     assert "tiny-backbones: finished" in resumed.stdout and "tiny-factory: finished" in resumed.stdout
     best = json.loads((run_dir / "tiny-factory" / "tltune_best.json").read_text())["config"]
     warm = subprocess.run([sys.executable, "-m", "tltune", "sweep", str(spec), "--experiments", "tiny-factory", "--warm-start", str(run_dir),
-                           "--num-samples", "2", "--repeats", "1", "--val-fraction", "0.25", "--storage-path", str(tmp_path), "--name", "warm"],
+                           "--num-samples", "2", "--repeats", "1", "--val-fraction", "0.25", "--storage-path", str(tmp_path), "--name", "warm", "--quiet"],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
     assert warm.returncode == 0, warm.stdout[-2000:] + warm.stderr[-2000:]
+    # --quiet: the final table only (a count of trials per state at most once a minute)
+    assert "Best configuration of each experiment:" in warm.stdout and "| Dataset |" in warm.stdout
+    assert "== tiny-factory" not in warm.stdout and "loading" not in warm.stdout and "trial " not in warm.stdout.split("Best configuration")[0]
     configs = [json.loads(p.read_text()) for p in (tmp_path / "warm" / "tiny-factory").glob("*/params.json")]
     assert any(c["lr"] == best["lr"] and c["dropout"] == best["dropout"] for c in configs), "the earlier run's best is evaluated again"

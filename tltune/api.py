@@ -125,7 +125,9 @@ def run(experiments: str | Experiment | list[str | Experiment], **options) -> Ru
     new run directory (or ``resume=RUN_DIR``), and return it loaded. ``options`` are the fields
     of :class:`tltune.SweepOptions` (the command line's flags: ``num_samples=6`` is
     ``--num-samples 6``); a wrong name, type or value raises :class:`UserError`. A failed
-    experiment does not raise: its ``status`` says why."""
+    experiment does not raise: its ``status`` says why. It prints only a count of trials per
+    state at most once a minute and the final table (``quiet=False``: all the command line prints)."""
+    options.setdefault("quiet", True)
     chosen = [experiments] if isinstance(experiments, (str, Path, Experiment)) else list(experiments)
     chosen = [e for item in chosen for e in (load_spec_file(item) if isinstance(item, (str, Path)) and is_spec_path(str(item)) else [item])]
     checked = SweepOptions.from_keywords(**options)
@@ -136,4 +138,6 @@ def run(experiments: str | Experiment | list[str | Experiment], **options) -> Ru
             run_dir = exc.run_dir
     if run_dir is None:
         raise UserError("nothing to run: every experiment of this run has finished")
-    return load(run_dir)
+    result = load(run_dir)
+    print(result.table())
+    return result

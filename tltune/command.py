@@ -91,11 +91,12 @@ def spec_main(argv: list[str]) -> int:
 
 
 def best_main(argv: list[str] | None = None, prog: str = "tltune best") -> int:
-    from tltune.results import best_configs_text, load_run, markdown_table, model_mode_text, table_rows, trial_rows, trials_csv
+    from tltune.results import best_configs_text, load_run, markdown_table, model_mode_text, pareto_text, table_rows, trial_rows, trials_csv
 
     parser = argparse.ArgumentParser(prog=prog, description="Best configurations and the seed-format table of a run, or every trial. Reads the run only.")
     parser.add_argument("run_dir", help="a run directory printed by a sweep (or one experiment directory in it)")
-    parser.add_argument("--trials", action="store_true", help="one row per trial (config, epochs run, stop reason, accuracies, wall time), as CSV unless --json")
+    parser.add_argument("--trials", action="store_true", help="one row per trial (config, epochs run, stop reason, accuracies, wall time, compute), as CSV unless --json")
+    parser.add_argument("--pareto", action="store_true", help="per experiment, the trials no other beats in both validation accuracy and compute, and the cheapest within 1 point of the best")
     output = parser.add_mutually_exclusive_group()
     output.add_argument("--csv", action="store_true", help="one CSV row per experiment (per trial with --trials) on stdout")
     output.add_argument("--json", action="store_true", help="a JSON list, one object per experiment (per trial with --trials), on stdout")
@@ -103,6 +104,9 @@ def best_main(argv: list[str] | None = None, prog: str = "tltune best") -> int:
     experiments = _or_exit_2(lambda: load_run(args.run_dir))
     if experiments is None:
         return 2
+    if args.pareto:
+        print(pareto_text(experiments))
+        return 0
     rows = (trial_rows if args.trials else table_rows)(experiments)
     if args.json:
         print(json.dumps(rows, indent=2))

@@ -15,15 +15,16 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from tltune import signals, storage, trust
+from tltune import console, signals, storage, trust
 from tltune.catalog import LOGICAL_GPUS_ENV, PRETRAINED_MODES
 from tltune.config import model_shape_keys
 from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import EXPERIMENTS, Experiment, IntRange, LogUniform, get_experiment, max_epochs, validate
-from tltune.options import DEFAULT_BATCH_SIZE, DEFAULT_GRACE_PERIOD, DEFAULT_REPEATS, QUICK, SweepOptions, flag
+from tltune.options import DEFAULT_BATCH_SIZE, DEFAULT_GRACE_PERIOD, DEFAULT_REPEATS, QUICK, SweepOptions, flag, parse_duration
 from tltune.records import RunRecord
 from tltune.results import RUNS_FILE, SUMMARY_FILE, best_checkpoint, top_configs
 from tltune.settings import ExperimentSettings, SweepPlan
+from tltune.trackers import check_trackers
 
 
 def choose_experiments(experiments: list[str | Experiment], only: tuple[str, ...] | None) -> list[Experiment]:
@@ -128,6 +129,9 @@ def experiment_settings(experiment: Experiment, options: SweepOptions) -> Experi
         max_concurrent_trials=o.max_concurrent_trials,
         warm_start=tuple(top_configs(o.warm_start, experiment.name)) if o.warm_start else (),
         repeats=_given(o.repeats, QUICK["repeats"] if o.quick else _given(experiment.repeats, DEFAULT_REPEATS)),
+        log_to=o.log_to or (),
+        time_budget_s=parse_duration(o.time_budget, "--time-budget") if o.time_budget else None,
+        quiet=o.quiet,
     )
 
 
@@ -367,10 +371,16 @@ def resumed_options(options: SweepOptions) -> SweepOptions:
         started = SweepOptions.from_record(saved)
     except UserError as exc:
         raise UserError(f"{runs}: its recorded options are not valid ({exc})") from None
-    changed = [k for k, v in options.changed().items() if k not in ("resume", "address") and v != getattr(started, k)]
+    changed = [k for k, v in options.changed().items() if k not in RESUME_MAY_CHANGE and v != getattr(started, k)]
     if changed:
-        raise UserError(f"--resume continues {run_dir} with the settings it was started with: drop {', '.join(map(flag, changed))} (only --address may change)")
-    return replace(started, resume=run_dir, address=options.address or started.address)
+        raise UserError(f"--resume continues {run_dir} with the settings it was started with: drop {', '.join(map(flag, changed))} "
+                        f"(only {', '.join(map(flag, RESUME_MAY_CHANGE[1:]))} may change)")  # fmt: skip
+    return replace(started, resume=run_dir, address=options.address or started.address, quiet=options.quiet,
+                   log_to=options.log_to if options.log_to is not None else started.log_to)  # fmt: skip
+
+
+# Where and how a resumed run goes on may change; what it computes may not (the time budget: see skip_finished)
+RESUME_MAY_CHANGE = ("resume", "address", "quiet", "log_to")
 
 
 @dataclass
@@ -433,8 +443,14 @@ def sweep(experiments: list[str | Experiment], options: SweepOptions, run_all: b
     :class:`signals.Interrupted`, both with ``run_dir`` (``None``: nothing was written)."""
     if options.resume:
         options = resumed_options(options)
+    with console.quiet(options.quiet):
+        return _sweep(experiments, options, run_all, argv)
+
+
+def _sweep(experiments, options: SweepOptions, run_all: bool, argv) -> SweepOutcome:
     chosen = choose_experiments(experiments, options.experiments)
     check_device_options(options)
+    check_trackers(options.log_to)
     from tltune.raytune.address import check_reachable, cluster_address
 
     address = cluster_address(options.address)

@@ -40,6 +40,9 @@ from tltune.results import (
     ExperimentResult,
     best_per_model_mode,
     model_mode_text,
+    COMPUTE_UNITS,
+    NEAR_BEST_POINTS,
+    pareto_front,
     shown_config,
     accuracy_text,
     best_over_time,
@@ -264,6 +267,45 @@ def plot_accuracy_vs_lr(found, out: Path) -> Path:
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_accuracy_vs_compute(found, out: Path) -> tuple[Path, list[str]]:
+    """Validation accuracy against the compute each trial held, per experiment, with the
+    Pareto front drawn and the cheapest trial within NEAR_BEST_POINTS of the best ringed; and
+    one line per experiment naming that trial."""
+    import matplotlib.pyplot as plt
+
+    fronts = {name: (trial_rows([exp]), pareto_front(trial_rows([exp]))) for name, exp in found.items()}
+    names = [n for n, (_, f) in fronts.items() if f["front"]]
+    cols = min(3, max(1, len(names)))
+    rows = max(1, math.ceil(len(names) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(max(7.5, 5 * cols), 3.6 * rows), squeeze=False)
+    notes = []
+    for ax, name in zip(axes.flat, names):
+        trials, front = fronts[name]
+        unit = front["unit"]
+        points = [(r[unit], 100 * r["last_val_acc"]) for r in trials if is_number(r.get(unit)) and is_number(r.get("last_val_acc"))]
+        ax.scatter(*zip(*points), s=24, color="tab:blue", alpha=0.6, label="trials")
+        ax.step([r[unit] for r in front["front"]], [100 * r["last_val_acc"] for r in front["front"]], where="post", color="tab:red", label="Pareto front")
+        cheap, best = front["cheapest_near_best"], front["best"]
+        if cheap is not None:
+            ax.scatter([cheap[unit]], [100 * cheap["last_val_acc"]], s=120, facecolors="none", edgecolors="k",
+                       label=f"cheapest within {NEAR_BEST_POINTS:g} point of the best")  # fmt: skip
+            share = f", {cheap[unit] / best[unit]:.0%} of the best's compute" if best is not cheap and best[unit] else " (the best itself)"
+            notes.append(f"- {name}: {cheap['trial']} reaches {100 * cheap['last_val_acc']:.2f}% val accuracy "
+                         f"(best {100 * best['last_val_acc']:.2f}%) with {cheap[unit]:.0f} {COMPUTE_UNITS[unit]}{share}")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel(f"{COMPUTE_UNITS[unit]} held")
+        ax.set_ylabel("final val accuracy (%)")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = out / "accuracy_vs_compute.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path, notes
 
 
 def finetune_vs_extract_bars(found: dict[str, ExperimentResult]) -> dict[str, dict[str, tuple[float | None, float | None]]]:
@@ -498,7 +540,8 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
 
 def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    plots = [plot_learning_curves(found, out), plot_accuracy_vs_lr(found, out), plot_finetune_vs_extract(found, out)]
+    compute_plot, cheapest = plot_accuracy_vs_compute(found, out)
+    plots = [plot_learning_curves(found, out), plot_accuracy_vs_lr(found, out), plot_finetune_vs_extract(found, out), compute_plot]
     write_trials_csv(trial_rows(list(found.values())), out / TRIALS_CSV)
     write_trials_csv(repeat_rows(list(found.values())), out / REPEATS_CSV)
     write_trials_csv(experiment_rows(list(found.values())), out / EXPERIMENTS_CSV)
@@ -513,6 +556,10 @@ def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Pat
         reference_table(found),
         transfer_gain(found),
         model_mode_text(list(found.values())),
+        "## Accuracy per compute\nThe cheapest configuration within "
+        f"{NEAR_BEST_POINTS:g} point of each experiment's best (compute: the seconds a trial ran times the GPUs, or else the CPUs, "
+        f"it held; `tltune best RUN --pareto` prints each front):\n" + ("\n".join(cheapest) or "no trial reported its compute")
+        + f"\n\n![accuracy against compute]({compute_plot.name})",
         f"Every trial with its configuration, epochs run, stop reason, accuracies and wall time: [{TRIALS_CSV}]({TRIALS_CSV}); "
         f"the reference and the best configuration per seed: [{REPEATS_CSV}]({REPEATS_CSV}); "
         f"per experiment, what it spent and its accuracies over seeds: [{EXPERIMENTS_CSV}]({EXPERIMENTS_CSV}).",

@@ -509,7 +509,7 @@ def best_configs_text(rows: list[dict]) -> str:
 
 COMPLETED, DIVERGED, ERROR = "completed", "diverged", "error"
 ASHA_STOP, INTERRUPTED = "stopped by ASHA", "interrupted"  # each followed by " at epoch N"
-TRIAL_COLUMNS = ("epochs_run", "stop_reason", "best_val_acc", "last_val_acc", "test_acc", "wall_s", "precision_used")
+TRIAL_COLUMNS = ("epochs_run", "stop_reason", "best_val_acc", "last_val_acc", "test_acc", "wall_s", "cpu_s", "gpu_s", "precision_used")
 
 
 def stop_reason(trial: Trial, exp: ExperimentResult) -> str:
@@ -559,6 +559,75 @@ def _wall_s(trial: Trial) -> float | None:
     return round(stamps[-1] - stamps[0], 2) if len(stamps) > 1 else None
 
 
+def compute_held(trial: Trial) -> dict:
+    """The compute a trial held: its wall seconds times the CPUs (``cpu_s``) and GPUs
+    (``gpu_s``) Ray gave it, whether it used them or not (what a cluster's bill counts);
+    ``None`` for runs from before trials reported what they held."""
+    wall = _wall_s(trial)
+    held = next((row for row in reversed(trial.epochs) if is_number(row.get("cpus_held"))), None)
+    if wall is None or held is None:
+        return {"cpu_s": None, "gpu_s": None}
+    gpus = held.get("gpus_held")
+    return {"cpu_s": round(wall * held["cpus_held"], 2), "gpu_s": round(wall * gpus, 2) if is_number(gpus) else None}
+
+
+def compute_of(row: dict) -> tuple[str, float] | None:
+    """What a trial row's compute is measured in, and how much: GPU-seconds where it held a
+    GPU, else CPU-seconds."""
+    if is_number(row.get("gpu_s")) and row["gpu_s"] > 0:
+        return "gpu_s", row["gpu_s"]
+    if is_number(row.get("cpu_s")):
+        return "cpu_s", row["cpu_s"]
+    return None
+
+
+COMPUTE_UNITS = {"gpu_s": "GPU-seconds", "cpu_s": "CPU-seconds"}
+NEAR_BEST_POINTS = 1.0  # "nearly the best": within this many accuracy points of it
+
+
+def pareto_front(rows: list[dict]) -> dict:
+    """Of one experiment's trial rows: the trials no other beats in both validation accuracy
+    and compute (cheapest first), the best, and the cheapest within NEAR_BEST_POINTS of it."""
+    scored = [(compute_of(r), r) for r in rows if is_number(r.get("last_val_acc"))]
+    scored = [(c[1], r) for c, r in scored if c is not None]
+    unit = next((compute_of(r)[0] for _, r in scored), None)
+    front, best_so_far = [], -math.inf
+    for cost, row in sorted(scored, key=lambda cr: (cr[0], -cr[1]["last_val_acc"])):
+        if row["last_val_acc"] > best_so_far:
+            front.append(row)
+            best_so_far = row["last_val_acc"]
+    best = max((r for _, r in scored), key=lambda r: r["last_val_acc"], default=None)
+    near = [(c, r) for c, r in scored if best is not None and 100 * (best["last_val_acc"] - r["last_val_acc"]) <= NEAR_BEST_POINTS]
+    cheapest = min(near, key=lambda cr: cr[0])[1] if near else None
+    return {"unit": unit, "front": front, "best": best, "cheapest_near_best": cheapest}
+
+
+def pareto_text(experiments: list[ExperimentResult]) -> str:
+    """``tltune best --pareto``: per experiment, the trials on the accuracy/compute front."""
+    parts = []
+    for exp in experiments:
+        rows = trial_rows([exp])
+        found = pareto_front(rows)
+        if not found["front"]:
+            parts.append(f"{exp.name}: no trial with both a validation accuracy and its compute")
+            continue
+        unit = COMPUTE_UNITS[found["unit"]]
+        lines = [f"{exp.name}: accuracy against compute ({unit}), the trials nothing beats in both",
+                 f"| Trial | Val accuracy | {unit} | Configuration |", "|---|---|---|---|"]  # fmt: skip
+        for row in found["front"]:
+            config = {k.removeprefix("config/"): v for k, v in row.items() if k.startswith("config/")}
+            shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown_config(config, exp.record.space or {}).items())
+            lines.append(f"| {row['trial']} | {100 * row['last_val_acc']:.2f}% | {row[found['unit']]:.0f} | {shown} |")
+        best, cheap = found["best"], found["cheapest_near_best"]
+        if cheap is not None and cheap is not best:
+            lines.append(f"Cheapest within {NEAR_BEST_POINTS:g} point of the best: {cheap['trial']} at {100 * cheap['last_val_acc']:.2f}% "
+                         f"for {cheap[found['unit']] / best[found['unit']]:.0%} of the best's compute ({best['trial']}, {100 * best['last_val_acc']:.2f}%)")  # fmt: skip
+        elif best is not None:
+            lines.append(f"The best ({best['trial']}) is also the cheapest within {NEAR_BEST_POINTS:g} point of it")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def tested_trials(summary: ExperimentSummary | None) -> dict[str, float]:
     """Trial name → test accuracy of the trials an experiment tested (its best and its reference)."""
     summary, tested = summary or ExperimentSummary(), {}
@@ -595,6 +664,7 @@ def trial_rows(experiments: list[ExperimentResult]) -> list[dict]:
                     "last_val_acc": val_acc_of(trial.last) if trial.last else None,
                     "test_acc": tested.get(trial.name),
                     "wall_s": _wall_s(trial),
+                    **compute_held(trial),
                     "precision_used": trial.last.get("precision_used") if trial.last else None,
                 }
             )

@@ -36,6 +36,9 @@ class ExperimentSettings:
     max_failures: int = 2  # retries of a failing trial (its node died, or an error)
     cpus_per_trial: float | None = None  # None until sized to the cluster
     gpus_per_trial: float | None = None
+    log_to: tuple[str, ...] = ()  # trackers every trial is also logged to (--log-to)
+    time_budget_s: float | None = None  # the search stops after this long (--time-budget); None: no budget
+    quiet: bool = False  # print only the final table and a count of trials per state at most once a minute
     pretrained: str = "none"  # where the starting weights come from: 'imagenet', a file, a checkpoint ('model=..., ...' for several models)
 
     def reference_model_spec(self, model: str) -> ModelSpec:

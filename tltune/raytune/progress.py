@@ -1,6 +1,7 @@
 """A compact live view of a sweep in the terminal: one line when a trial ends, saying how
 (completed, stopped by ASHA at epoch N, diverged, failed), and every ``every_s`` seconds the
-trials per state, the time elapsed and an estimate of the time left."""
+trials per state, the time elapsed and an estimate of the time left. Quiet (``--quiet``,
+``tltune.run``): only the counts, at most once a minute."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import time
 
 from ray import tune
 from ray.tune.experiment import Trial
+
+from tltune import console
+
+QUIET_EVERY_S = 60.0
 
 
 def _duration(seconds: float) -> str:
@@ -24,6 +29,10 @@ class ProgressCallback(tune.Callback):
         self.experiment = experiment
         self.every_s = every_s
         self._reset()
+
+    @property
+    def quiet(self) -> bool:  # read when printing: a callback restored from a saved run keeps its every_s
+        return console.is_quiet()
 
     def _reset(self) -> None:
         self.started = time.monotonic()
@@ -69,16 +78,20 @@ class ProgressCallback(tune.Callback):
             how = f"stopped by ASHA at epoch {epochs} of {planned}{val}"
         else:
             how = f"completed {epochs} epochs{val}"
+        if self.quiet:
+            return
         print(f"{self.experiment}: trial {trial.trial_id} {how}", flush=True)
         self._print_status(trials, ending=trial)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        if self.quiet:
+            return
         print(f"{self.experiment}: trial {trial.trial_id} failed at epoch {_epochs_run(trial) + 1} (Tune retries it from its last checkpoint while retries are left)", flush=True)
 
     def on_step_end(self, iteration: int, trials: list[Trial], **info) -> None:
-        if time.monotonic() - self.last_status >= self.every_s:
+        if time.monotonic() - self.last_status >= (max(self.every_s, QUIET_EVERY_S) if self.quiet else self.every_s):
             self._print_status(trials)
 
     def _print_status(self, trials: list[Trial], ending: Trial | None = None) -> None:
         self.last_status = time.monotonic()
-        print(self.status(trials, ending), flush=True)
+        print(self.status(trials, ending), file=console.counts_stream(), flush=True)

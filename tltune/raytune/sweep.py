@@ -32,7 +32,9 @@ from tltune.experiments import Choice, Experiment, IntRange, LogUniform, Uniform
 from tltune.models import model_kind
 from tltune.raytune import cluster
 from tltune.raytune.callbacks import TensorBoardCallback, write_run_hparams
+from tltune.raytune.live_study import LiveStudy
 from tltune.raytune.progress import ProgressCallback
+from tltune.raytune.trackers import record_outcome, tracker_callbacks
 from tltune.raytune.trainable import precompute_features, score_on_test_split, train_trial
 from tltune.records import ExperimentRecord, ExperimentSummary, FailureRecord, TimeRecord, is_finite_number
 from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, best_checkpoint
@@ -151,17 +153,24 @@ class ReferenceExemptASHA(ASHAScheduler):
         return decision
 
 
-def tune_callbacks(name: str, run_root_up: int) -> list:
-    return [CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(run_root_up=run_root_up), ProgressCallback(name)]
+def tune_callbacks(experiment: str, name: str, exp_dir: str, settings: ExperimentSettings, run_root_up: int) -> list:
+    """Tune's own CSV and JSON results, TensorBoard, the progress lines, the live Optuna study
+    (the search only: the repeats are no search) and the trackers of --log-to."""
+    callbacks = [CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(run_root_up=run_root_up), ProgressCallback(name)]
+    if run_root_up == 0 and settings.space:
+        callbacks.append(LiveStudy(exp_dir, settings.space))
+    return callbacks + tracker_callbacks(settings.log_to, experiment, exp_dir, group=name)
 
 
-def run_config(name: str, storage_path: str, settings: ExperimentSettings, run_root_up: int = 0) -> tune.RunConfig:
-    """``run_root_up``: how many levels ``storage_path`` lies below the run directory."""
+def run_config(experiment: str, name: str, storage_path: str, settings: ExperimentSettings, run_root_up: int = 0) -> tune.RunConfig:
+    """Tune's run ``name`` (the experiment's, or its repeats') in ``storage_path``, which lies
+    ``run_root_up`` levels below the run directory."""
     remote = storage.is_uri(storage_path)
+    exp_dir = storage.join(storage_path, name) if run_root_up == 0 else storage_path
     return tune.RunConfig(
         name=name,
         storage_path=storage_path,
-        callbacks=tune_callbacks(name, run_root_up),
+        callbacks=tune_callbacks(experiment, name, exp_dir, settings, run_root_up),
         # On cloud storage Ray uploads its experiment state only every sync_period but
         # deletes superseded checkpoints at once: after a kill -9 the state in the bucket
         # can name a checkpoint already gone, so there every checkpoint is kept.
@@ -198,11 +207,11 @@ def new_tuner(experiment: Experiment, settings: ExperimentSettings, trainable, p
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=run_config(experiment.name, run_dir, settings),
+        run_config=run_config(experiment.name, experiment.name, run_dir, settings),
     )
 
 
-def repeats_tuner(name: str, settings: ExperimentSettings, trainable, param_space: dict, points: list, exp_dir: str):
+def repeats_tuner(experiment: str, settings: ExperimentSettings, trainable, param_space: dict, points: list, exp_dir: str):
     """The given configurations (seeds included) trained to the end, no search, no early stop."""
     return tune.Tuner(
         trainable,
@@ -217,7 +226,7 @@ def repeats_tuner(name: str, settings: ExperimentSettings, trainable, param_spac
             reuse_actors=True,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=run_config(name, exp_dir, settings, run_root_up=1),
+        run_config=run_config(experiment, REPEATS_DIR, exp_dir, settings, run_root_up=1),
     )
 
 
@@ -301,6 +310,7 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
         search_epochs = sum(r.metrics.get("training_iteration", 0) for r in results)
         summary.update(epochs_spent=search_epochs + summary.get("repeats", {}).get("epochs_spent", 0), wall_s=round(clock.spent_s(), 1))
         storage.write_text(storage.join(exp_dir, SUMMARY_FILE), ExperimentSummary(**summary).to_json())
+        record_outcome(settings.log_to, experiment.name, exp_dir, summary)
     return summary
 
 
@@ -387,7 +397,7 @@ def run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, r
     points = [{**config, "seed": seed} for i, config in enumerate(configs) if config not in configs[:i] for seed in seeds]
     repeats_dir = storage.join(exp_dir, REPEATS_DIR)
     print(f"\n== {experiment.name}: the reference and the best configuration again with seeds {seeds}", flush=True)
-    results = fit(repeats_dir, trainable, lambda: repeats_tuner(REPEATS_DIR, settings, trainable, param_space, points, exp_dir))
+    results = fit(repeats_dir, trainable, lambda: repeats_tuner(experiment.name, settings, trainable, param_space, points, exp_dir))
     check_no_failures(f"{experiment.name} (repeats)", results, exp_dir)
     done = [r for r in results if r.checkpoint is not None]
     tested = score(settings, inputs, {trial_name(r): r for r in done})

@@ -72,12 +72,13 @@ def train_trial(tune_config: dict, inputs: dict) -> None:
     config = TrialConfig.from_dict(tune_config)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     started_at = time.time()
-    cpus = tune.get_context().get_trial_resources().required_resources.get("CPU", 1)
+    resources = tune.get_context().get_trial_resources().required_resources
+    cpus, gpus = resources.get("CPU", 1), resources.get("GPU", 0)
     torch.set_num_threads(max(1, int(cpus)))
     device = trial_device()
     release_memory(device)  # what an earlier trial of this actor may have left in the cache
     try:
-        _train(config, inputs, device, started_at)
+        _train(config, inputs, device, started_at, held={"cpus_held": cpus, "gpus_held": gpus})
     finally:  # completed, diverged, failed, or stopped by ASHA (Ray ends the trial inside tune.report)
         release_memory(device)
 
@@ -90,7 +91,9 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: float) -> None:
+def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: float, held: dict) -> None:
+    """``held``: the CPUs and GPUs Ray gave the trial, reported with every epoch (its compute:
+    seconds times what it held, :func:`tltune.results.trial_rows`)."""
     started = time.perf_counter()
     splits, pretrained_state = trial_inputs(config, inputs)
     data_ready_s = time.perf_counter() - started
@@ -138,6 +141,7 @@ def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: 
             "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids()),
             "precision_used": runtime.precision,  # what config.precision (maybe "auto") became on this device
             **device_report(device),
+            **held,
         }
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(directory, model, optimizer, epoch, config, runtime.scaler)
