@@ -122,7 +122,7 @@ def test_missing_data_root_is_not_created(tmp_path, offline, name):
 
 def test_split_without_training_images_is_refused():
     def arrays(n):
-        return ImageArrays(np.zeros((n, 4, 4, 1), np.uint8), np.arange(n) % 2)
+        return ImageArrays(np.arange(n * 16, dtype=np.uint8).reshape(n, 4, 4, 1), np.arange(n) % 2)
 
     tiny = Dataset("tiny", ["a", "b"], arrays(3), arrays(2))
     with pytest.raises(UserError, match="--val-fraction"):

@@ -4,6 +4,29 @@ A dataset is decoded once into ``uint8`` arrays of shape (N, H, W, C) and cached
 files, so the next load is a file read. Everything per-image after that (channel conversion,
 resizing, normalisation) happens on batches of tensors in :class:`BatchTransform`.
 No Ray here: the sweep code hands these arrays to trials through Ray's object store.
+
+Class-folder datasets (``{train,test}/<class>/<images>``) follow these rules, so that a dataset
+whose files disagree loads the same way whatever order its files come in:
+
+* Colour: the dataset is RGB if any of its images (train or test) is colour, else grayscale (L);
+  each image is converted to it on its own, and a warning counts the grayscale images of a
+  colour dataset. An image is colour by its mode: RGB, RGBA, CMYK, YCbCr..., or a palette (P)
+  with a non-gray entry; 1, L, LA, I;16, I, F and gray palettes are grayscale.
+* Bit depth: 16-bit grayscale (I;16, I;16B, I) keeps its top 8 bits (value >> 8, so 65535 is
+  255, not everything above 255); 32-bit float (F) is read as [0, 1] (as [0, 255] if any value
+  is above 1), clipped. 16-bit RGB PNGs are read at 8 bits by Pillow already.
+* Transparency (RGBA, LA, a palette's or a PNG's transparent colour): composited over white,
+  as a viewer shows it, rather than exposing the colour stored under transparent pixels.
+* Size: every image takes the most common size among all the images (ties: the median area
+  among the tied sizes, never the largest), and one warning counts the images resized to it
+  and names one; a single large image cannot decide the size of the dataset.
+* A file that cannot be decoded (a broken symbolic link, a truncated file, an image over
+  Pillow's ``MAX_IMAGE_PIXELS``, a decompression bomb) is a :class:`UserError` naming it.
+
+A channel that is constant over the training images (std below ``MIN_STD``) cannot be scaled:
+:func:`make_splits` refuses a dataset whose channels are all constant and warns about (and only
+centres) one constant channel among others; :class:`BatchTransform` never divides by a std
+below ``MIN_STD`` either, so no NaN or inf comes out of a constant channel.
 """
 
 from __future__ import annotations
@@ -27,7 +50,8 @@ from tltune.catalog import DATASET_SHAPES
 from tltune.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: per-image colour, bit-depth, transparency and size rules (module docstring)
+MIN_STD = 1e-3  # a channel's std in [0, 1] below this (a quarter of a grey level) is constant
 CACHE_ARRAYS = [(split, part) for split in ("train", "test") for part in ("images", "labels")]
 
 
@@ -140,7 +164,9 @@ def load_npy(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 
 def _find_class_folder_root(name: str, root: Path) -> Path | None:
-    """The folder holding ``train/`` and ``test/`` class folders for ``name``, if any."""
+    """The folder holding ``train/`` and ``test/`` class folders for ``name``, if any. A folder
+    with only one of the two is a UserError naming the missing one, as is a path given as
+    ``name`` that exists but holds neither."""
     known = TORCHVISION_DATASETS.get(name)
     if known is not None and known.class_folders is not None:
         candidates = [root / folder for folder in known.class_folders]
@@ -149,6 +175,20 @@ def _find_class_folder_root(name: str, root: Path) -> Path | None:
     for candidate in candidates:
         if (candidate / "train").is_dir() and (candidate / "test").is_dir():
             return candidate.resolve()
+    for candidate in candidates:
+        present = [split for split in ("train", "test") if (candidate / split).is_dir()]
+        if len(present) == 1:
+            missing = "test" if present == ["train"] else "train"
+            raise UserError(
+                f"dataset folder {candidate.resolve()} has a {present[0]}/ folder but no {missing}/ folder: "
+                f"a class-folder dataset needs both, as {candidate.resolve()}/{{train,test}}/<class>/<images>"
+            )
+    given = Path(name).expanduser()
+    if known is None and (os.sep in name or name.startswith((".", "~"))) and given.is_dir():
+        raise UserError(
+            f"dataset folder {given.resolve()} has no train/ and test/ folders: "
+            f"a class-folder dataset is {given.resolve()}/{{train,test}}/<class>/<images>"
+        )
     return None
 
 
@@ -157,14 +197,27 @@ def _is_image_file(entry: os.DirEntry) -> bool:
     return entry.is_file() and not entry.name.startswith(".") and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
 
 
+def _scandir(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError as exc:
+        raise UserError(f"cannot list {folder} ({type(exc).__name__}: {exc.strerror or exc}): check its permissions") from None
+
+
 def _list_class_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    classes = sorted(e.name for e in _scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if len(classes) < 2:
         found = f"only one class folder ({classes[0]})" if classes else "no class folders"
         raise UserError(f"{split_dir} has {found}: a dataset needs at least 2 classes, as {split_dir}/<class>/<image files>")
     files = []
     for label, cls in enumerate(classes):
-        names = sorted(entry.name for entry in os.scandir(split_dir / cls) if _is_image_file(entry))
+        entries = _scandir(split_dir / cls)
+        for entry in entries:  # a dangling link named like an image: an error, not silently one image fewer
+            named_like_an_image = not entry.name.startswith(".") and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+            if named_like_an_image and entry.is_symlink() and not os.path.exists(entry.path):
+                raise UserError(f"image {entry.path} is a broken symbolic link (to {os.readlink(entry.path)}): fix or remove it")
+        names = sorted(entry.name for entry in entries if _is_image_file(entry))
         if not names:
             raise UserError(
                 f"class folder {split_dir / cls} is empty (no {', '.join(sorted(IMAGE_SUFFIXES))} files): "
@@ -174,30 +227,170 @@ def _list_class_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int
     return classes, files
 
 
-def _decode_images(files: list[tuple[Path, int]], mode: str, size: tuple[int, int]) -> ImageArrays:
-    from PIL import Image, UnidentifiedImageError
+def _composite_over_white(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, C + 1) uint8 with alpha last -> (H, W, C) over a white background, rounded."""
+    alpha = pixels[..., -1:].astype(np.uint32)
+    colour = pixels[..., :-1].astype(np.uint32)
+    return ((colour * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
 
-    channels = 1 if mode == "L" else 3
-    images = np.empty((len(files), size[1], size[0], channels), dtype=np.uint8)
-    labels = np.empty(len(files), dtype=np.int64)
-    for i, (path, label) in enumerate(files):
+
+def _gray_palette(img) -> bool:
+    palette = img.getpalette()
+    if not palette:
+        return True
+    rgb = np.asarray(palette, dtype=np.uint8).reshape(-1, 3)
+    return bool(np.all(rgb == rgb[:, :1]))
+
+
+def _to_uint8(img) -> tuple[np.ndarray, bool]:
+    """One image as uint8 (H, W, 1) if grayscale or (H, W, 3) if colour, and whether it is
+    colour, by the rules of the module docstring."""
+    mode = img.mode
+    transparent = "transparency" in img.info
+    if mode == "L" and not transparent:
+        return np.asarray(img)[..., None], False
+    if mode == "RGB" and not transparent:
+        return np.asarray(img), True
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(img).astype(np.int64)  # I;16B is big-endian; astype reads it right
+        return (np.clip(values, 0, 65535) >> 8).astype(np.uint8)[..., None], False
+    if mode == "F":
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=255.0, neginf=0.0)
+        if values.size and values.max() <= 1.0:
+            values = values * 255.0
+        return np.clip(np.rint(values), 0, 255).astype(np.uint8)[..., None], False
+    if mode == "1":
+        return np.asarray(img.convert("L"))[..., None], False
+    if mode in ("P", "PA"):
+        gray = _gray_palette(img)
+        img = img.convert("RGBA" if mode == "PA" or transparent else "RGB")
+        pixels = _composite_over_white(np.asarray(img)) if img.mode == "RGBA" else np.asarray(img)
+        return (pixels[..., :1], False) if gray else (pixels, True)
+    if mode in ("L", "LA", "La"):
+        return _composite_over_white(np.asarray(img.convert("LA"))), False
+    if mode in ("RGB", "RGBA", "RGBa"):
+        return _composite_over_white(np.asarray(img.convert("RGBA"))), True
+    return np.asarray(img.convert("RGB")), True  # CMYK, YCbCr, RGBX, HSV...; a ValueError if Pillow cannot
+
+
+def _read_error(path: Path, exc: BaseException) -> UserError:
+    from PIL import Image
+
+    if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        what = f"is too large to decode safely ({' '.join(str(exc).split())})"
+        return UserError(f"image {path} {what}: shrink or remove the file")
+    if isinstance(exc, FileNotFoundError) and os.path.islink(path):
+        return UserError(f"image {path} is a broken symbolic link (to {os.readlink(path)}): fix or remove it")
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    return UserError(f"cannot read image {path} ({detail}): replace or remove the file")
+
+
+def _common_size(counts: dict[tuple[int, int], int]) -> tuple[int, int]:
+    """The most common (width, height); among tied sizes, the one of median area (the smaller
+    of the two middle ones), so that neither the largest nor the smallest outlier decides."""
+    top = max(counts.values())
+    tied = sorted((w * h, (w, h)) for (w, h), count in counts.items() if count == top)
+    return tied[(len(tied) - 1) // 2][1]
+
+
+def _allocate(name: str, n: int, size: tuple[int, int], channels: int) -> np.ndarray:
+    needed = n * size[0] * size[1] * channels
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    if memory and needed > 0.8 * memory:
+        raise UserError(
+            f"dataset '{name}': {n} images of {size[0]}x{size[1]} take {needed / 1e9:.1f} GB decoded, more than this "
+            f"machine's memory ({memory / 1e9:.1f} GB) allows: resize the image files (to 256 px, say) first"
+        )
+    return np.empty((n, size[1], size[0], channels), dtype=np.uint8)
+
+
+@dataclass
+class _Decoded:
+    images: np.ndarray
+    sizes: dict[tuple[int, int], int]  # each image's own size -> how many
+    resized: tuple[Path, tuple[int, int]] | None  # an image resized, and its own size
+    gray: int  # grayscale images (converted to RGB if the dataset turned out colour)
+    gray_example: Path | None
+
+
+def _decode_pass(name: str, paths: list[Path], size: tuple[int, int]) -> _Decoded:
+    """Decode every image into an (N, H, W, C) array at ``size``. C starts at 1 and becomes 3
+    at the first colour image (the grayscale images before it are copied to three channels,
+    as Pillow's L -> RGB does)."""
+    from PIL import Image
+
+    width, height = size
+    images = _allocate(name, len(paths), size, 1)
+    sizes: dict[tuple[int, int], int] = {}
+    resized, gray, gray_example = None, 0, None
+    fast_mode = "L"
+    for i, path in enumerate(paths):
         try:
             with Image.open(path) as img:
-                img = img.convert(mode)
-                if img.size != size:
-                    img = img.resize(size, Image.BILINEAR)
-                pixels = np.asarray(img)
-        except (UnidentifiedImageError, OSError) as exc:
-            raise UserError(f"cannot read image {path} ({exc}): replace or remove the file") from None
-        images[i] = pixels.reshape(size[1], size[0], channels)
-        labels[i] = label
-    return ImageArrays(images, labels)
+                own = img.size
+                sizes[own] = sizes.get(own, 0) + 1
+                if own == size and img.mode == fast_mode and "transparency" not in img.info:
+                    images[i] = np.asarray(img).reshape(height, width, -1)  # the common case: no conversion
+                    if fast_mode == "L":
+                        gray += 1
+                        gray_example = gray_example or path
+                    continue
+                pixels, colour = _to_uint8(img)
+        except Exception as exc:  # noqa: BLE001  whatever a file does to a decoder, name the file
+            raise _read_error(path, exc) from None
+        if colour and images.shape[3] == 1:
+            coloured = _allocate(name, len(paths), size, 3)
+            coloured[:i] = images[:i]
+            images, fast_mode = coloured, "RGB"
+        if not colour:
+            gray += 1
+            gray_example = gray_example or path
+        if own != size:
+            image = Image.fromarray(pixels[..., 0] if pixels.shape[2] == 1 else pixels)
+            pixels = np.asarray(image.resize(size, Image.BILINEAR)).reshape(height, width, -1)
+            resized = resized or (path, own)
+        images[i] = pixels  # (H, W, 1) broadcasts to the three channels of a colour dataset
+    return _Decoded(images, sizes, resized, gray, gray_example)
+
+
+def _decode_images(name: str, paths: list[Path]) -> np.ndarray:
+    """All ``paths`` as one uint8 (N, H, W, C) array, by the rules of the module docstring."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # over MAX_IMAGE_PIXELS: refused, not decoded
+        sample: dict[tuple[int, int], int] = {}  # a first guess of the common size, from a few headers
+        for index in sorted(set(np.linspace(0, len(paths) - 1, min(len(paths), 25)).astype(int).tolist())):
+            try:
+                with Image.open(paths[index]) as img:
+                    sample[img.size] = sample.get(img.size, 0) + 1
+            except Exception as exc:  # noqa: BLE001
+                raise _read_error(paths[index], exc) from None
+        decoded = _decode_pass(name, paths, _common_size(sample))
+        size = _common_size(decoded.sizes)
+        if size != decoded.images.shape[2:0:-1]:  # the sample misled: decode again at the right size
+            decoded = _decode_pass(name, paths, size)
+    n = len(paths)
+    if decoded.resized is not None:
+        example, own = decoded.resized
+        warn(
+            f"dataset '{name}': {n - decoded.sizes[size]} of {n} images are not {size[0]}x{size[1]}, the most common "
+            f"size, and were resized to it (e.g. {example}, {own[0]}x{own[1]}); resize the files to choose another size"
+        )
+    if decoded.images.shape[3] == 3 and decoded.gray:
+        warn(
+            f"dataset '{name}': {decoded.gray} of {n} images are grayscale (e.g. {decoded.gray_example}) "
+            "and were converted to RGB, as the others are colour"
+        )
+    return decoded.images
 
 
 def load_class_folders(name: str, folder: Path) -> Dataset:
-    """``folder/{train,test}/<class>/*.png|jpg``; all images take the first image's size and mode."""
-    from PIL import Image
-
+    """``folder/{train,test}/<class>/<images>``; colour, bit depth and size by the rules of the
+    module docstring, decided over the train and test images together."""
     train_classes, train_files = _list_class_folder(folder / "train")
     test_classes, test_files = _list_class_folder(folder / "test")
     if train_classes != test_classes:
@@ -205,10 +398,11 @@ def load_class_folders(name: str, folder: Path) -> Dataset:
             f"{folder}: train and test have different class folders "
             f"({sorted(set(train_classes) ^ set(test_classes))}): make them match"
         )
-    with Image.open(train_files[0][0]) as first:
-        mode = "L" if first.mode in ("L", "1", "I;16") else "RGB"
-        size = first.size
-    return Dataset(name, train_classes, _decode_images(train_files, mode, size), _decode_images(test_files, mode, size))
+    files = train_files + test_files
+    images = _decode_images(name, [path for path, _ in files])
+    labels = np.fromiter((label for _, label in files), dtype=np.int64, count=len(files))
+    n = len(train_files)
+    return Dataset(name, train_classes, ImageArrays(images[:n], labels[:n]), ImageArrays(images[n:], labels[n:]))
 
 
 def _svhn_from_mat(path: Path) -> ImageArrays:
@@ -335,8 +529,15 @@ def _source_signature(source: Path) -> str:
     for dirpath, dirnames, filenames in os.walk(source):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for file_name in sorted(f for f in filenames if not f.startswith(".")):
-            stat = os.stat(os.path.join(dirpath, file_name))
-            parts.append(f"{dirpath}/{file_name}:{stat.st_size}:{stat.st_mtime_ns}")
+            path = os.path.join(dirpath, file_name)
+            try:
+                stat = os.stat(path)
+            except OSError:  # a broken symbolic link (reported when the images are listed), a file just removed
+                try:
+                    stat = os.lstat(path)
+                except OSError:
+                    continue
+            parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
     return hashlib.sha1("\n".join(parts).encode()).hexdigest()
 
 
@@ -464,7 +665,7 @@ def make_splits(
             raise UserError(f"--test-subset must be at least 1, got {test_subset}")
         test = test.subset(np.sort(rng.permutation(len(test))[:test_subset]))
     train = dataset.train.subset(np.sort(train_idx))
-    mean, std = channel_stats(train.images)
+    mean, std = guard_constant_channels(dataset.name, len(train), *channel_stats(train.images))
     return Splits(
         dataset.name,
         dataset.classes,
@@ -490,6 +691,34 @@ def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, .
     return tuple(float(m) / 255 for m in mean), tuple(float(s) / 255 for s in std)
 
 
+def channel_names(channels: int) -> list[str]:
+    return {1: ["L"], 3: ["R", "G", "B"]}.get(channels, [str(c) for c in range(channels)])
+
+
+def guard_constant_channels(name: str, n_images: int, mean: tuple[float, ...], std: tuple[float, ...]):
+    """(mean, std) with the std of a constant channel (below ``MIN_STD``) set to 1, so that the
+    channel is centred (to 0 on the training images) and never divided by 0; a warning names it.
+    A UserError when every channel is constant: the training images are one flat colour, and
+    nothing can be learnt from them."""
+    constant = [c for c, s in enumerate(std) if not s >= MIN_STD]  # `not >=`: a NaN std is constant too
+    if not constant:
+        return mean, std
+    names = channel_names(len(std))
+    described = ", ".join(f"{names[c]} (always {mean[c] * 255:.0f})" for c in constant)
+    which = "channel" if len(constant) == 1 else "channels"
+    described += " is" if len(constant) == 1 else " are"
+    if len(constant) == len(std):
+        raise UserError(
+            f"dataset '{name}': {which} {described} constant (std 0) in the {n_images} training images: "
+            "they are one flat colour, with nothing to learn from; check the image files (and --train-subset)"
+        )
+    warn(
+        f"dataset '{name}': {which} {described} constant (std 0) in the {n_images} training images: "
+        "normalised by a std of 1 instead (centred only), so it adds nothing to learn from"
+    )
+    return mean, tuple(1.0 if c in constant else s for c, s in enumerate(std))
+
+
 # ---------------------------------------------------------------------------- batches
 
 
@@ -505,8 +734,10 @@ class BatchTransform:
     def __init__(self, channels: int, size: int, mean, std, memory_format: torch.memory_format | None = None):
         self.channels = channels
         self.size = size
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.mean = torch.nan_to_num(torch.tensor(mean, dtype=torch.float32), nan=0.0).view(1, -1, 1, 1)
+        std = torch.tensor(std, dtype=torch.float32)
+        # A constant channel's std (0, or NaN) would give NaN or inf: the channel is centred only.
+        self.std = torch.where(std >= MIN_STD, std, torch.ones_like(std)).view(1, -1, 1, 1)
         self.memory_format = memory_format
         self._constants: dict[torch.device, tuple[torch.Tensor, ...]] = {}  # copied to a device once, not per batch
 
