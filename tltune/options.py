@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from tltune.catalog import ACTIVATION_NAMES, OPTIMIZER_NAMES, PRECISION_CHOICES
 from tltune.errors import UserError
 from tltune.experiments import IntRange, LogUniform, check_settings
+from tltune.specs import check_image_size, parse_duration
 
 # --quick: the same code path on a subset, small AlexNet input, few trials: minutes on a laptop CPU.
 QUICK = {
@@ -147,6 +148,7 @@ class SweepOptions:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{flag(name)} must be at least 1, got {value}")
+        check_image_size(self.image_size)
         if not 0 <= self.seed < 2**32:
             raise UserError(f"--seed must be between 0 and 2**32 - 1, got {self.seed}")
         if self.time_budget is not None:
@@ -159,26 +161,6 @@ class SweepOptions:
 
 
 TRACKERS = ("mlflow", "wandb")
-DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text: str, what: str) -> float:
-    """Seconds in ``90``, ``90s``, ``30m``, ``2h``, ``1h30m``, ``1.5h``; a UserError naming ``what``."""
-    import re
-
-    cleaned = text.strip().lower().replace(" ", "")
-    if re.fullmatch(r"\d+(\.\d+)?", cleaned):
-        seconds = float(cleaned)
-    else:
-        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", cleaned)
-        if not parts or "".join(n + u for n, u in parts) != cleaned:
-            raise UserError(f"{what} {text!r}: use a duration such as 90s, 30m, 2h or 1h30m")
-        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
-    if not (math.isfinite(seconds) and seconds > 0):
-        raise UserError(f"{what} must be longer than 0, got {text!r}")
-    return seconds
-
-
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 

@@ -20,10 +20,11 @@ from tltune.catalog import LOGICAL_GPUS_ENV, PRETRAINED_MODES
 from tltune.config import model_shape_keys
 from tltune.errors import TrialsFailed, UserError
 from tltune.experiments import EXPERIMENTS, Experiment, IntRange, LogUniform, get_experiment, max_epochs, validate
-from tltune.options import DEFAULT_BATCH_SIZE, DEFAULT_GRACE_PERIOD, DEFAULT_REPEATS, QUICK, SweepOptions, flag, parse_duration
-from tltune.records import RunRecord
+from tltune.options import DEFAULT_BATCH_SIZE, DEFAULT_GRACE_PERIOD, DEFAULT_REPEATS, QUICK, SweepOptions, flag
+from tltune.records import ExperimentSummary, RunRecord, TimeRecord, is_number
 from tltune.results import RUNS_FILE, SUMMARY_FILE, best_checkpoint, top_configs
 from tltune.settings import ExperimentSettings, SweepPlan
+from tltune.specs import duration_text, parse_duration
 from tltune.trackers import check_trackers
 
 
@@ -130,7 +131,7 @@ def experiment_settings(experiment: Experiment, options: SweepOptions) -> Experi
         warm_start=tuple(top_configs(o.warm_start, experiment.name)) if o.warm_start else (),
         repeats=_given(o.repeats, QUICK["repeats"] if o.quick else _given(experiment.repeats, DEFAULT_REPEATS)),
         log_to=o.log_to or (),
-        time_budget_s=parse_duration(o.time_budget, "--time-budget") if o.time_budget else None,
+        time_budget_s=parse_duration(o.time_budget or experiment.time_budget, "--time-budget") if o.time_budget or experiment.time_budget else None,
         quiet=o.quiet,
     )
 
@@ -237,7 +238,9 @@ def check_model_input(experiment: Experiment, settings: ExperimentSettings, spli
         except Exception as exc:  # noqa: BLE001  a user's model may raise anything
             size = settings.image_size or splits.image_size
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            hint = "" if is_factory(model_name) else ": pass a larger --image-size (image_size in a spec)"
+            too_big = isinstance(exc, torch.OutOfMemoryError) or any(w in first.lower() for w in ("out of memory", "can't allocate", "cannot allocate"))
+            hint = ": pass a smaller --image-size (image_size in a spec)" if too_big else \
+                "" if is_factory(model_name) else ": pass a larger --image-size (image_size in a spec)"  # fmt: skip
             raise UserError(f"{where(experiment)}: a {size}x{size} input does not fit {what} ({type(exc).__name__}: {first}){hint}") from None
         expected = (len(images), splits.num_classes)
         if not isinstance(output, torch.Tensor) or tuple(output.shape) != expected:
@@ -335,14 +338,27 @@ def new_run_dir(options: SweepOptions, chosen: list[Experiment], run_all: bool) 
     return run_dir
 
 
-def skip_finished(chosen: list[Experiment], run_dir: str, set_aside: bool) -> list[Experiment]:
+def skip_finished(chosen: list[Experiment], run_dir: str, set_aside: bool, settings: dict[str, ExperimentSettings]) -> list[Experiment]:
     """Experiments of ``run_dir`` that finished are skipped; an interrupted one is resumed, or
-    with ``set_aside`` renamed (never deleted) and run again."""
+    with ``set_aside`` renamed (never deleted) and run again. One whose search its time budget
+    ended goes on where a larger budget is given (``settings``), else it is skipped too."""
     remaining = []
     for experiment in chosen:
         exp_dir = storage.join(run_dir, experiment.name)
-        if storage.is_file(storage.join(exp_dir, SUMMARY_FILE)):
-            print(f"{experiment.name}: finished in {exp_dir}, skipped")
+        summary_path = storage.join(exp_dir, SUMMARY_FILE)
+        if storage.is_file(summary_path):
+            budget = budget_that_ended(summary_path)
+            given = settings[experiment.name].time_budget_s
+            if budget is None:
+                print(f"{experiment.name}: finished in {exp_dir}, skipped")
+            elif given is not None and given > budget["seconds"]:
+                reopen_budget_ended(exp_dir, budget)
+                print(f"{experiment.name}: its time budget of {duration_text(budget['seconds'])} ended the search; "
+                      f"going on to {duration_text(given)}")  # fmt: skip
+                remaining.append(experiment)
+            else:
+                print(f"{experiment.name}: its time budget of {duration_text(budget['seconds'])} ended the search in {exp_dir}: "
+                      "skipped (pass a larger --time-budget to go on)")  # fmt: skip
             continue
         if storage.exists(exp_dir) and set_aside:
             aside = f"{exp_dir}.interrupted-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -350,6 +366,41 @@ def skip_finished(chosen: list[Experiment], run_dir: str, set_aside: bool) -> li
             print(f"{experiment.name}: unfinished results moved to {aside}; running it again")
         remaining.append(experiment)
     return remaining
+
+
+def budget_that_ended(summary_path: str) -> dict | None:
+    """The time budget recorded in a finished experiment's summary, if it ended its search."""
+    try:
+        summary = ExperimentSummary.from_dict(json.loads(storage.read_text(summary_path)), summary_path)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None
+    budget = summary.time_budget
+    if isinstance(budget, dict) and budget.get("ended_search") and is_number(budget.get("seconds")):
+        return budget
+    return None
+
+
+def reopen_budget_ended(exp_dir: str, budget: dict) -> None:
+    """Make an experiment whose time budget ended its search resumable again: its summary set
+    aside (kept, renamed), the search time it spent and the trials the budget stopped carried
+    over, and Tune's search generator told it is not finished (it marked itself finished when
+    the searcher stopped suggesting), re-signed as tltune signs Tune's state."""
+    import cloudpickle
+
+    trust.signed_state_files(exp_dir)  # checked before anything of Tune's is unpickled
+    aside = storage.join(exp_dir, f"{SUMMARY_FILE.removesuffix('.json')}.budget-{int(budget['seconds'])}s.json")
+    storage.move(storage.join(exp_dir, SUMMARY_FILE), aside)
+    stopped = [t for t in budget.get("stopped_trials") or [] if isinstance(t, str)]
+    spent = budget["search_s"] if is_number(budget.get("search_s")) else budget["seconds"]
+    storage.write_text(storage.join(exp_dir, TimeRecord.FILE), TimeRecord(spent_s=spent, budget_stopped_trials=stopped).to_json())
+    for name in storage.list_dir(exp_dir):
+        if name.startswith("search_gen_state-") and name.endswith(".json"):
+            path = storage.join(exp_dir, name)
+            state = cloudpickle.loads(storage.read_bytes(path))
+            state["finished"] = False
+            data = cloudpickle.dumps(state)
+            trust.sign(exp_dir, {name: data})
+            storage.write_bytes(path, data)
 
 
 def resumed_options(options: SweepOptions) -> SweepOptions:
@@ -371,16 +422,20 @@ def resumed_options(options: SweepOptions) -> SweepOptions:
         started = SweepOptions.from_record(saved)
     except UserError as exc:
         raise UserError(f"{runs}: its recorded options are not valid ({exc})") from None
+    if options.time_budget and started.time_budget and parse_duration(options.time_budget, "--time-budget") <= parse_duration(started.time_budget, "--time-budget"):
+        raise UserError(f"--resume with --time-budget {options.time_budget}: the run had {started.time_budget} already; pass a larger one to go on")
     changed = [k for k, v in options.changed().items() if k not in RESUME_MAY_CHANGE and v != getattr(started, k)]
     if changed:
         raise UserError(f"--resume continues {run_dir} with the settings it was started with: drop {', '.join(map(flag, changed))} "
                         f"(only {', '.join(map(flag, RESUME_MAY_CHANGE[1:]))} may change)")  # fmt: skip
     return replace(started, resume=run_dir, address=options.address or started.address, quiet=options.quiet,
-                   log_to=options.log_to if options.log_to is not None else started.log_to)  # fmt: skip
+                   log_to=options.log_to if options.log_to is not None else started.log_to,
+                   time_budget=options.time_budget or started.time_budget)  # fmt: skip
 
 
-# Where and how a resumed run goes on may change; what it computes may not (the time budget: see skip_finished)
-RESUME_MAY_CHANGE = ("resume", "address", "quiet", "log_to")
+# Where and how a resumed run goes on may change, and its time budget may grow (skip_finished
+# reopens what the budget ended); what it computes may not.
+RESUME_MAY_CHANGE = ("resume", "address", "quiet", "log_to", "time_budget")
 
 
 @dataclass
@@ -466,7 +521,7 @@ def _sweep(experiments, options: SweepOptions, run_all: bool, argv) -> SweepOutc
 
     with storage.run_lock(run_dir, cache_dir() / "locks"):
         if options.resume or run_all:
-            chosen = skip_finished(chosen, run_dir, set_aside=not options.resume)
+            chosen = skip_finished(chosen, run_dir, set_aside=not options.resume, settings=settings)
         if options.resume:  # before anything is unpickled, and before Ray starts
             for experiment in chosen:
                 trust.signed_state_files(storage.join(run_dir, experiment.name))

@@ -146,6 +146,7 @@ class ExperimentSummary(Record):
     repeats: dict | None = None  # seeds, epochs_spent, and per group (reference, best): trials, seeds, epochs, val_acc, test_acc
     epochs_spent: int | None = None
     wall_s: float | None = None
+    time_budget: dict | None = None  # seconds, search_s, ended_search, stopped_trials (names): see tltune.raytune.budget
 
     def problem(self) -> str | None:
         """Why a summary that names a best trial cannot be used, or ``None``."""
@@ -173,3 +174,4 @@ class TimeRecord(Record):
 
     FILE: ClassVar[str] = "tltune_time.json"
     spent_s: float = 0.0
+    budget_stopped_trials: list | None = None  # trials the time budget stopped before a resume with a larger one

@@ -27,6 +27,7 @@ from pathlib import Path
 from tltune import storage
 from tltune.errors import UserError
 from tltune.records import ExperimentRecord, ExperimentSummary, FailureRecord, Record, RunRecord, TimeRecord, is_number
+from tltune.specs import duration_text
 
 EXPERIMENT_FILE = ExperimentRecord.FILE
 SUMMARY_FILE = ExperimentSummary.FILE
@@ -448,6 +449,7 @@ def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
             "reference_cap": reference_cap_note(exp),
             "best_vs_reference": best_vs_reference(exp.summary),
             "trials": summary.trials if summary.trials is not None else len(exp.trials),
+            "budget": budget_note(exp.summary),
             "epochs_spent": summary.epochs_spent if summary.epochs_spent is not None else sum(len(t.epochs) for t in exp.trials),
             "wall_s": summary.wall_s,
         }
@@ -486,9 +488,10 @@ def markdown_table(rows: list[dict]) -> str:
         epochs = row["Epochs"] if row["Epochs"] is not None else "-"
         reference = f"{row['reference']:.2f}%" if row["reference"] is not None else "-"
         wall = f"{row['wall_s'] / 60:.1f} min" if is_number(row["wall_s"]) else "-"
+        trials = f"{row['trials']} ({row['budget']})" if row["budget"] else row["trials"]
         lines.append(f"| {row['Dataset']} | {row['Model type']} | {lr} | {epochs} | {accuracy} | {reference} | "
                      f"{accuracy_text(row['reference_test_acc'])}{row['reference_cap'] if row['reference_test_acc'] else ''} | {row['best_vs_reference']} | "
-                     f"{row['trials']} | {row['epochs_spent']} | {wall} |")  # fmt: skip
+                     f"{trials} | {row['epochs_spent']} | {wall} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -501,7 +504,8 @@ def best_configs_text(rows: list[dict]) -> str:
         config = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row["config"].items())
         accuracy = f"test {row['Accuracy']:.2f}%" if row["Accuracy"] is not None else "not tested"
         reference = f", reference {row['reference']:.2f}%" if row["reference"] is not None else ""
-        lines.append(f"{row['experiment']}: {config} -> val {row['val_acc']:.2f}%, {accuracy}{reference}")
+        budget = f" ({row['budget']} after {row['trials']} trials)" if row["budget"] else ""
+        lines.append(f"{row['experiment']}: {config} -> val {row['val_acc']:.2f}%, {accuracy}{reference}{budget}")
     return "\n".join(lines)
 
 
@@ -509,6 +513,7 @@ def best_configs_text(rows: list[dict]) -> str:
 
 COMPLETED, DIVERGED, ERROR = "completed", "diverged", "error"
 ASHA_STOP, INTERRUPTED = "stopped by ASHA", "interrupted"  # each followed by " at epoch N"
+BUDGET_STOP = "stopped by the time budget"  # followed by " at epoch N" too
 TRIAL_COLUMNS = ("epochs_run", "stop_reason", "best_val_acc", "last_val_acc", "test_acc", "wall_s", "cpu_s", "gpu_s", "precision_used")
 
 
@@ -526,7 +531,24 @@ def stop_reason(trial: Trial, exp: ExperimentResult) -> str:
         return ERROR
     if exp.summary is None and exp.failure is None:
         return f"{INTERRUPTED} at epoch {trial.epochs_run}"
+    if trial.name in budget_stopped(exp.summary):
+        return f"{BUDGET_STOP} at epoch {trial.epochs_run}"
     return f"{ASHA_STOP} at epoch {trial.epochs_run}"
+
+
+def budget_stopped(summary: ExperimentSummary | None) -> set[str]:
+    """The trials an experiment's time budget stopped."""
+    budget = summary.time_budget if summary else None
+    stopped = budget.get("stopped_trials") if isinstance(budget, dict) else None
+    return {t for t in stopped if isinstance(t, str)} if isinstance(stopped, list) else set()
+
+
+def budget_note(summary: ExperimentSummary | None) -> str:
+    """``time budget 30m ended the search`` where it did, else ``""``."""
+    budget = summary.time_budget if summary else None
+    if not (isinstance(budget, dict) and budget.get("ended_search") and is_number(budget.get("seconds"))):
+        return ""
+    return f"the time budget of {duration_text(budget['seconds'])} ended the search"
 
 
 def stop_kind(reason: str) -> str:
@@ -687,6 +709,7 @@ def experiment_rows(experiments: list[ExperimentResult]) -> list[dict]:
             "status": experiment_status(exp),
             "seed_reference_acc": exp.record.reference_accuracy,
             "trials": summary.trials if summary.trials is not None else len(exp.trials),
+            "budget": budget_note(exp.summary),
             "search_epochs": spent - repeat_epochs if is_number(spent) else sum(t.epochs_run for t in exp.trials),
             "repeat_epochs": repeat_epochs,
             "search_wall_s": search_wall_s(exp),

@@ -20,7 +20,8 @@ Left out, ``reference``'s values default to: a searched hyperparameter's first c
 geometric mean of a loguniform, the middle of a uniform or int range; optimizer adam, lr 0.001,
 epochs 5 when neither the reference nor the space names them. Other keys: ``label`` (the
 table's "Model type"), ``reference_accuracy`` (a % to compare with), ``channels`` and
-``image_size`` (a fixed input format), ``batch_size``, ``grace_period``, ``repeats``, ``source``
+``image_size`` (a fixed input format), ``batch_size``, ``grace_period``, ``repeats``, ``time_budget``
+(``30m``: the search stops after this long), ``source``
 (the experiment whose best CNN trial gives a transfer its architecture and weights),
 ``description`` (free text). A top-level ``families:`` maps a name to experiment names.
 
@@ -144,6 +145,7 @@ class Experiment:
     batch_size: int | None = None  # None: --batch-size, else 64 (a searched batch_size wins)
     grace_period: int | None = None  # ASHA's; None: --grace-period, else the default
     repeats: int | None = None  # None: --repeats, else the default
+    time_budget: str | None = None  # the search stops after this long ("30m"); --time-budget wins
     spec_file: str | None = None  # the YAML file that declared it (errors name it); None: built in
 
     # ``model`` and ``mode`` may be searched: then ``space`` holds their Choice, ``reference``
@@ -204,7 +206,7 @@ SEED_SPECS = BUILTIN_SPECS[:-1]  # family "all": the seed's rows; cifar10_plus (
 TOP_KEYS = ("experiments", "families")
 EXPERIMENT_KEYS = (
     "name", "dataset", "model", "mode", "weights", "reference", "space", "num_samples", "label", "reference_accuracy",
-    "image_size", "channels", "batch_size", "grace_period", "repeats", "source", "description",
+    "image_size", "channels", "batch_size", "grace_period", "repeats", "time_budget", "source", "description",
 )  # fmt: skip
 REQUIRED_KEYS = ("name", "dataset", "model")
 DOMAIN_KINDS = ("choice", "loguniform", "uniform", "int")
@@ -391,7 +393,15 @@ class SpecReader:
                 self.fail(f"{path}.reference.{key}", f"{shown(value)} lies outside the space searched ({described(domain)})")
 
         input_format = {key: self.count(entry[key], f"{path}.{key}") for key in ("channels", "image_size") if key in entry}
+        check_image_size(input_format.get("image_size"), f"{self.where}: {path}.image_size")
         optional_counts = {key: self.count(entry[key], f"{path}.{key}") for key in ("batch_size", "grace_period", "repeats") if key in entry}
+        budget = entry.get("time_budget")
+        if budget is not None:
+            budget = self.text(str(budget) if is_number(budget) else budget, f"{path}.time_budget")
+            try:
+                parse_duration(budget, "time_budget")
+            except UserError as exc:
+                self.fail(f"{path}.time_budget", str(exc).removeprefix("time_budget "))
         accuracy = entry.get("reference_accuracy")
         if accuracy is not None and not (is_number(accuracy) and 0 <= accuracy <= 100):
             self.fail(f"{path}.reference_accuracy", f"expected a test accuracy in % (0 to 100), got {shown(accuracy)}")
@@ -404,6 +414,7 @@ class SpecReader:
             source=None if source is None else self.text(source, f"{path}.source"),
             weights=self.weights(entry.get("weights"), f"{path}.weights", model, space),
             spec_file=self.spec_file,
+            time_budget=budget,
             **optional_counts,
         )  # fmt: skip
 
@@ -584,3 +595,42 @@ def builtin_experiments() -> tuple[dict[str, Experiment], dict[str, list[str]]]:
             families[family] = names
     families["all"] = [e.name for name in SEED_SPECS for e in specs[name].experiments]
     return experiments, families
+
+
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str, what: str) -> float:
+    """Seconds in ``90``, ``90s``, ``30m``, ``2h``, ``1h30m``, ``1.5h``; a UserError naming ``what``."""
+    cleaned = text.strip().lower().replace(" ", "")
+    if re.fullmatch(r"\d+(\.\d+)?", cleaned):
+        seconds = float(cleaned)
+    else:
+        parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", cleaned)
+        if not parts or "".join(n + u for n, u in parts) != cleaned:
+            raise UserError(f"{what} {text!r}: use a duration such as 90s, 30m, 2h or 1h30m")
+        seconds = sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise UserError(f"{what} must be longer than 0, got {text!r}")
+    return seconds
+
+
+def duration_text(seconds: float) -> str:
+    """``45s``, ``30m``, ``1h30m``: :func:`parse_duration` reads it back."""
+    seconds = int(round(seconds))
+    hours, minutes, rest = seconds // 3600, seconds % 3600 // 60, seconds % 60
+    return "".join(f"{n}{u}" for n, u in ((hours, "h"), (minutes, "m"), (rest, "s")) if n) or "0s"
+
+
+MAX_IMAGE_SIZE = 2048  # --image-size; torchvision's ImageNet models are trained at 224 to 518
+
+
+def check_image_size(size: int | None, what: str = "--image-size") -> None:
+    """A UserError for a model input size above ``MAX_IMAGE_SIZE``: a 100000x100000 input
+    needs 120 GB per image as float32, and no model gets better from it."""
+    if size is not None and size > MAX_IMAGE_SIZE:
+        gigabytes = 3 * 4 * size * size / 1e9
+        raise UserError(
+            f"{what} {size} is too large: use at most {MAX_IMAGE_SIZE} (a {size}x{size} RGB input takes "
+            f"{gigabytes:,.1f} GB per image as float32; ImageNet models are trained at 224 to 518)"
+        )

@@ -143,11 +143,15 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to file ``path``, replacing it whole: on local disk through a
+    """Write ``text`` (UTF-8) to file ``path``, replacing it whole (see :func:`write_bytes`)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    """Write ``data`` to file ``path``, replacing it whole: on local disk through a
     temporary file and ``os.replace`` (readers never see half a file), on an object store as
     one PUT; parent directories are created as needed."""
     fs, fs_path = resolve(path)
-    data = text.encode("utf-8")
     if isinstance(fs, pafs.LocalFileSystem):
         target = Path(fs_path)
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ from ray import tune
 from ray.tune.experiment import Trial
 
 from tltune import console
+from tltune.raytune import budget
 
 QUIET_EVERY_S = 60.0
 
@@ -25,9 +26,10 @@ def _epochs_run(trial: Trial) -> int:
 
 
 class ProgressCallback(tune.Callback):
-    def __init__(self, experiment: str, every_s: float = 30.0):
+    def __init__(self, experiment: str, every_s: float = 30.0, exp_dir: str | None = None):
         self.experiment = experiment
         self.every_s = every_s
+        self.exp_dir = exp_dir  # whose time budget may stop trials (tltune.raytune.budget); absent in callbacks saved before
         self._reset()
 
     @property
@@ -73,6 +75,8 @@ class ProgressCallback(tune.Callback):
         val = f", val_acc {last['val_acc']:.4f}" if isinstance(last.get("val_acc"), float) else ""
         if last.get("diverged"):
             how = f"diverged at epoch {epochs} ({last.get('stop_reason', '')})"
+        elif isinstance(planned, int) and epochs < planned and getattr(self, "exp_dir", None) and budget.is_over(self.exp_dir):
+            how = f"stopped by the time budget at epoch {epochs} of {planned}{val}"
         elif isinstance(planned, int) and epochs < planned:
             self.asha_stops += 1
             how = f"stopped by ASHA at epoch {epochs} of {planned}{val}"

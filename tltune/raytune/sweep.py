@@ -22,6 +22,7 @@ from ray.tune.execution.tune_controller import TuneController
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from tltune import signals, storage, trust
@@ -30,7 +31,7 @@ from tltune.catalog import PRETRAINED_MODES
 from tltune.config import factory_params
 from tltune.experiments import Choice, Experiment, IntRange, LogUniform, Uniform
 from tltune.models import model_kind
-from tltune.raytune import cluster
+from tltune.raytune import budget, cluster
 from tltune.raytune.callbacks import TensorBoardCallback, write_run_hparams
 from tltune.raytune.live_study import LiveStudy
 from tltune.raytune.progress import ProgressCallback
@@ -108,6 +109,13 @@ class ResumableOptunaSearch(OptunaSearch):
     Here such a trial's results are ignored while it runs, and its final score is given to
     Optuna as an evaluated point, so nothing learned is lost."""
 
+    budget_key: str | None = None  # the experiment folder whose time budget ends the search (tltune.raytune.budget)
+
+    def suggest(self, trial_id: str):
+        if self.budget_key is not None and budget.is_over(self.budget_key):
+            return Searcher.FINISHED
+        return super().suggest(trial_id)
+
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._ot_trials:
             super().on_trial_result(trial_id, result)
@@ -156,7 +164,7 @@ class ReferenceExemptASHA(ASHAScheduler):
 def tune_callbacks(experiment: str, name: str, exp_dir: str, settings: ExperimentSettings, run_root_up: int) -> list:
     """Tune's own CSV and JSON results, TensorBoard, the progress lines, the live Optuna study
     (the search only: the repeats are no search) and the trackers of --log-to."""
-    callbacks = [CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(run_root_up=run_root_up), ProgressCallback(name)]
+    callbacks = [CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(run_root_up=run_root_up), ProgressCallback(name, exp_dir=exp_dir)]
     if run_root_up == 0 and settings.space:
         callbacks.append(LiveStudy(exp_dir, settings.space))
     return callbacks + tracker_callbacks(settings.log_to, experiment, exp_dir, group=name)
@@ -178,6 +186,7 @@ def run_config(experiment: str, name: str, storage_path: str, settings: Experime
         sync_config=tune.SyncConfig(sync_period=5) if remote else None,
         # a trial whose node dies goes on from its last checkpoint elsewhere
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
+        stop=budget.TimeBudgetStopper(exp_dir) if run_root_up == 0 else None,  # the search's; the repeats have none
         verbose=0,
     )
 
@@ -187,6 +196,8 @@ def new_tuner(experiment: Experiment, settings: ExperimentSettings, trainable, p
     reference), one iteration per epoch."""
     max_epochs = max(settings.max_epochs, 1)
     search = ResumableOptunaSearch(points_to_evaluate=points or None, seed=settings.seed) if settings.space else None
+    if search is not None:
+        search.budget_key = storage.join(run_dir, experiment.name)
     scheduler = ReferenceExemptASHA(
         settings,
         time_attr="training_iteration",
@@ -270,12 +281,15 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
         {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
     )
     with ExperimentClock(exp_dir) as clock:
+        budget.start(exp_dir, settings.time_budget_s, spent_s=clock.before_s)
         try:
             results = fit(exp_dir, trainable, lambda: new_tuner(experiment, settings, trainable, param_space, points, run_dir))
         finally:  # finished, failed or interrupted: the Optuna study says so
             keep_study(exp_dir, settings.space)
         check_no_failures(experiment.name, results, exp_dir)
         summary = {"experiment": experiment.name, "trials": len(results), "errored_trials": results.num_errors}
+        if settings.time_budget_s is not None:
+            summary["time_budget"] = budget_record(settings, exp_dir, results, clock.spent_s(), clock.budget_stopped_trials)
         try:
             best = results.get_best_result(metric=METRIC, mode=MODE, scope="last")
         except RuntimeError:  # no trial reported a finite val_acc
@@ -329,14 +343,26 @@ def backbone_features(experiment: Experiment, settings: ExperimentSettings, inpu
     return features
 
 
+def budget_record(settings: ExperimentSettings, exp_dir: str, results: tune.ResultGrid, search_s: float, earlier: list[str]) -> dict:
+    """What the time budget did to the search: whether it ended it, and the trials it stopped
+    (with those of earlier invocations, read back from the summary a resume set aside)."""
+    stopped_ids = budget.stopped_trials(exp_dir)
+    stopped = {trial_name(r) for r in results if r.metrics.get("trial_id") in stopped_ids}
+    return {"seconds": settings.time_budget_s, "search_s": round(search_s, 1), "ended_search": budget.is_over(exp_dir),
+            "stopped_trials": sorted(stopped | set(earlier))}  # fmt: skip
+
+
 class ExperimentClock:
     """Seconds an experiment has run over all its invocations: one that is interrupted records
     its part in ````tltune_time.json``, and the resume adds it (a SIGKILL loses that part)."""
 
     def __init__(self, exp_dir: str):
         self.path = storage.join(exp_dir, TimeRecord.FILE)
+        self.budget_stopped_trials: list[str] = []
         try:
-            self.before_s = float(TimeRecord.from_dict(json.loads(storage.read_text(self.path)), self.path).spent_s)
+            record = TimeRecord.from_dict(json.loads(storage.read_text(self.path)), self.path)
+            self.before_s = float(record.spent_s)
+            self.budget_stopped_trials = [t for t in record.budget_stopped_trials or [] if isinstance(t, str)]
         except (OSError, ValueError, TypeError, AttributeError):  # none yet (a first run), or damaged: count from now
             self.before_s = 0.0
         self.started = time.time()
@@ -350,7 +376,8 @@ class ExperimentClock:
     def __exit__(self, kind, error, traceback) -> None:
         if kind is not None:
             with contextlib.suppress(OSError):  # never hides how the experiment ended
-                storage.write_text(self.path, TimeRecord(spent_s=round(self.spent_s(), 1)).to_json())
+                record = TimeRecord(spent_s=round(self.spent_s(), 1), budget_stopped_trials=self.budget_stopped_trials or None)
+                storage.write_text(self.path, record.to_json())
 
 
 def trial_name(result) -> str:

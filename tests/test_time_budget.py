@@ -1,0 +1,61 @@
+"""--time-budget: once the search has run that long no trial starts and running ones stop at
+their next epoch, recorded as stopped by the time budget; the table says the budget ended the
+search; --resume goes on only with a larger budget. A real sweep on real MNIST (slow)."""
+
+import csv
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tltune.options import SweepOptions
+from tltune.errors import UserError
+from tltune.specs import duration_text, parse_duration
+
+
+
+def test_durations_read_and_written():
+    assert [parse_duration(t, "x") for t in ("90", "90s", "30m", "1h30m", "1.5h", "2d")] == [90, 90, 1800, 5400, 5400, 172800]
+    assert [duration_text(s) for s in (45, 1800, 5400, 3601)] == ["45s", "30m", "1h30m", "1h1s"]
+    for bad in ("0", "abc", "5x", "-3m", "1m30"):
+        with pytest.raises(UserError, match="--time-budget"):
+            SweepOptions(time_budget=bad)
+
+
+def tltune(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "tltune", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp_path):
+    common = ["--train-subset", "3000", "--test-subset", "300", "--data-root", str(real_data_root), "--repeats", "1"]
+    first = tltune("sweep", "mnist", "--experiments", "mnist-cnn", "--num-samples", "12", "--epochs-range", "4", "6",
+                   "--grace-period", "6", "--max-concurrent-trials", "1", "--time-budget", "25s", "--storage-path", str(tmp_path),
+                   "--name", "budget", *common, cwd=tmp_path)  # fmt: skip
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    run_dir = tmp_path / "budget"
+    summary = json.loads((run_dir / "mnist-cnn" / "tltune_best.json").read_text())
+    budget = summary["time_budget"]
+    assert budget["ended_search"] and budget["seconds"] == 25 and summary["trials"] < 12
+    assert "the time budget of 25s ended the search" in first.stdout
+    trials = list(csv.DictReader(io.StringIO(tltune("best", str(run_dir), "--trials", cwd=tmp_path).stdout)))
+    stopped = [t for t in trials if t["stop_reason"].startswith("stopped by the time budget at epoch")]
+    assert [t["trial"] for t in stopped] == budget["stopped_trials"] and stopped, "the running trial stopped at its next epoch"
+    assert not any(t["stop_reason"].startswith("stopped by ASHA") for t in trials), "a grace period of 6: ASHA stops none"
+
+    same = tltune("sweep", "mnist", "--resume", str(run_dir), "--time-budget", "25s", cwd=tmp_path)
+    assert same.returncode == 2 and "pass a larger one" in same.stderr
+    again = tltune("sweep", "mnist", "--resume", str(run_dir), cwd=tmp_path)
+    assert again.returncode == 0 and "pass a larger --time-budget to go on" in again.stdout, again.stdout + again.stderr
+
+    larger = tltune("sweep", "mnist", "--resume", str(run_dir), "--time-budget", "50s", cwd=tmp_path)
+    assert larger.returncode == 0, larger.stdout[-3000:] + larger.stderr[-3000:]
+    assert "going on to 50s" in larger.stdout
+    after = json.loads((run_dir / "mnist-cnn" / "tltune_best.json").read_text())
+    assert after["trials"] > summary["trials"] and after["time_budget"]["seconds"] == 50
+    assert set(budget["stopped_trials"]) <= set(after["time_budget"]["stopped_trials"]), "what the first budget stopped stays recorded"
+    assert (run_dir / "mnist-cnn" / "tltune_best.budget-25s.json").is_file(), "the first summary is kept"
+    rows = list(csv.DictReader(io.StringIO(tltune("best", str(run_dir), "--trials", cwd=tmp_path).stdout)))
+    assert len(rows) == after["trials"] and len({r["trial"] for r in rows}) == len(rows)
