@@ -73,24 +73,95 @@ EXPERIMENTS_CSV = "experiments.csv"  # one row per experiment: what it spent, it
 TRANSFER_MODES = ("finetune", "feature_extract")
 
 
-def collect(paths: list[str | Path]) -> dict[str, ExperimentResult]:
-    """The latest result of each experiment under ``paths`` (run directories or folders of
-    them); a finished result beats a newer unfinished one."""
-    found: dict[str, ExperimentResult] = {}
+def collect_runs(paths: list[str | Path]) -> dict[str, dict[str, ExperimentResult]]:
+    """Every run directory under ``paths`` (run directories or folders of them), each with its
+    experiments by name, in the order found."""
+    runs: dict[str, dict[str, ExperimentResult]] = {}
     for path in paths:
         path = storage.absolute(str(path))
         if not storage.exists(path):
             raise UserError(f"{path} does not exist: pass run directories or the folder holding them (./results)")
         if not storage.is_dir(path):
             raise UserError(f"{path} is a file: pass run directories or the folder holding them (./results)")
-        run_dirs = {p.rsplit("/", 2)[0] for p in storage.find(path, EXPERIMENT_FILE)}
-        for run_dir in sorted(run_dirs):
-            for exp in load_experiments(run_dir):  # damaged experiments: skipped with a warning
-                if _rank(exp) > _rank(found.get(exp.name)):
-                    found[exp.name] = exp
-    if not found:
+        for run_dir in sorted({p.rsplit("/", 2)[0] for p in storage.find(path, EXPERIMENT_FILE)}):
+            runs.setdefault(run_dir, {e.name: e for e in load_experiments(run_dir)})  # damaged experiments: skipped with a warning
+    if not any(runs.values()):
         raise UserError(f"no tltune experiment under {', '.join(map(str, paths))}: run a sweep first")
+    return runs
+
+
+def collect(paths: list[str | Path]) -> dict[str, ExperimentResult]:
+    """The latest result of each experiment under ``paths`` (run directories or folders of
+    them); a finished result beats a newer unfinished one."""
+    return latest(collect_runs(paths))
+
+
+def latest(runs: dict[str, dict[str, ExperimentResult]]) -> dict[str, ExperimentResult]:
+    found: dict[str, ExperimentResult] = {}
+    for experiments in runs.values():
+        for exp in experiments.values():
+            if _rank(exp) > _rank(found.get(exp.name)):
+                found[exp.name] = exp
     return found
+
+
+def run_label(run_dir: str) -> str:
+    return run_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+def runs_side_by_side(runs: dict[str, dict[str, ExperimentResult]], out: Path) -> list[str]:
+    """The same experiments across runs: one table with a column per run (the best trial's test
+    accuracy, mean ± std over seeds where repeated), and per experiment in several runs the
+    best validation accuracy against sweep time, one curve per run."""
+    import matplotlib.pyplot as plt
+
+    labels = {run_dir: run_label(run_dir) for run_dir in runs}
+    names = list(dict.fromkeys(name for experiments in runs.values() for name in experiments))
+    lines = ["| Experiment | " + " | ".join(f"`{label}`" for label in labels.values()) + " |", "|---|" + "---|" * len(labels)]
+    for name in names:
+        cells = []
+        for run_dir in runs:
+            exp = runs[run_dir].get(name)
+            best = exp.best() if exp else None
+            if exp is None:
+                cells.append("-")
+            elif exp.failure is not None or exp.all_diverged:
+                cells.append(experiment_status(exp))
+            elif best is not None and "test_acc" in best:
+                tests = seed_accuracies(exp.summary, "best")
+                cells.append(accuracy_text(tests) if tests else _pct(best["test_acc"]))
+            elif best is not None:
+                cells.append(f"{experiment_status(exp)} (val {_pct(best['val_acc'])})")
+            else:
+                cells.append(experiment_status(exp))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    parts = ["## Runs side by side", "Test accuracy of each experiment's best trial (mean ± std over seeds where repeated), per run:", "\n".join(lines)]
+    for name in names:
+        curves = {labels[run_dir]: best_over_time(runs[run_dir][name]) for run_dir in runs if name in runs[run_dir]}
+        curves = {label: curve for label, curve in curves.items() if curve}
+        if len(curves) < 2:
+            continue
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for label, curve in curves.items():
+            minutes, accs = zip(*curve)
+            ax.step(minutes, [100 * a for a in accs], where="post", marker="o", ms=3, label=label)
+        ax.set_xlabel("minutes since the first trial started")
+        ax.set_ylabel("best val accuracy so far (%)")
+        ax.set_title(f"{name}: best validation accuracy against sweep time, per run", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{safe_name(name)}-runs-best_over_time.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        parts.append(f"![{name}: best val accuracy against sweep time, per run]({path.name})")
+    return parts
+
+
+def safe_name(name: str) -> str:
+    """An experiment name as read from a record, made safe to be a file name under the report
+    folder: a record's name is data, never a path (no separators, no leading dots)."""
+    cleaned = "".join(c if c.isalnum() or c in "-_.+" else "_" for c in name).lstrip(".")
+    return cleaned or "experiment"
 
 
 def _rank(exp: ExperimentResult | None) -> tuple:
@@ -399,7 +470,7 @@ def plot_intermediate_values(exp: ExperimentResult, out: Path) -> Path | None:
     handles = [plt.Line2D([], [], ls="", marker=m["marker"], color=m["color"], label=k) for k, m in END_MARKERS.items() if k in kinds]
     ax.legend(handles=handles, fontsize=7)
     fig.tight_layout()
-    path = out / f"{exp.name}-intermediate_values.png"
+    path = out / f"{safe_name(exp.name)}-intermediate_values.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -412,7 +483,7 @@ def plot_best_over_time(exp: ExperimentResult, out: Path) -> Path | None:
     curve = best_over_time(exp)
     if not curve:
         return None
-    write_trials_csv([{"minutes": m, "best_val_acc": acc} for m, acc in curve], out / f"{exp.name}-best_over_time.csv")
+    write_trials_csv([{"minutes": m, "best_val_acc": acc} for m, acc in curve], out / f"{safe_name(exp.name)}-best_over_time.csv")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     minutes, accs = zip(*curve)
     ax.step(minutes, [100 * a for a in accs], where="post", marker="o", ms=3)
@@ -425,7 +496,7 @@ def plot_best_over_time(exp: ExperimentResult, out: Path) -> Path | None:
     ax.set_ylabel("best val accuracy so far (%)")
     ax.set_title(f"{exp.name}: best validation accuracy against sweep time", fontsize=9)
     fig.tight_layout()
-    path = out / f"{exp.name}-best_over_time.png"
+    path = out / f"{safe_name(exp.name)}-best_over_time.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -472,7 +543,7 @@ def plot_study(study, name: str, out: Path) -> list[str]:
     }
     lines = []
     for kind, (draw, options) in plots.items():
-        path = out / f"{name}-{kind}.png"
+        path = out / f"{safe_name(name)}-{kind}.png"
         if not completed:
             why_not = "no completed trial in the study"
         elif kind == "param_importances" and (len(completed) < 2 or not varying):
@@ -527,18 +598,19 @@ def write_report(paths: list[str | Path], out: str | Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
-    found = collect(paths)
+    runs = collect_runs(paths)
+    found = latest(runs)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} is a file: pass --out a folder for report.md and its plots")
     try:
-        return _write(paths, found, out)
+        return _write(paths, runs, found, out)
     except OSError as exc:
         reason = exc.strerror or " ".join(str(exc).split())
         raise UserError(f"cannot write the report to {out}: {reason}") from None
 
 
-def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Path) -> Path:
+def _write(paths: list[str | Path], runs: dict[str, dict[str, ExperimentResult]], found: dict[str, ExperimentResult], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     compute_plot, cheapest = plot_accuracy_vs_compute(found, out)
     plots = [plot_learning_curves(found, out), plot_accuracy_vs_lr(found, out), plot_finetune_vs_extract(found, out), compute_plot]
@@ -563,6 +635,7 @@ def _write(paths: list[str | Path], found: dict[str, ExperimentResult], out: Pat
         f"Every trial with its configuration, epochs run, stop reason, accuracies and wall time: [{TRIALS_CSV}]({TRIALS_CSV}); "
         f"the reference and the best configuration per seed: [{REPEATS_CSV}]({REPEATS_CSV}); "
         f"per experiment, what it spent and its accuracies over seeds: [{EXPERIMENTS_CSV}]({EXPERIMENTS_CSV}).",
+        *(runs_side_by_side(runs, out) if len(runs) > 1 else []),
         "## Assumptions",
         assumptions_table(),
         "## Per experiment: top trials (by final validation accuracy), learning curves, Optuna study",
