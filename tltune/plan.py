@@ -128,12 +128,35 @@ def experiment_settings(experiment: Experiment, options: SweepOptions) -> Experi
         cached_features="feature_extract" in experiment.modes() and backbone_output_is_fixed(reference, space) and not o.no_feature_cache,
         grace_period=_given(o.grace_period, QUICK["grace_period"] if o.quick else _given(experiment.grace_period, DEFAULT_GRACE_PERIOD)),
         max_concurrent_trials=o.max_concurrent_trials,
-        warm_start=tuple(top_configs(o.warm_start, experiment.name)) if o.warm_start else (),
+        warm_start=warm_start_points(o.warm_start, experiment.name, space) if o.warm_start else (),
         repeats=_given(o.repeats, QUICK["repeats"] if o.quick else _given(experiment.repeats, DEFAULT_REPEATS)),
         log_to=o.log_to or (),
         time_budget_s=parse_duration(o.time_budget or experiment.time_budget, "--time-budget") if o.time_budget or experiment.time_budget else None,
         quiet=o.quiet,
     )
+
+
+def warm_start_points(run_dir: str, experiment: str, space: dict) -> tuple[dict, ...]:
+    """The best configurations of ``experiment`` in ``run_dir`` that can start this search:
+    one whose searched values are missing, of the wrong type or outside the space (a damaged
+    or edited params.json, a narrowed space) is skipped with a warning."""
+    usable = []
+    for config in top_configs(run_dir, experiment):
+        problem = next((f"its {k} {config.get(k)!r} is not in the space searched" for k, domain in space.items() if not _contains(domain, config.get(k))), None)
+        if problem:
+            print(f"warning: --warm-start: skipping a configuration of {experiment} in {run_dir}: {problem}", file=sys.stderr)
+            continue
+        usable.append(config)
+    return tuple(usable)
+
+
+def _contains(domain, value) -> bool:
+    if value is None or isinstance(value, (dict, list)):
+        return False
+    try:
+        return bool(domain.contains(value))
+    except TypeError:  # a string where a number belongs
+        return False
 
 
 def backbone_output_is_fixed(reference: dict, space: dict) -> bool:
@@ -385,7 +408,7 @@ def reopen_budget_ended(exp_dir: str, budget: dict) -> None:
     aside (kept, renamed), the search time it spent and the trials the budget stopped carried
     over, and Tune's search generator told it is not finished (it marked itself finished when
     the searcher stopped suggesting), re-signed as tltune signs Tune's state."""
-    import cloudpickle
+    from ray import cloudpickle  # what Tune pickles its search generator's state with
 
     trust.signed_state_files(exp_dir)  # checked before anything of Tune's is unpickled
     aside = storage.join(exp_dir, f"{SUMMARY_FILE.removesuffix('.json')}.budget-{int(budget['seconds'])}s.json")

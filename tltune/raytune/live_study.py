@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune import Callback
 
 from tltune import storage
+from tltune.raytune import budget
 from tltune.results import INTERRUPTED, OPTUNA_JOURNAL, Trial
 from tltune.studies import (
     TRIAL_ATTR,
@@ -189,6 +190,8 @@ class LiveStudy(Callback):
         value = final_value(Trial("", {}, [result], False))
         if trial_id is None or not isinstance(epoch, int) or value is None:
             return
+        if self._study._storage.get_trial(trial_id).state.is_finished():  # a result Tune got after it stopped the trial
+            return
         self._study._storage.set_trial_intermediate_value(trial_id, epoch, value)
         self._changed()
 
@@ -207,7 +210,7 @@ class LiveStudy(Callback):
         if trial_id is None or self._study._storage.get_trial(trial_id).state.is_finished():
             return
         ended = as_result(trial, failed)
-        state, reason = ended_state(ended, failed)
+        state, reason = ended_state(ended, failed, budget_stopped=trial.trial_id in budget.stopped_trials(self.exp_dir))
         journal = self._study._storage
         journal.set_trial_user_attr(trial_id, "stop_reason", reason)
         journal.set_trial_user_attr(trial_id, "epochs_run", ended.epochs_run)
