@@ -296,3 +296,56 @@ def test_runs_are_read_where_they_are(root):
     assert config["lr"] == 1e-3 and isinstance(checkpoint, Path) and checkpoint.is_dir(), "a local directory, downloaded if need be"
     assert load_model_state(checkpoint)["w"].tolist() == [1.0, 1.0]
     assert set(collect([root])) == {"mnist-cnn"}
+
+
+# -- paths derived from a URI keep its query; credentials stay out of URIs (issue 20, item 3) --
+
+
+def test_parent_name_and_walk_keep_a_uris_query(root):
+    q = "?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert storage.parent(f"s3://b/run/exp{q}") == f"s3://b/run{q}" and storage.name(f"s3://b/run/exp{q}") == "exp"
+    assert storage.parent("s3://b/run/exp/") == "s3://b/run" and storage.parent("s3://b") == "s3://b"
+    assert storage.parent("s3://b/r?endpoint_override=http://h:1/&scheme=http") == "s3://b?endpoint_override=http://h:1/&scheme=http"
+    assert storage.parent("/tmp/x/y") == "/tmp/x" and storage.parent("file:///tmp/x") == "file:///tmp"
+    assert storage.split_query(f"s3://b/x{q}") == ("s3://b/x", q) and storage.split_query("/a?b") == ("/a?b", "")
+    storage.write_text(storage.join(root, "run", "exp", "t1", "error.pkl"), "x")
+    storage.write_text(storage.join(root, "run", "exp", "tuner.pkl"), "x")
+    assert storage.walk(storage.join(root, "run")) == ["exp/t1/error.pkl", "exp/tuner.pkl"]
+    assert storage.walk(storage.join(root, "missing")) == []
+
+
+def test_runs_are_read_from_a_bucket_named_by_query_options(s3, monkeypatch, tmp_path):
+    """Only the URI's query names the server (no AWS_ENDPOINT_URL): every read after the sweep
+    (the run's experiments, their trials, checkpoints, the report's collection) goes there too."""
+    from tltune.report import collect_runs
+    from tltune.results import best_checkpoint, load_run, top_configs
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    root = f"{s3.root}?endpoint_override={s3.endpoint.removeprefix('http://')}&scheme=http"
+    run_dir = storage.join(root, "run")
+    write_run(run_dir)
+    [experiment] = load_run(run_dir)
+    assert experiment.path == storage.join(run_dir, "mnist-cnn") and [t.name for t in experiment.trials] == ["t1", "t2"]
+    assert [c["lr"] for c in top_configs(run_dir, "mnist-cnn")] == [1e-3, 1e-2]
+    config, checkpoint = best_checkpoint(run_dir, "mnist-cnn")
+    assert config["lr"] == 1e-3 and checkpoint.is_dir()
+    runs = collect_runs([root])
+    assert list(runs) == [run_dir] and set(runs[run_dir]) == {"mnist-cnn"}
+
+
+@pytest.mark.parametrize("uri", ["s3://AKIAEXAMPLE:not-a-real-secret@bucket/runs", "s3://AKIAEXAMPLE@bucket/runs?region=us-east-1"])
+def test_credentials_in_a_uri_are_refused(uri):
+    message = one_line_error(uri)
+    assert "credentials in the URI are refused" in message and "not-a-real-secret" not in message and "AKIAEXAMPLE" not in message
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in message
+    for call in (storage.absolute, storage.resolve, storage.list_dir):
+        with pytest.raises(UserError, match="credentials in the URI are refused"):
+            call(uri)
+
+
+def test_keep_credentials_out_of_ray():
+    from ray.tune.execution import class_cache
+
+    storage.keep_credentials_out_of_ray()
+    assert not storage.SECRET_ENV_VARS & class_cache.ENV_VARS_TO_PROPAGATE
+    assert "RAY_CHDIR_TO_TRIAL_DIR" in class_cache.ENV_VARS_TO_PROPAGATE, "what is no secret is still propagated"

@@ -33,7 +33,7 @@ def outside_ray(monkeypatch):
 def test_the_model_is_collected_however_the_trial_ends(outside_ray, monkeypatch, ending):
     alive = []
 
-    def train(config, inputs, device, started_at):
+    def train(config, inputs, device, started_at, held):
         model = torch.nn.Linear(256, 256)
         optimizer = torch.optim.Adam(model.parameters())
         alive.append(weakref.ref(model))

@@ -1,6 +1,8 @@
-"""--resume unpickles only Ray state that tltune signed: planted, altered, truncated or
-unsigned state files are refused with one line before anything is unpickled (a planted
-pickle never runs), and a run tltune made resumes as before, wherever it was copied."""
+"""--resume and ``result_grid`` unpickle only Ray files that tltune signed: planted, altered,
+truncated or unsigned files Ray would unpickle, at any depth of the experiment folder, are
+refused with one line before anything is unpickled (a planted pickle never runs), and a run
+tltune made resumes as before, wherever it was copied. `tltune best` and `report` unpickle
+nothing at all."""
 
 import json
 import os
@@ -196,3 +198,121 @@ def test_what_ray_never_loads_is_not_checked():
     assert trust.is_pickled_state("experiment_state-2026-11-27_04-18-26.json") and trust.is_pickled_state("tuner.pkl")
     assert not trust.is_pickled_state(".30964698-0044-484f-a2ec-3c37246b0fef-tmp-searcher-state-2026-11-27_04-18-26.pkl")
     assert not trust.is_pickled_state("tltune_best.json") and not trust.is_pickled_state("runs.jsonl")
+
+
+# -- every place Ray reads a pickle, at any depth (issue 20, item 1) ----------------------
+
+
+def a_trial(exp_dir):
+    return next(p for p in sorted(exp_dir.iterdir()) if p.is_dir() and (p / "params.json").is_file())
+
+
+def plant(run_copy, place, payload):
+    """Put ``payload`` where Ray would unpickle it; the path planted, relative to the experiment."""
+    exp_dir = run_copy / EXPERIMENT
+    trial = a_trial(exp_dir)
+    if place == "search generator state":
+        path = only(exp_dir, "search_gen_state-")
+    elif place == "trial error.pkl":
+        path = trial / "error.pkl"
+    elif place == "checkpoint _dict_checkpoint.pkl":
+        path = next(trial.glob("checkpoint_*")) / "_dict_checkpoint.pkl"
+    elif place == "trial_metadata.json":
+        path = trial / "trial_metadata.json"
+    elif place == "repeats tuner.pkl":
+        (exp_dir / "repeats").mkdir(exist_ok=True)
+        (exp_dir / "repeats" / "experiment_state-2099-01-01_00-00-00.json").write_text("{}")
+        path = exp_dir / "repeats" / "tuner.pkl"
+    elif place == "repeats trial error.pkl":
+        path = exp_dir / "repeats" / "0000-trial" / "error.pkl"
+        path.parent.mkdir(parents=True)
+    else:
+        raise ValueError(place)
+    path.write_bytes(payload)
+    return path.relative_to(exp_dir).as_posix()
+
+
+DEEP_PLACES = ["search generator state", "trial error.pkl", "checkpoint _dict_checkpoint.pkl", "trial_metadata.json",
+               "repeats tuner.pkl", "repeats trial error.pkl"]  # fmt: skip
+
+
+@pytest.mark.parametrize("place", DEEP_PLACES)
+def test_a_pickle_planted_at_any_depth_never_runs_on_resume(run_copy, resume_here, tmp_path, place):
+    marker = tmp_path / "pwned"
+    planted = plant(run_copy, place, pickle.dumps(Planted(marker)))
+    out = resume_here(run_copy)
+    # refused at the first unsigned file: for the nested experiment, maybe the state planted with its tuner.pkl
+    assert_refused(out, "repeats/" if place == "repeats tuner.pkl" else planted)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("place", ["tuner.pkl", "searcher state", "experiment state", *DEEP_PLACES])
+def test_a_pickle_planted_anywhere_never_runs_in_result_grid(run_copy, tmp_path, place):
+    import tltune
+    from tltune.errors import UserError
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Planted(marker))
+    exp_dir = run_copy / EXPERIMENT
+    if place == "tuner.pkl":
+        (exp_dir / "tuner.pkl").write_bytes(payload)
+    elif place == "searcher state":
+        only(exp_dir, "searcher-state-").write_bytes(payload)
+    elif place == "experiment state":
+        path = only(exp_dir, "experiment_state-")
+        state = json.loads(path.read_text())
+        state["stats"]["planted"] = {"_type": "CLOUDPICKLE_FALLBACK", "value": payload.hex()}
+        path.write_text(json.dumps(state))
+    else:
+        plant(run_copy, place, payload)
+    experiment = tltune.load(run_copy)[EXPERIMENT]
+    with pytest.raises(UserError) as refused:
+        experiment.result_grid()
+    assert str(refused.value).startswith("refusing to read ") and "\n" not in str(refused.value)
+    assert not marker.exists()
+
+
+def test_result_grid_of_a_run_tltune_made(run_copy):
+    import tltune
+
+    grid = tltune.load(run_copy)[EXPERIMENT].result_grid()
+    assert len(grid) >= 1 and grid.num_errors == 0
+
+
+def test_another_accounts_run_is_not_read_into_a_result_grid(run_copy, tmp_path, monkeypatch):
+    import tltune
+    from tltune.errors import UserError
+
+    monkeypatch.setenv("TLTUNE_KEY_FILE", str(tmp_path / "no-key-here"))
+    with pytest.raises(UserError, match="not created by tltune under this account"):
+        tltune.load(run_copy)[EXPERIMENT].result_grid()
+
+
+def test_best_and_report_unpickle_nothing(run_copy, tmp_path, capsys):
+    """Pickles planted at every place at once: `tltune best` and `tltune report` read JSON only."""
+    from tltune.command import main as tltune_main
+
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(Planted(marker))
+    exp_dir = run_copy / EXPERIMENT
+    (exp_dir / "tuner.pkl").write_bytes(payload)
+    only(exp_dir, "searcher-state-").write_bytes(payload)
+    for place in ["search generator state", "trial error.pkl", "checkpoint _dict_checkpoint.pkl", "trial_metadata.json"]:
+        plant(run_copy, place, payload)
+    for trial in exp_dir.iterdir():
+        if (trial / "params.pkl").is_file():
+            (trial / "params.pkl").write_bytes(payload)
+    assert tltune_main(["best", str(run_copy)]) == 0
+    assert tltune_main(["report", str(run_copy), "--out", str(tmp_path / "report")]) == 0
+    assert not marker.exists()
+
+
+def test_where_ray_may_unpickle():
+    """Below the top: every pickle Ray reads back (a trial's error.pkl...), and JSON that may
+    embed one; not the params.pkl Ray only writes, not hidden partial copies, not tltune's records."""
+    assert trust.may_unpickle("t1/error.pkl") and trust.may_unpickle("t1/checkpoint_000001/_dict_checkpoint.pkl")
+    assert trust.may_unpickle("t1/trial_metadata.json") and trust.may_unpickle("t1/search_gen_state-x.json")
+    assert trust.may_unpickle("repeats/tuner.pkl") and trust.may_unpickle("repeats/basic-variant-state-x.json", {"", "repeats"})
+    assert not trust.may_unpickle("t1/params.pkl") and not trust.may_unpickle("t1/params.json")
+    assert not trust.may_unpickle("t1/result.json") and not trust.may_unpickle("t1/.abc-tmp-error.pkl")
+    assert not trust.may_unpickle("repeats/tltune_signatures.jsonl") and not trust.may_unpickle("tltune_best.json")

@@ -63,9 +63,11 @@ class ExperimentRun:
         return trial_rows([self.result])
 
     def result_grid(self):
-        """Ray Tune's ``ResultGrid`` of this experiment (its state is checked first: see
-        :mod:`tltune.trust`; Ray unpickles it)."""
-        trust.signed_state_files(self.path)
+        """Ray Tune's ``ResultGrid`` of this experiment. Ray unpickles files of its folder at
+        every depth (its state, a failed trial's ``error.pkl``): each is checked first against
+        the signatures tltune made when it was written (:mod:`tltune.trust`); a run with a file
+        tltune did not write, or made under another account, raises :class:`UserError`."""
+        trust.signed_state_files(self.path, purpose="read")
         from tltune.raytune.sweep import result_grid
 
         return result_grid(self.path)

@@ -83,7 +83,7 @@ def collect_runs(paths: list[str | Path]) -> dict[str, dict[str, ExperimentResul
             raise UserError(f"{path} does not exist: pass run directories or the folder holding them (./results)")
         if not storage.is_dir(path):
             raise UserError(f"{path} is a file: pass run directories or the folder holding them (./results)")
-        for run_dir in sorted({p.rsplit("/", 2)[0] for p in storage.find(path, EXPERIMENT_FILE)}):
+        for run_dir in sorted({storage.parent(storage.parent(p)) for p in storage.find(path, EXPERIMENT_FILE)}):
             runs.setdefault(run_dir, {e.name: e for e in load_experiments(run_dir)})  # damaged experiments: skipped with a warning
     if not any(runs.values()):
         raise UserError(f"no tltune experiment under {', '.join(map(str, paths))}: run a sweep first")
@@ -106,7 +106,7 @@ def latest(runs: dict[str, dict[str, ExperimentResult]]) -> dict[str, Experiment
 
 
 def run_label(run_dir: str) -> str:
-    return run_dir.rstrip("/").rsplit("/", 1)[-1]
+    return storage.name(run_dir)
 
 
 def runs_side_by_side(runs: dict[str, dict[str, ExperimentResult]], out: Path) -> list[str]:
@@ -210,7 +210,7 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
         at_reference = vs_reference = trials = epochs = wall = ""
         best = exp.best() if exp else None
         if exp is not None:
-            run = f"`{exp.path.rstrip('/').rsplit('/', 2)[-2]}`"
+            run = f"`{storage.name(storage.parent(exp.path))}`"
             ours = "no finished trial"
         if best is not None:
             config = _config_text(best["config"], exp.record.space or {}) + f" ({best.get('epochs_trained')} epochs trained)"

@@ -73,7 +73,7 @@ class ExperimentResult:
 
     @property
     def name(self) -> str:
-        return self.record.name if self.record.name is not None else _basename(self.path)
+        return self.record.name if self.record.name is not None else storage.name(self.path)
 
     @property
     def finished(self) -> bool:
@@ -102,10 +102,6 @@ class ExperimentResult:
             "epochs_trained": trial.epochs_run,
             "val_acc": trial.score,
         }
-
-
-def _basename(path: str) -> str:
-    return path.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
 
 
 def warn_skip(what: str, why: str | BaseException) -> None:
@@ -231,7 +227,7 @@ def load_experiment(exp_dir: str) -> ExperimentResult | None:
 def _experiment_dirs(run_dir: str) -> list[str]:
     records = [storage.join(run_dir, name, EXPERIMENT_FILE) for name in storage.list_dir(run_dir)]
     records = sorted((r for r in records if storage.is_file(r)), key=storage.mtime)  # run order
-    return [r.rsplit("/", 1)[0] for r in records]
+    return [storage.parent(r) for r in records]  # a URI keeps its ?query options
 
 
 def load_experiments(run_dir: str) -> list[ExperimentResult]:

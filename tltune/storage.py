@@ -9,8 +9,12 @@ S3 credentials and endpoint come from the standard environment variables only:
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (``AWS_SESSION_TOKEN``), ``AWS_DEFAULT_REGION``,
 and for an S3-compatible server ``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), which
 pyarrow itself honours (Ray's worker processes inherit them from the driver on a local Ray;
-a cluster's nodes need them in their own environment). pyarrow's URI query options work
-too: ``s3://bucket/prefix?endpoint_override=http://host:9000&scheme=http``.
+a cluster's nodes need them in their own environment). Credentials in a URI
+(``s3://KEY:SECRET@bucket``) are refused: a run's path is printed and stored with the run.
+Nor are they handed to Ray's runtime environments (:func:`keep_credentials_out_of_ray`),
+whose agent logs them. pyarrow's URI query options work too:
+``s3://bucket/prefix?endpoint_override=host:9000&scheme=http``; every path derived from a
+URI here (:func:`join`, :func:`parent`, :func:`find`, :func:`walk`) keeps them.
 
 Object stores have no real directories: a "directory" exists while something is under it,
 and ``list_dir`` of a missing directory is empty rather than an error.
@@ -32,8 +36,9 @@ import pyarrow.fs as pafs
 from tltune.errors import UserError
 
 __all__ = [
-    "absolute", "append_line", "check_writable", "download", "exists", "find", "is_dir", "is_file",
-    "is_uri", "join", "list_dir", "move", "mtime", "read_text", "resolve", "run_lock", "write_text",
+    "absolute", "append_line", "check_writable", "download", "exists", "find", "is_dir", "is_file", "is_uri", "join",
+    "keep_credentials_out_of_ray", "list_dir", "move", "mtime", "name", "parent", "read_text", "refuse_credentials", "resolve",
+    "run_lock", "split_query", "walk", "write_text",
 ]
 
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+)://")  # 2+ chars: "C:\..." is not a URI
@@ -67,10 +72,65 @@ def join(base: str, *parts: str) -> str:
     return head + sep + "/".join(tail) + query
 
 
-def absolute(path: str) -> str:
-    """A local path made absolute (``~`` expanded); a URI unchanged."""
+def split_query(path: str) -> tuple[str, str]:
+    """(``path`` without its query, the query with its ``?`` or ``""``); a local path: (path, "")."""
     path = str(path)
-    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))
+    if is_uri(path) and "?" in path:
+        base, query = path.split("?", 1)
+        return base, "?" + query
+    return path, ""
+
+
+def parent(path: str) -> str:
+    """The directory holding ``path``, for local paths and URIs alike (a URI keeps its ``?query``):
+    ``parent("s3://b/run/exp?endpoint_override=h:1")`` is ``"s3://b/run?endpoint_override=h:1"``;
+    a bucket (``s3://b``) is its own parent."""
+    base, query = split_query(path)
+    if not is_uri(base):
+        return os.path.dirname(base.rstrip("/") or "/") or "."
+    prefix = _URI.match(base).group(0)
+    rest = base[len(prefix):].rstrip("/")
+    if "/" not in rest:
+        return prefix + rest + query
+    up = rest.rsplit("/", 1)[0]
+    return prefix + (up or "/") + query
+
+
+def name(path: str) -> str:
+    """The last part of ``path``, without a URI's ``?query``."""
+    return split_query(path)[0].rstrip("/").rsplit("/", 1)[-1]
+
+
+def absolute(path: str) -> str:
+    """A local path made absolute (``~`` expanded); a URI unchanged. A URI with credentials
+    in it (``s3://KEY:SECRET@bucket``) raises ``UserError``."""
+    path = str(path)
+    if is_uri(path):
+        refuse_credentials(path)
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def refuse_credentials(path: str) -> None:
+    """``UserError`` (one line, the secret left out) for a URI that holds credentials: a
+    password in it (``scheme://user:secret@host``), or any user part on an object store
+    (``s3://KEY@bucket``, ``gs://...``): they would be printed, and stored with the run."""
+    path = str(path)
+    if not is_uri(path):
+        return
+    scheme = _URI.match(path).group(1).lower()
+    netloc = split_query(path)[0][len(scheme) + 3 :].split("/", 1)[0]
+    if "@" not in netloc:
+        return
+    userinfo, host = netloc.rsplit("@", 1)
+    if ":" in userinfo or scheme in ("s3", "gs", "gcs"):
+        shown = f"{scheme}://{host}" + split_query(path)[0][len(scheme) + 3 + len(netloc) :]
+        keys = ("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) instead" if scheme == "s3"
+                else "set GOOGLE_APPLICATION_CREDENTIALS instead" if scheme in ("gs", "gcs")
+                else "pass them in the environment instead")  # fmt: skip
+        raise UserError(
+            f"storage path {shown}: credentials in the URI are refused (they would be printed and stored with the run): {keys}"
+        )
 
 
 def resolve(path: str) -> tuple[pafs.FileSystem, str]:
@@ -84,6 +144,7 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     path = str(path)
     if not is_uri(path):
         return pafs.LocalFileSystem(), absolute(path)
+    refuse_credentials(path)
     try:
         fs, fs_path = pafs.FileSystem.from_uri(path)
     except ValueError as exc:  # pyarrow.ArrowInvalid: unknown scheme, bad query option
@@ -128,6 +189,15 @@ def find(path: str, name: str) -> list[str]:
     infos = fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True, recursive=True))
     root = fs_path.rstrip("/")
     return sorted(join(path, i.path[len(root):]) for i in infos if i.type == pafs.FileType.File and i.base_name == name)
+
+
+def walk(path: str) -> list[str]:
+    """Every file anywhere under directory ``path``, as ``/``-separated paths relative to it,
+    sorted; ``[]`` if it is missing (join them back with :func:`join`: a URI's query stays)."""
+    fs, fs_path = resolve(path)
+    infos = fs.get_file_info(pafs.FileSelector(fs_path, allow_not_found=True, recursive=True))
+    root = fs_path.rstrip("/") + "/"
+    return sorted(i.path[len(root):] for i in infos if i.type == pafs.FileType.File and i.path.startswith(root))
 
 
 def read_bytes(path: str) -> bytes:
@@ -257,8 +327,8 @@ def check_writable(path: str) -> None:
     Raises ``UserError`` with one line for: an unknown scheme or bad URI, a local path that is
     a file or cannot be created or written, and on an object store a missing bucket, missing
     or rejected credentials, or an endpoint that does not answer (in seconds: short timeouts,
-    no retries). For ``s3://`` the credentials must be in ``AWS_ACCESS_KEY_ID`` and
-    ``AWS_SECRET_ACCESS_KEY`` (or in the URI); the EC2 metadata service is then never needed,
+    no retries); a URI with credentials in it (:func:`refuse_credentials`). For ``s3://`` the
+    credentials must be in ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``; the EC2 metadata service is then never needed,
     and ``AWS_EC2_METADATA_DISABLED=true`` is set in ``os.environ`` unless already set, so
     that neither this process nor the Ray workers it starts wait on it.
     """
@@ -266,6 +336,7 @@ def check_writable(path: str) -> None:
     if not is_uri(path):
         _check_local(path, Path(absolute(path)))
         return
+    refuse_credentials(path)
     fs, fs_path = _with_deadline(lambda: _resolve_for_probe(path), path)
     if isinstance(fs, pafs.LocalFileSystem):
         _check_local(path, Path(fs_path))
@@ -300,6 +371,24 @@ def run_lock(run_dir: str, lock_dir: str | os.PathLike) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+# Environment variables that hold secrets: never put into a Ray runtime environment, which
+# Ray's runtime-env agent writes to its (world-readable) log and its GCS keeps for each actor.
+SECRET_ENV_VARS = frozenset({
+    "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN",
+})  # fmt: skip
+
+
+def keep_credentials_out_of_ray() -> None:
+    """Stop Ray Tune from copying the driver's AWS credentials into the runtime environment of
+    every trial actor (``ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE``): the trials
+    still have them where Ray's workers inherit the driver's environment (a local Ray), and a
+    cluster's nodes take them from their own environment, as this module's docs say. Call it
+    before a Tuner is fitted; calling it again does nothing."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.difference_update(SECRET_ENV_VARS)
 
 
 # -- internals -------------------------------------------------------------------------
@@ -385,7 +474,7 @@ def _resolve_for_probe(path: str) -> tuple[pafs.FileSystem, str]:
     """``resolve`` plus, for S3, the credential check and a client with short timeouts."""
     if urlsplit(path).scheme.lower() == "s3":
         keys = os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY")
-        if not keys and "@" not in urlsplit(path).netloc:
+        if not keys:
             raise UserError(
                 f"storage path {path}: no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(and AWS_ENDPOINT_URL for an S3-compatible server)"

@@ -1,12 +1,15 @@
-"""The trust boundary of ``--resume``: Ray's state is unpickled only if tltune signed it.
+"""The trust boundary of ``--resume`` and ``result_grid``: Ray's files are unpickled only if tltune signed them.
 
-Resuming a Tune experiment unpickles files of its directory (``tuner.pkl``, the trials
-hex-pickled inside ``experiment_state-*.json``, the searcher's ``*.pkl``): a planted file
-would run code. So every such file is signed when it is written, with an HMAC key that
-never leaves this machine's user account (``$TLTUNE_KEY_FILE``, else
-``~/.config/tltune/run-signing.key``), and a resume first checks each file against the
-signatures. An attacker who can write the run directory can add files and signatures, but
-cannot make a signature valid without the key.
+Resuming a Tune experiment, or reading it back as a ``ResultGrid``, unpickles files of its
+directory at every depth: at the top ``tuner.pkl``, the trials hex-pickled inside
+``experiment_state-*.json``, the searcher's ``*.pkl`` and the search generator's
+``*-state-*.json``; in a trial's folder the ``error.pkl`` Ray wrote when it failed; and
+the same again in a nested Tune experiment (``repeats/``). A planted file would run code.
+So every such file is signed when it is written, with an HMAC key that never leaves this
+machine's user account (``$TLTUNE_KEY_FILE``, else ``~/.config/tltune/run-signing.key``),
+and before Ray is handed the directory every file it may unpickle, at any depth, is checked
+against the signatures. An attacker who can write the run directory can add files and
+signatures, but cannot make a signature valid without the key.
 
 The signatures file is append-only and keyed by content: Ray rewrites its state every few
 seconds, and each version is signed before Ray uploads it (see ``raytune.sweep``), so after
@@ -88,34 +91,92 @@ def has_saved_state(names: list[str]) -> bool:
     return any(n.startswith("experiment_state-") for n in names)
 
 
-def signed_state_files(exp_dir: str) -> list[str]:
-    """The pickled state files of ``exp_dir``, each checked against tltune's signatures.
+# Below an experiment's top, the files Ray unpickles: every ``*.pkl`` (a trial's ``error.pkl``,
+# a class trainable's ``_dict_checkpoint.pkl``) but the one Ray only writes, and the JSON
+# documents that may embed cloudpickle (``TuneFunctionDecoder``'s CLOUDPICKLE_FALLBACK).
+NEVER_UNPICKLED = ("params.pkl",)  # Ray's JsonLoggerCallback writes the trial's config there and never reads it back
+CLOUDPICKLED_JSON = ("*state*.json", "trial_metadata.json")  # experiment_state-*, search_gen_state-*, basic-variant-state-*...
 
-    Raises :class:`UserError` naming the first file this user's tltune did not write. Nothing
-    is checked (``[]``) when there is no saved state to resume."""
-    names = [n for n in storage.list_dir(exp_dir) if is_pickled_state(n)]
-    if not has_saved_state(names):  # nothing will be unpickled: the experiment starts anew
-        return []
-    key_path = key_file()
-    if not key_path.exists():
-        raise UserError(
-            f"refusing to resume {exp_dir}: it was not created by tltune under this account (no signing key at {key_path}); "
-            f"--resume only continues your own runs (the key of the account that made it: ${KEY_ENV})"
-        )
-    key = signing_key()
+
+def may_unpickle(rel_path: str, experiment_dirs: set[str] = frozenset({""})) -> bool:
+    """Whether Ray may unpickle the file at ``rel_path`` (``/``-separated, relative to an
+    experiment directory) when it restores or reads back the experiment. ``experiment_dirs``:
+    the folders (relative, ``""`` the top) that are Tune experiments themselves, where
+    :func:`is_pickled_state` applies. Hidden files never are (Ray's names and patterns never
+    match them) and neither are tltune's own records."""
+    folder, _, name = rel_path.rpartition("/")
+    if name.startswith(".") or fnmatch.fnmatch(name, OWN_FILES):
+        return False
+    if folder in experiment_dirs and is_pickled_state(name):
+        return True
+    if name.endswith(".pkl"):
+        return name not in NEVER_UNPICKLED
+    return any(fnmatch.fnmatch(name, pattern) for pattern in CLOUDPICKLED_JSON)
+
+
+def known_signatures(exp_dir: str, files: list[str] | None = None) -> set[str]:
+    """The signatures recorded anywhere under ``exp_dir`` (its own and its nested Tune
+    experiments'); ``files``: the relative paths under it, if already listed. Where a
+    signature lies does not matter: none is valid without the key."""
+    if files is None:
+        files = storage.walk(exp_dir)
     known = set()
-    try:
-        for line in storage.read_text(storage.join(exp_dir, SIGNATURES_FILE)).splitlines():
+    for rel in files:
+        if rel.rpartition("/")[2] != SIGNATURES_FILE:
+            continue
+        try:
+            text = storage.read_text(storage.join(exp_dir, rel))
+        except FileNotFoundError:
+            continue
+        for line in text.splitlines():
             try:
                 known.add(json.loads(line)["hmac"])
             except (ValueError, TypeError, KeyError):
                 continue  # a line cut by a kill; the others still count
-    except FileNotFoundError:
-        pass
-    for name in names:
-        if signature(storage.read_bytes(storage.join(exp_dir, name)), key) not in known:
+    return known
+
+
+def is_signed(exp_dir: str, data: bytes) -> bool:
+    """Whether ``data`` is content this user's tltune signed under ``exp_dir`` (``False``
+    without a key: none is created). For a check at the moment Ray reads a file."""
+    if not key_file().exists():
+        return False
+    return signature(data, signing_key()) in known_signatures(exp_dir)
+
+
+def signed_state_files(exp_dir: str, purpose: str = "resume") -> list[str]:
+    """The files under ``exp_dir`` that Ray may unpickle (:func:`may_unpickle`), at every
+    depth, each checked against tltune's signatures; paths relative to ``exp_dir``.
+
+    Raises :class:`UserError` (``refusing to <purpose> ...``) naming the first file this
+    user's tltune did not write. Nothing
+    is checked (``[]``) when there is no saved state (an ``experiment_state-*.json``) at
+    any depth: Ray then unpickles nothing of the folder."""
+    files = storage.walk(exp_dir)
+    tops: dict[str, list[str]] = {}
+    for rel in files:
+        folder, _, name = rel.rpartition("/")
+        tops.setdefault(folder, []).append(name)
+    experiment_dirs = {f for f, names in tops.items() if "tuner.pkl" in names or has_saved_state(names)} | {""}
+    if not any(has_saved_state(tops.get(d, [])) for d in experiment_dirs):  # nothing will be unpickled
+        return []
+    names = [rel for rel in files if may_unpickle(rel, experiment_dirs)]
+    key_path = key_file()
+    if not key_path.exists():
+        raise UserError(
+            f"refusing to {purpose} {exp_dir}: it was not created by tltune under this account (no signing key at {key_path}); "
+            f"tltune hands Ray only your own runs (the key of the account that made it: ${KEY_ENV})"
+        )
+    key = signing_key()
+    known = known_signatures(exp_dir, files)
+    for rel in names:
+        try:
+            data = storage.read_bytes(storage.join(exp_dir, rel))
+        except FileNotFoundError:  # removed since listed (Ray replaced it): what Ray reads is checked when it is there
+            continue
+        if signature(data, key) not in known:
             raise UserError(
-                f"refusing to resume {exp_dir}: {name} is not a file tltune wrote (its signature does not match); "
+                f"refusing to {purpose} {exp_dir}: {rel} is not a file tltune wrote (its signature does not match); "
                 "the run directory may have been tampered with — start a new run instead"
             )
     return names

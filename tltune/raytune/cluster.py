@@ -56,6 +56,9 @@ def connect(address: str | None, py_modules: tuple[str, ...] = ()) -> None:
     """Join the cluster at ``address``, or start a local Ray bound to the loopback interface.
     ``py_modules``: local packages or ``.py`` files (users' model factories) that Ray ships to
     every node the trials run on."""
+    from tltune import storage
+
+    storage.keep_credentials_out_of_ray()  # Tune would copy AWS_SECRET_ACCESS_KEY into each trial's runtime env (and its log)
     runtime_env = {"py_modules": list(py_modules)} if py_modules else None
     if address is None:
         # Every Ray server binds to the node's IP, and Ray swaps a loopback node IP for the

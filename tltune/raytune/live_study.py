@@ -108,7 +108,7 @@ class LiveStudy(Callback):
 
     @property
     def study_name(self) -> str:
-        return self.exp_dir.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+        return storage.name(self.exp_dir)
 
     def _open(self) -> None:
         if self._study is not None:
@@ -210,7 +210,7 @@ class LiveStudy(Callback):
         if trial_id is None or self._study._storage.get_trial(trial_id).state.is_finished():
             return
         ended = as_result(trial, failed)
-        state, reason = ended_state(ended, failed, budget_stopped=trial.trial_id in budget.stopped_trials(self.exp_dir))
+        state, reason = ended_state(ended, failed, budget_stopped=getattr(trial, "trial_id", None) in budget.stopped_trials(self.exp_dir))
         journal = self._study._storage
         journal.set_trial_user_attr(trial_id, "stop_reason", reason)
         journal.set_trial_user_attr(trial_id, "epochs_run", ended.epochs_run)

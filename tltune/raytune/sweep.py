@@ -19,6 +19,7 @@ from pathlib import Path
 import ray
 from ray import tune
 from ray.tune.execution.tune_controller import TuneController
+from ray.tune.experiment.trial import Trial
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -471,9 +472,18 @@ def tune_environment():
 def signing_saved_state(exp_dir: str):
     """Tune saves its state to a local staging folder, then uploads it to ``exp_dir``; here
     each saved version is signed (:mod:`tltune.trust`) before that upload starts, so the
-    state in ``exp_dir`` is always one tltune signed, whenever the driver dies."""
+    state in ``exp_dir`` is always one tltune signed, whenever the driver dies. So is the
+    ``error.pkl`` Ray pickles into a failed trial's folder, as soon as Ray wrote it; and Ray
+    unpickles a trial's ``error.pkl`` (the ResultGrid ``fit`` returns) only if it is signed."""
     save = TuneController.save_to_dir
+    handle_error = Trial.handle_error
+    get_pickled_error = Trial.get_pickled_error
     signed = set()
+
+    def sign_new(files: dict[str, bytes]) -> None:
+        unsigned = {name: data for name, data in files.items() if (name, data) not in signed}
+        trust.sign(exp_dir, unsigned)
+        signed.update(unsigned.items())
 
     def save_and_sign(controller: TuneController) -> None:
         save(controller)
@@ -483,15 +493,37 @@ def signing_saved_state(exp_dir: str):
             if trust.is_pickled_state(path.name):
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):  # a temporary file Ray just renamed
                     saved[path.name] = path.read_bytes()
-        unsigned = {name: data for name, data in saved.items() if (name, data) not in signed}
-        trust.sign(exp_dir, unsigned)
-        signed.update(unsigned.items())
+        sign_new(saved)
+
+    def handle_and_sign_error(trial: Trial, exc=None) -> None:
+        handle_error(trial, exc)
+        pickled = trial.pickled_error_file  # the trial's error.pkl in the driver's staging folder, if Ray pickled one
+        if pickled:
+            with contextlib.suppress(FileNotFoundError):
+                sign_new({f"{Path(pickled).parent.name}/{Path(pickled).name}": Path(pickled).read_bytes()})
+
+    def signed_pickled_error(trial: Trial):
+        name = trial.run_metadata.pickled_error_filename
+        if name is None:
+            return None
+        try:
+            with trial.storage.storage_filesystem.open_input_stream(Path(trial.storage.trial_fs_path, name).as_posix()) as f:
+                data = f.readall()
+        except FileNotFoundError:
+            return None
+        if not trust.is_signed(exp_dir, data):  # replaced since Ray wrote it: Ray's text of the error instead
+            return None
+        return get_pickled_error(trial)
 
     TuneController.save_to_dir = save_and_sign
+    Trial.handle_error = handle_and_sign_error
+    Trial.get_pickled_error = signed_pickled_error
     try:
         yield
     finally:
         TuneController.save_to_dir = save
+        Trial.handle_error = handle_error
+        Trial.get_pickled_error = get_pickled_error
 
 
 def keep_study(exp_dir: str, space: dict) -> None:

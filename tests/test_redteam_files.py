@@ -1,0 +1,250 @@
+"""Red-team findings on the files of a run (issue 20, items 1 and 3).
+
+1. Nothing in a run folder runs code: a pickle planted where Ray reads one, at any depth
+   (a failed trial's ``error.pkl`` above all), is refused before Ray sees the folder, and a
+   trial error Ray pickled itself is signed as it is written, so a failed run still reads back.
+2. Credentials never leave the environment: a URI with credentials is refused in one line
+   that does not repeat the secret, the secret never reaches Ray's runtime environments
+   (whose agent logs them), and a URI's query options (``endpoint_override``...) are kept on
+   every path derived from it, so a run in such a bucket reads back after the sweep.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from s3server import s3, s3_server  # noqa: F401  (fixtures)
+from tltune import storage, trust
+from tltune.errors import UserError
+
+
+class Planted:
+    """A pickle that creates a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# -- 1. a failed trial's error.pkl -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def failed_run(tmp_path_factory):
+    """A real sweep whose only trial fails each of its 2 tries (the CNN refuses a 2-pixel
+    input inside the trial): Ray pickles the error into the trial's error.pkl."""
+    from test_trial_failures import tiny_splits
+    from tltune.errors import TrialsFailed
+    from tltune.experiments import EXPERIMENTS
+    from tltune.options import parse
+    from tltune.plan import experiment_settings
+    from tltune.raytune import run_sweep
+    from tltune.records import RunRecord
+    from tltune.settings import SweepPlan
+
+    run_dir = tmp_path_factory.mktemp("failed") / "run"
+    experiment = EXPERIMENTS["mnist-cnn"]
+    args = parse(["--num-samples", "1", "--max-epochs", "1", "--image-size", "2"])
+    settings = {experiment.name: dataclasses.replace(experiment_settings(experiment, args), dataset="tiny", max_failures=1)}
+    plan = SweepPlan(experiments=[experiment], settings=settings, splits={"tiny": tiny_splits()}, weights={},
+                     pretrained_states={}, run_dir=str(run_dir), record=RunRecord(), source_run=None, address=None,
+                     cpus_per_trial=1, gpus_per_trial=0)  # fmt: skip
+    with pytest.raises(TrialsFailed):
+        run_sweep(plan)
+    exp_dir = run_dir / experiment.name
+    (error_pkl,) = exp_dir.glob("*/error.pkl")
+    return SimpleRun(run_dir, exp_dir, error_pkl.relative_to(exp_dir).as_posix())
+
+
+@dataclasses.dataclass
+class SimpleRun:
+    run_dir: Path
+    exp_dir: Path
+    error_pkl: str  # relative to exp_dir
+
+
+@pytest.fixture
+def failed_copy(failed_run, tmp_path):
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(failed_run.run_dir, copy)
+    return SimpleRun(copy, copy / failed_run.exp_dir.name, failed_run.error_pkl)
+
+
+def test_the_error_ray_pickled_is_signed_as_it_is_written(failed_copy):
+    import tltune
+
+    assert failed_copy.error_pkl in trust.signed_state_files(str(failed_copy.exp_dir), purpose="read")
+    grid = tltune.load(failed_copy.run_dir)["mnist-cnn"].result_grid()
+    assert grid.num_errors == 1 and "must be at least 4" in str(grid[0].error)
+
+
+def test_a_planted_error_pickle_never_runs(failed_copy, tmp_path):
+    import tltune
+
+    marker = tmp_path / "pwned"
+    (failed_copy.exp_dir / failed_copy.error_pkl).write_bytes(pickle.dumps(Planted(marker)))
+    experiment = tltune.load(failed_copy.run_dir)["mnist-cnn"]  # the JSON records still read
+    with pytest.raises(UserError) as refused:
+        experiment.result_grid()
+    message = str(refused.value)
+    assert failed_copy.error_pkl in message and "not a file tltune wrote" in message and "\n" not in message
+    assert not marker.exists()
+
+
+def test_an_error_pickle_replaced_during_the_sweep_is_not_unpickled(tmp_path):
+    """The ResultGrid ``fit`` returns reads a failed trial's error.pkl back from storage: a
+    copy replaced there meanwhile is not unpickled (Ray's text of the error is used)."""
+    from types import SimpleNamespace
+
+    from ray.tune.experiment.trial import Trial
+
+    from tltune.raytune.sweep import signing_saved_state
+
+    marker = tmp_path / "pwned"
+    trial_dir = tmp_path / "exp" / "trial"
+    trial_dir.mkdir(parents=True)
+    (trial_dir / "error.pkl").write_bytes(pickle.dumps(Planted(marker)))
+    trial = SimpleNamespace(run_metadata=SimpleNamespace(pickled_error_filename="error.pkl"),
+                            storage=SimpleNamespace(storage_filesystem=storage.resolve(str(trial_dir))[0], trial_fs_path=str(trial_dir)))  # fmt: skip
+    with signing_saved_state(str(tmp_path / "exp")):
+        assert Trial.get_pickled_error(trial) is None
+    assert not marker.exists()
+
+
+# -- 2. credentials ----------------------------------------------------------------------
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize("uri", [
+    f"s3://AKIAEXAMPLE:{SECRET}@bucket/runs",
+    f"s3://AKIAEXAMPLE:{SECRET}@bucket/runs?endpoint_override=127.0.0.1:9&scheme=http",
+    f"gs://someone:{SECRET}@bucket/runs",
+    f"https://user:{SECRET}@host/runs",
+])  # fmt: skip
+def test_credentials_in_a_uri_are_refused_without_repeating_them(uri, tmp_path):
+    for call in (storage.absolute, storage.check_writable, storage.resolve, storage.exists):
+        with pytest.raises(UserError) as refused:
+            call(uri)
+        message = str(refused.value)
+        assert "credentials in the URI are refused" in message and SECRET not in message and "\n" not in message
+    assert "AWS_SECRET_ACCESS_KEY" in str(refused.value) or not uri.startswith("s3")
+
+
+def test_an_hdfs_user_name_is_no_secret():
+    assert storage.absolute("hdfs://alice@namenode:8020/runs") == "hdfs://alice@namenode:8020/runs"
+
+
+@pytest.mark.parametrize("command", ["sweep", "best", "report", "resume"])
+def test_the_command_line_refuses_credentials_in_one_line(command, tmp_path):
+    uri = f"s3://AKIAEXAMPLE:{SECRET}@bucket/runs"
+    argv = {
+        "sweep": ["sweep", "mnist", "--quick", "--storage-path", uri],
+        "best": ["best", uri],
+        "report": ["report", uri, "--out", str(tmp_path / "report")],
+        "resume": ["sweep", "mnist", "--resume", uri + "/run"],
+    }[command]
+    out = subprocess.run([sys.executable, "-m", "tltune", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                         env={**os.environ, "AWS_EC2_METADATA_DISABLED": "true"})  # fmt: skip
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert SECRET not in out.stdout + out.stderr
+    assert out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "credentials in the URI are refused" in out.stderr and "results:" not in out.stdout
+
+
+def test_ray_tune_puts_no_secret_in_a_trial_runtime_env(monkeypatch):
+    from ray.tune.execution.class_cache import _ActorClassCache
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET)
+    monkeypatch.setenv("AWS_SESSION_TOKEN", SECRET + "-token")
+    storage.keep_credentials_out_of_ray()
+    storage.keep_credentials_out_of_ray()  # twice: nothing more
+
+    class Trainable:
+        pass
+
+    remote = _ActorClassCache().get(Trainable)
+    runtime_env = json.dumps(remote._default_options.get("runtime_env") or {})
+    assert SECRET not in runtime_env and "AKIAEXAMPLE" not in runtime_env
+
+
+def test_connect_keeps_secrets_out_of_ray():
+    """cluster.connect (every sweep) makes the call: checked in its source, no Ray started."""
+    import inspect
+
+    from tltune.raytune import cluster
+
+    assert "keep_credentials_out_of_ray()" in inspect.getsource(cluster.connect)
+
+
+def _all_text_under(root: Path) -> str:
+    chunks = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                chunks.append(path.read_bytes().decode("utf-8", "replace"))
+            except OSError:
+                continue
+    return "\n".join(chunks)
+
+
+@pytest.mark.slow
+def test_a_run_in_a_bucket_named_by_uri_options_reads_back_and_leaks_no_secret(s3, real_data_root, tmp_path, monkeypatch):
+    """The endpoint only in the URI's query (no AWS_ENDPOINT_URL): the sweep, then `best`,
+    `report` and ``tltune.load`` all reach the same server; the secret (in the environment,
+    where it belongs) is nowhere in the bucket, the output, or Ray's session logs."""
+    secret = f"tltune-secret-{uuid.uuid4().hex}"
+    host = s3.endpoint.removeprefix("http://")
+    root = f"{s3.root}?endpoint_override={host}&scheme=http"
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
+    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    env.update(AWS_SECRET_ACCESS_KEY=secret, RAY_TMPDIR=ray_tmp)
+    argv = [sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", "mnist-cnn", "--num-samples", "1",
+            "--max-epochs", "1", "--epochs-range", "1", "1", "--train-subset", "300", "--test-subset", "200",
+            "--data-root", str(real_data_root), "--storage-path", root, "--name", "run"]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    run_dir = storage.join(root, "run")
+    assert f"results: {run_dir}" in out.stdout
+    printed = out.stdout + out.stderr
+
+    best = subprocess.run([sys.executable, "-m", "tltune", "best", run_dir], capture_output=True, text=True, timeout=120, env=env)
+    assert best.returncode == 0 and "damaged" not in best.stderr, best.stdout + best.stderr
+    assert "Best configuration of each experiment" in best.stdout and "MNIST" in best.stdout, best.stdout
+    report = subprocess.run([sys.executable, "-m", "tltune", "report", root, "--out", str(tmp_path / "report")],
+                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert report.returncode == 0 and "damaged" not in report.stderr, report.stdout + report.stderr[-3000:]
+    assert "mnist-cnn" in (tmp_path / "report" / "report.md").read_text()
+    printed += best.stdout + best.stderr + report.stdout + report.stderr
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # this process too: only the URI names the server
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    import tltune
+
+    run = tltune.load(run_dir)
+    experiment = run["mnist-cnn"]
+    assert experiment.status == "finished" and experiment.path == storage.join(run_dir, "mnist-cnn")
+
+    files = storage.walk(root)
+    assert any(f.endswith("runs.jsonl") for f in files) and any(f.endswith("tuner.pkl") for f in files)
+    for rel in files:
+        assert secret.encode() not in storage.read_bytes(storage.join(root, rel)), f"{rel} holds the secret"
+    assert secret not in printed
+    logs = _all_text_under(Path(ray_tmp))
+    assert "runtime_env" in logs, "Ray's session logs are where they were looked for"
+    assert secret not in logs, "a Ray log holds AWS_SECRET_ACCESS_KEY"
