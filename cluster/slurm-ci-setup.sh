@@ -30,7 +30,9 @@ if ! munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
 fi
 
 # slurm.conf: the node as `slurmd -C` sees it; everything talks over 127.0.0.1. Process tracking
-# and tasks without cgroups (containers often have none to give), no accounting.
+# and tasks without cgroups (containers often have none to give), no accounting. A requeued job
+# may start again after 10 s (cred_expire; Slurm's default holds it 120 s) and the scheduler
+# looks every 5 s (default 60 s, backfill 30 s), so the requeue tests take minutes, not ten.
 install -d -o slurm -g slurm /var/spool/slurmctld /var/log/slurm
 install -d /var/spool/slurmd /etc/slurm
 conf=$(mktemp)
@@ -39,6 +41,8 @@ ClusterName=tltune-ci
 SlurmctldHost=$node(127.0.0.1)
 SlurmUser=slurm
 AuthType=auth/munge
+AuthInfo=cred_expire=10
+SchedulerParameters=sched_interval=5,bf_interval=5
 StateSaveLocation=/var/spool/slurmctld
 SlurmdSpoolDir=/var/spool/slurmd
 SlurmctldPidFile=/run/slurmctld.pid

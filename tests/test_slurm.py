@@ -1,6 +1,9 @@
 """cluster/slurm.sbatch on a real Slurm (`cluster/slurm-ci-setup.sh` makes a one-node one): the
 job starts its own Ray cluster, runs a sweep against it, stops Ray and exits with the sweep's
-exit code. The test's tmp_path must be visible to the node the job runs on (true on one node)."""
+exit code; a time limit shorter than the sweep, or a requeue, costs nothing: the job goes on
+where it stopped until the sweep is done. Jobs are submitted from a plain environment (no RAY_*
+variables: Ray's own defaults). The test's tmp_path must be visible to the node the job runs on
+(true on one node)."""
 
 import json
 import os
@@ -10,6 +13,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
+from typing import NamedTuple
 
 import pytest
 
@@ -17,49 +22,62 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
+UNFINISHED = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "SIGNALING")
+
+
+class Job(NamedTuple):
+    rc: int  # the exit code of the job's last run
+    job_id: str
+    log: str  # the job's output, every run of it
+    restarts: int  # how often it was requeued
+
 
 @pytest.fixture
 def sbatch(tmp_path):
-    """Submit cluster/slurm.sbatch with these sweep arguments and wait: (exit code, job id, job output)."""
+    """Submit cluster/slurm.sbatch with these sweep arguments and wait for the job to end."""
     if not (shutil.which("sbatch") and shutil.which("sinfo")):
         pytest.skip("no Slurm here: `sudo bash cluster/slurm-ci-setup.sh` sets up a one-node one")
     idle = subprocess.run(["sinfo", "-h", "-t", "idle", "-o", "%n"], capture_output=True, text=True, timeout=30)
     if idle.returncode != 0 or not idle.stdout.strip():
         pytest.skip(f"no idle Slurm node: {idle.stdout.strip() or idle.stderr.strip() or 'sinfo shows none'}")
-    env = {**os.environ, "TLTUNE_DIR": str(ROOT), "TLTUNE_VENV": str(Path(sys.executable).parent.parent),
-           "RAY_AUTH_MODE": "disabled"}  # fmt: skip
-    env.pop("RAY_ADDRESS", None)
+    # as from a plain shell: none of Ray's settings (RAY_AUTH_MODE, RAY_ADDRESS...), so Ray's defaults
+    plain = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env = {**plain, "TLTUNE_DIR": str(ROOT), "TLTUNE_VENV": str(Path(sys.executable).parent.parent)}
 
-    def run(*sweep_args: str) -> tuple[int, str, str]:
+    def run(*sweep_args: str, options=("--time=15",), sweep: str = "cifar10", minutes: float = 20,
+            while_running: Callable[[str, dict], None] | None = None) -> Job:  # fmt: skip
         # polled with scontrol: `sbatch --wait` checks only after 2, 10, 42, 74... s
-        argv = ["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", "--time=15", f"--chdir={ROOT}",
+        argv = ["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", *options, f"--chdir={ROOT}",
                 f"--output={tmp_path}/job-%j.out", str(ROOT / "cluster" / "slurm.sbatch"), *sweep_args]  # fmt: skip
-        submit = subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env)
+        submit = subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**env, "SWEEP": sweep})
         if submit.returncode != 0 and os.geteuid() == 0:
             pytest.skip(f"Slurm refused a job from root (DisableRootJobs?): {submit.stderr.strip()}")
         assert submit.returncode == 0, submit.stderr
         job_id = submit.stdout.strip().split(";")[0]
         started, finished = time.time(), False
         try:
-            while (state := job_state(job_id))[0] in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED"):
-                if time.time() - started > 20 * 60:
-                    pytest.fail(f"slurm job {job_id} still {state[0]} after 20 minutes: cancelled")
+            while (state := job_state(job_id))["JobState"] in UNFINISHED:
+                if time.time() - started > minutes * 60:
+                    pytest.fail(f"slurm job {job_id} still {state['JobState']} after {minutes} minutes: cancelled")
+                if while_running:
+                    while_running(job_id, state)
                 time.sleep(1)
             finished = True
         finally:
             if not finished:
                 subprocess.run(["scancel", job_id], timeout=60)
-        print(f"slurm job {job_id}: {state[0]}, exit code {state[1]} after {time.time() - started:.0f}s")
-        return state[1], job_id, (tmp_path / f"job-{job_id}.out").read_text()
+        rc, restarts = int(state["ExitCode"].split(":")[0]), int(state["Restarts"])
+        print(f"slurm job {job_id}: {state['JobState']}, exit code {rc}, {restarts} requeue(s), after {time.time() - started:.0f}s")
+        return Job(rc, job_id, (tmp_path / f"job-{job_id}.out").read_text(), restarts)
 
     return run
 
 
-def job_state(job_id: str) -> tuple[str, int]:
-    """(state, exit code) from slurmctld, which keeps finished jobs for MinJobAge (300 s by default)."""
+def job_state(job_id: str) -> dict[str, str]:
+    """JobState, ExitCode, Restarts... from slurmctld, which keeps finished jobs for MinJobAge (300 s by default)."""
     show = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60)
     assert show.returncode == 0, show.stderr
-    return re.search(r"JobState=(\w+)", show.stdout).group(1), int(re.search(r"ExitCode=(\d+):", show.stdout).group(1))
+    return dict(re.findall(r"(\w+)=(\S*)", show.stdout))
 
 
 def ray_processes(job_id: str) -> list[str]:
@@ -74,12 +92,13 @@ def ray_processes(job_id: str) -> list[str]:
 
 
 def test_sweep_as_a_slurm_job(sbatch, real_data_root, tmp_path):
-    rc, job_id, log = sbatch(
+    rc, job_id, log, restarts = sbatch(
         "--quick", "--experiments", "cifar10-cnn-search", "--num-samples", "2", "--max-epochs", "1",
         "--train-subset", "300", "--test-subset", "100", "--data-root", str(real_data_root),
         "--storage-path", str(tmp_path), "--name", "slurm",
     )  # fmt: skip
-    assert rc == 0, log[-5000:]
+    assert rc == 0 and restarts == 0, log[-5000:]
+    assert "Ray authentication: token (a token of this job's own)" in log, "token authentication, from a plain shell"
     assert "tltune-slurm: Ray at" in log and "1 node(s), 2 CPUs" in log and "results:" in log, log[-5000:]
     summary = json.loads((tmp_path / "slurm" / "cifar10-cnn-search" / "tltune_best.json").read_text())
     assert summary["trials"] == 2 and summary["errored_trials"] == 0, summary
@@ -90,6 +109,74 @@ def test_sweep_as_a_slurm_job(sbatch, real_data_root, tmp_path):
 
 
 def test_the_job_exits_with_the_sweeps_exit_code(sbatch, tmp_path):
-    rc, job_id, log = sbatch("--experiments", "cifar10-cnn-search", "--num-samples", "0", "--storage-path", str(tmp_path))
-    assert rc == 2 and "error: " in log, log[-3000:]
+    rc, job_id, log, restarts = sbatch("--experiments", "cifar10-cnn-search", "--num-samples", "0", "--storage-path", str(tmp_path))
+    assert rc == 2 and "error: " in log and restarts == 0, log[-3000:]
     assert not ray_processes(job_id)
+
+
+def epochs_of_trials(exp_dir: Path) -> dict[str, list[int]]:
+    found = {}
+    for result in exp_dir.glob("*/result.json"):
+        rows = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
+        found[result.parent.name] = [r["training_iteration"] for r in rows]
+    return found
+
+
+def assert_done_once(job: Job, exp_dir: Path, trials: int) -> dict[str, list[int]]:
+    """The requeued job ended with the sweep done: every trial once, every epoch of it once."""
+    assert job.rc == 0, job.log[-6000:]
+    assert "Authentication token is missing" not in job.log
+    assert job.restarts >= 1 and job.log.count("tltune-slurm: resuming ") == job.restarts, job.log[-6000:]
+    epochs = epochs_of_trials(exp_dir)
+    assert len(epochs) == trials, f"every trial exactly once: {epochs}"
+    for trial, seen in epochs.items():
+        assert seen and seen == list(range(1, len(seen) + 1)), f"{trial}: each epoch once, none repeated: {seen}"
+    summary = json.loads((exp_dir / "tltune_best.json").read_text())
+    assert summary["trials"] == trials and summary["errored_trials"] == 0, summary
+    assert not Path(f"/tmp/ray-{job.job_id}").exists(), "the job removes its Ray temp dir"
+    assert not ray_processes(job.job_id), "the job stops its Ray processes"
+    return epochs
+
+
+def test_a_time_limit_shorter_than_the_sweep_costs_nothing(sbatch, real_data_root, tmp_path):
+    """--time=2 for a sweep of 2-3 minutes after Ray's start (18 epochs of 8000 images on 2 CPUs):
+    Slurm's notice (SIGTERM 20-80 s before the limit: Slurm looks every 30 s) stops the sweep,
+    which saves its state; the job requeues itself and resumes its run directory (named after the
+    job: no --name) until the sweep is done."""
+    job = sbatch(
+        "--quick", "--experiments", "mnist-cnn", "--num-samples", "6", "--max-epochs", "3", "--epochs-range", "3", "3",
+        "--grace-period", "3", "--train-subset", "8000", "--data-root", str(real_data_root), "--storage-path", str(tmp_path),
+        sweep="mnist", options=("--time=2", "--signal=B:TERM@20"), minutes=12,
+    )  # fmt: skip
+    epochs = assert_done_once(job, tmp_path / f"mnist-slurm-{job.job_id}" / "mnist-cnn", trials=6)
+    assert job.log.count("tltune-slurm: requeueing job") == job.restarts, "the job requeued itself each time"
+    assert "continue with --resume" in job.log and "DUE TO TIME LIMIT" not in job.log, "stopped before the limit"
+    assert all(seen == [1, 2, 3] for seen in epochs.values()), epochs
+
+
+def test_a_requeue_by_slurm_costs_nothing(sbatch, real_data_root, tmp_path):
+    """`scontrol requeue` of the running job (as preemption with PreemptMode=REQUEUE does): Slurm
+    ends every process of the job at once, then starts it again, and it resumes its run."""
+    exp_dir = tmp_path / "requeued" / "mnist-cnn"
+    before = {}
+
+    def requeue_part_way(job_id: str, state: dict) -> None:
+        if before or state["JobState"] != "RUNNING" or not exp_dir.exists():
+            return
+        epochs = epochs_of_trials(exp_dir)
+        if any(epochs.values()):  # a trial part-way, with its first epoch's checkpoint
+            before.update(epochs)
+            out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+
+    job = sbatch(
+        "--quick", "--experiments", "mnist-cnn", "--num-samples", "3", "--max-epochs", "2", "--epochs-range", "2", "2",
+        "--grace-period", "2", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "requeued",
+        sweep="mnist", minutes=8, while_running=requeue_part_way,
+    )  # fmt: skip
+    assert before, "requeued while trials were part-way"
+    assert job.restarts == 1 and "DUE TO JOB REQUEUE" in job.log, job.log[-6000:]
+    assert "tltune-slurm: requeueing job" not in job.log, "Slurm requeued it, not the job itself"
+    after = assert_done_once(job, exp_dir, trials=3)
+    assert all(after[t][: len(seen)] == seen for t, seen in before.items()), "unfinished trials go on, not over"
+    assert all(seen == [1, 2] for seen in after.values()), after
