@@ -139,6 +139,7 @@ def test_unreachable_address_fails_fast(capsys, real_data_root, tmp_path):
     assert code == 2 and "expected HOST:PORT" in err
 
 
+@pytest.mark.slow  # starts Ray
 def test_more_gpus_per_trial_than_any_node_has(capsys, real_data_root, tmp_path):
     code, err = run(["--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--weights", "none",
                      "--experiments", "cifar10-cnn-search", "--gpus-per-trial", "1"], capsys)  # fmt: skip

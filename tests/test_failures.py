@@ -4,11 +4,14 @@ import csv
 import io
 import json
 
+import pytest
+
 from tltune.cli import main
 from tltune.command import best_main, report_main
 from tltune.experiments import FAMILIES
 
 
+@pytest.mark.slow  # a real sweep of its own
 def test_a_diverging_trial_stops_with_its_reason(tmp_path, real_data_root, capsys):
     argv = ["--quick", "--experiments", "mnist-cnn",
             "--optimizer", "sgd", "--activation", "relu", "--lr", "1e12", "--epochs", "3", "--num-samples", "2", "--train-subset", "300",

@@ -83,6 +83,7 @@ def live_sweep(tmp_path_factory, real_data_root):
     return root / NAME, seen
 
 
+@pytest.mark.slow  # a real sweep watched while it runs
 def test_the_study_is_live_while_the_sweep_runs(live_sweep):
     _, seen = live_sweep
     assert any(seen), "the study had trials before the sweep ended"
@@ -92,6 +93,7 @@ def test_the_study_is_live_while_the_sweep_runs(live_sweep):
         assert {n: s for n, s in earlier.items() if s.is_finished()}.items() <= later.items()
 
 
+@pytest.mark.slow  # a real sweep watched while it runs
 def test_every_state_agrees_with_trials_csv_and_numbers_follow_start_order(live_sweep):
     run, _ = live_sweep
     out = subprocess.run([sys.executable, "-m", "tltune", "best", str(run), "--trials"], capture_output=True, text=True, check=True)
@@ -117,6 +119,7 @@ def test_every_state_agrees_with_trials_csv_and_numbers_follow_start_order(live_
         assert first_start[earlier] <= first_start[later] + 1.0, first_start
 
 
+@pytest.mark.slow  # a real sweep watched while it runs
 def test_optuna_dashboard_serves_the_finished_study(live_sweep):
     run, _ = live_sweep
     journal = run / EXPERIMENT / OPTUNA_JOURNAL

@@ -251,6 +251,7 @@ def test_the_compile_probe_runs_in_a_child_process(monkeypatch):
         check_compile("cuda")
 
 
+@pytest.mark.slow  # compiles in a child process
 def test_compile_where_it_cannot_run_is_one_error_line(tmp_path):
     """No C++ compiler, as on a slim image: torch.compile's CPU backend cannot build kernels."""
     env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CUDA_VISIBLE_DEVICES": ""}

@@ -84,6 +84,7 @@ def failed_copy(failed_run, tmp_path):
     return SimpleRun(copy, copy / failed_run.exp_dir.name, failed_run.error_pkl)
 
 
+@pytest.mark.slow  # a real sweep with failing trials
 def test_the_error_ray_pickled_is_signed_as_it_is_written(failed_copy):
     import tltune
 
@@ -92,6 +93,7 @@ def test_the_error_ray_pickled_is_signed_as_it_is_written(failed_copy):
     assert grid.num_errors == 1 and "must be at least 4" in str(grid[0].error)
 
 
+@pytest.mark.slow  # a real sweep with failing trials
 def test_a_planted_error_pickle_never_runs(failed_copy, tmp_path):
     import tltune
 
@@ -105,6 +107,7 @@ def test_a_planted_error_pickle_never_runs(failed_copy, tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.slow  # a real sweep with failing trials
 def test_an_error_pickle_replaced_during_the_sweep_is_not_unpickled(tmp_path):
     """The ResultGrid ``fit`` returns reads a failed trial's error.pkl back from storage: a
     copy replaced there meanwhile is not unpickled (Ray's text of the error is used)."""

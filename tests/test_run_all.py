@@ -3,15 +3,20 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 SCRIPT = """
 import sys
+
+import pytest
 from tltune.cli import main
 sys.exit(main(["mnist-cnn", "svhn-cnn"], "all", sys.argv[1:], run_all=True))
 """
 
 
+@pytest.mark.slow  # a real sweep of its own (README test command: 5 minutes)
 def test_all_skips_missing_data_and_finished_experiments(tmp_path, real_data_root):
     data = tmp_path / "data"
     data.mkdir()

@@ -313,6 +313,7 @@ def test_new_settings_are_checked():
     check_settings(dict(EXPERIMENTS[PLUS].reference), where="test")
 
 
+@pytest.mark.slow  # a real sweep of its own
 def test_a_tiny_real_sweep_of_the_extended_search(tmp_path, real_data_root, capsys):
     argv = [
         "--quick", "--num-samples", "2", "--train-subset", "500", "--test-subset", "200", "--max-epochs", "1",

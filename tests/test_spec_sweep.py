@@ -135,6 +135,7 @@ def test_tensorboard_hparams_has_the_new_dimensions(spec_run):
     assert (infos["dropout"].domain_interval.min_value, infos["dropout"].domain_interval.max_value) == (0.0, 0.5)
 
 
+@pytest.mark.slow  # two more sweeps
 def test_resume_and_warm_start_take_the_spec(spec_run, tmp_path):
     run_dir, _ = spec_run
     spec = run_dir.parents[1] / "spec" / "pets.yaml"

@@ -345,6 +345,7 @@ def mlflow_runs(tracked):
         yield SimpleNamespace(client=client, experiment=experiment, runs=runs)
 
 
+@pytest.mark.slow  # a real sweep logged to both trackers
 def test_mlflow_has_one_run_per_trial_with_its_hyperparameters_and_epochs(tracked, mlflow_runs):
     assert set(mlflow_runs.runs) == set(tracked.trials) and len(tracked.trials) == 3  # 3 trials, no repeats
     for name, trial in tracked.trials.items():
@@ -360,6 +361,7 @@ def test_mlflow_has_one_run_per_trial_with_its_hyperparameters_and_epochs(tracke
     assert {stop_reason(t, tracked.exp).split(" at ")[0] for t in tracked.trials.values()} >= {"completed"}
 
 
+@pytest.mark.slow  # a real sweep logged to both trackers
 def test_mlflow_has_the_test_accuracies_and_the_best_marked(tracked, mlflow_runs):
     summary = tracked.exp.summary
     tested = {summary.best_trial: summary.test_acc, summary.reference_trial["trial"]: summary.reference_trial["test_acc"]}
@@ -372,6 +374,7 @@ def test_mlflow_has_the_test_accuracies_and_the_best_marked(tracked, mlflow_runs
     assert f"MLflow: the runs of mnist-cnn are in file:{tracked.tmp}/mlruns" in tracked.stdout
 
 
+@pytest.mark.slow  # a real sweep logged to both trackers
 def test_wandb_has_one_offline_run_per_trial_with_config_summary_and_best(tracked):
     runs = [wandb_run(d) for d in sorted((tracked.tmp / "wandb").glob("offline-run-*"))]
     assert sorted(r.name for r in runs) == sorted(tracked.trials)  # one run per trial, none twice

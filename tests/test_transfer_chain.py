@@ -13,6 +13,8 @@ from tltune.experiments import FAMILIES
 from tltune.config import TrialConfig
 from tltune.train import load_checkpoint_config
 
+pytestmark = pytest.mark.slow  # three experiments end to end (README's test command: 5 minutes)
+
 
 @pytest.fixture(scope="module")
 def transfer_run(tmp_path_factory, real_data_root):
@@ -70,7 +72,6 @@ def test_transfer_without_a_source_fails_before_ray(transfer_run, tmp_path, caps
     assert "--source-run" in err and "Traceback" not in err and not ray.is_initialized()
 
 
-@pytest.mark.slow  # one more sweep
 def test_transfer_from_another_runs_source(transfer_run, tmp_path):
     run_dir, _, argv = transfer_run
     with_source = argv[:2] + ["--experiments", "mnist_to_svhn-finetune"] + argv[2:-4] + ["--storage-path", str(tmp_path), "--name", "y"]

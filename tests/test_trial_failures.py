@@ -29,6 +29,7 @@ def tiny_splits(n=40):
     return Splits(name="tiny", classes=["a", "b"], train=arrays(n), val=arrays(n // 4), test=arrays(n // 4), mean=(0.5,), std=(0.25,))
 
 
+@pytest.mark.slow  # a real sweep of its own
 def test_a_deterministic_error_in_every_trial_fails_the_experiment(tmp_path):
     """Inside the trial the CNN refuses a 2-pixel input (the CLI refuses it earlier): each
     retry fails the same way, and the experiment is recorded as failed with that cause."""

@@ -94,6 +94,7 @@ def assert_refused(out, what):
     assert "resuming" not in out.stdout  # refused before Ray started
 
 
+@pytest.mark.slow  # resumes a real sweep
 def test_a_run_tltune_made_resumes_from_a_copy(run_copy, resume_here):
     out = resume_here(run_copy)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

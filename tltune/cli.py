@@ -8,6 +8,7 @@ the best configurations and the seed-format table.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -32,10 +33,11 @@ def main(experiments: list[str | Experiment], description: str, argv: list[str] 
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except signals.Interrupted as stop:
-        if stop.run_dir:
-            print(f"\ninterrupted ({stop}): finished trials are kept in {stop.run_dir}; continue with --resume {stop.run_dir}", file=sys.stderr)
-        else:
-            print(f"\ninterrupted ({stop}) before the run started: nothing was written", file=sys.stderr)
+        with contextlib.suppress(OSError):  # SIGHUP: the terminal may be gone
+            if stop.run_dir:
+                print(f"\ninterrupted ({stop}): finished trials are kept in {stop.run_dir}; continue with --resume {stop.run_dir}", file=sys.stderr)
+            else:
+                print(f"\ninterrupted ({stop}) before the run started: nothing was written", file=sys.stderr)
         return stop.exit_code
     except TrialsFailed as exc:
         print_report(exc.run_dir)

@@ -178,4 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         print(f"error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    return command(argv[1:])
+    try:
+        return command(argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C in best, report, list (a sweep handles its signals itself)
+        print(f"\ninterrupted: tltune {argv[0]} stopped (it only reads runs: none was changed)", file=sys.stderr)
+        return 130

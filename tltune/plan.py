@@ -42,6 +42,17 @@ def choose_experiments(experiments: list[str | Experiment], only: tuple[str, ...
     return chosen
 
 
+def check_cache_dir(folder: Path) -> None:
+    """The cache (decoded datasets, backbone features, run locks) must be a writable folder."""
+    try:
+        (folder / "locks").mkdir(parents=True, exist_ok=True)
+        probe = folder / "locks" / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"the cache folder {folder} is not writable ({exc.strerror or exc}): set TLTUNE_CACHE_DIR to a writable folder") from None
+
+
 def make_factories_importable(chosen: list[Experiment]) -> None:
     """A user factory's module is looked up as Python would from where the user stands: the
     current directory, then the folder of the spec file naming it (as ``python -m`` would,
@@ -542,6 +553,8 @@ def _sweep(experiments, options: SweepOptions, run_all: bool, argv) -> SweepOutc
         run_dir = new_run_dir(options, chosen, run_all)
     from tltune.data import cache_dir
 
+    trust.check_key_file()  # a key that cannot be used is one line now, not after Ray started
+    check_cache_dir(cache_dir())
     with storage.run_lock(run_dir, cache_dir() / "locks"):
         if options.resume or run_all:
             chosen = skip_finished(chosen, run_dir, set_aside=not options.resume, settings=settings)

@@ -399,13 +399,18 @@ def difference_text(best: list[float], reference: list[float]) -> str:
 
 
 def reference_cap_note(exp: ExperimentResult) -> str:
-    """`` (4 of 10 epochs: --max-epochs)`` when the run trained the reference settings for fewer
-    epochs than declared (``--max-epochs``, ``--quick``), else empty."""
-    declared = exp.record.reference.get("epochs")
-    used = (exp.record.settings.get("reference") or {}).get("epochs")
-    if is_number(declared) and is_number(used) and used < declared:
-        return f" ({used} of {declared} epochs: --max-epochs)"
-    return ""
+    """What the "at the reference settings" trial ran where it differs from the declared
+    reference: `` (4 of 10 epochs: --max-epochs)`` (``--max-epochs``, ``--quick``), and any
+    value a flag replaced, `` (lr=1e-30, not 0.001)``; else empty."""
+    declared = exp.record.reference or {}
+    used = exp.record.settings.get("reference") or {}
+    notes = []
+    if is_number(declared.get("epochs")) and is_number(used.get("epochs")) and used["epochs"] < declared["epochs"]:
+        notes.append(f"{used['epochs']} of {declared['epochs']} epochs: --max-epochs")
+    for key, value in declared.items():
+        if key != "epochs" and key in used and used[key] != value:
+            notes.append(f"{key}={used[key]:g}, not {value:g}" if is_number(used[key]) and is_number(value) else f"{key}={used[key]}, not {value}")
+    return f" ({'; '.join(notes)})" if notes else ""
 
 
 BEST_IS_REFERENCE = "0 (the reference is the best)"

@@ -1,5 +1,6 @@
-"""Ctrl-C (SIGINT) and SIGTERM end a sweep the same way at any moment: what finished is
-kept, nothing unfinished is marked finished, and the command exits 130 / 143.
+"""Ctrl-C (SIGINT), SIGTERM and SIGHUP end a sweep the same way at any moment: what finished
+is kept, nothing unfinished is marked finished, Ray is shut down, and the command exits
+130 / 143 / 129.
 
 :func:`install` makes both signals raise :class:`Interrupted` in the main thread. While a
 phase that can stop gracefully runs (a Tune sweep, which then saves its state one last
@@ -13,7 +14,9 @@ import contextlib
 import signal
 from typing import Callable, Iterator
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal closed. Its default ends the process at once and leaves Ray's processes
+# behind; handled like SIGTERM, the sweep saves its state and Ray is shut down (exit 129).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 _graceful_stop: Callable[[], None] | None = None
 _received: list[int] = []
@@ -43,7 +46,7 @@ def _handle(signum: int, frame) -> None:
 
 
 def install() -> None:
-    """Route SIGINT and SIGTERM to :class:`Interrupted` (again after a library replaced them:
+    """Route SIGINT, SIGTERM and SIGHUP to :class:`Interrupted` (again after a library replaced them:
     Ray's core worker installs its own SIGTERM handler, which prints a C++ stack dump)."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, _handle)

@@ -23,8 +23,10 @@ and ``list_dir`` of a missing directory is empty rather than an error.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
+import stat
 import threading
 import uuid
 from pathlib import Path
@@ -201,8 +203,14 @@ def walk(path: str) -> list[str]:
 
 
 def read_bytes(path: str) -> bytes:
-    """The content of file ``path``; ``FileNotFoundError`` if it is missing."""
+    """The content of file ``path``; ``FileNotFoundError`` if it is missing. A local path that
+    is not a regular file (a FIFO, a device, a socket planted under a result file's name) is an
+    ``OSError``, never opened: reading a FIFO would wait for ever."""
     fs, fs_path = resolve(path)
+    if isinstance(fs, pafs.LocalFileSystem):
+        mode = os.stat(fs_path).st_mode  # follows symlinks: a link to a FIFO is caught too
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", fs_path)
     with fs.open_input_stream(fs_path) as f:
         return f.read()
 

@@ -24,6 +24,7 @@ import hmac
 import json
 import os
 import secrets
+import sys
 from pathlib import Path
 
 from tltune import storage
@@ -44,7 +45,7 @@ def key_file() -> Path:
 def signing_key() -> bytes:
     """This user's key, created on first use (readable by the user alone)."""
     path = key_file()
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -56,10 +57,28 @@ def signing_key() -> bytes:
             pass
         finally:
             tmp.unlink()
+    if path.is_dir():
+        raise UserError(f"the signing key {path} is a directory: point ${KEY_ENV} at a file (it is created if missing)")
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:  # others who can read it could sign a planted pickle: made private, and said so
+        try:
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            raise UserError(f"the signing key {path} is readable or writable by others (mode {mode:o}) and cannot be made private "
+                            f"({exc.strerror}): chmod 600 {path}") from None  # fmt: skip
+        print(f"warning: the signing key {path} was readable or writable by others (mode {mode:o}); it is now 600", file=sys.stderr)
     key = path.read_text().strip()
     if len(key) < 32:
         raise UserError(f"the signing key {path} is damaged: delete it (runs signed with it can no longer be resumed)")
     return key.encode()
+
+
+def check_key_file() -> None:
+    """A key file that exists but cannot be used (a directory, damaged, open to others) is one
+    line before anything runs; a missing one is made when a run is first signed."""
+    path = key_file()
+    if path.exists():
+        signing_key()
 
 
 def signature(data: bytes, key: bytes) -> str:

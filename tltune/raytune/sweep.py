@@ -581,7 +581,9 @@ def run_sweep(plan: SweepPlan) -> None:
 
     Resources are checked against the cluster before anything is written to the run
     directory, so a sweep that cannot run leaves nothing behind."""
-    cluster.connect(plan.address, plan.py_modules)
+    own_ray = not ray.is_initialized()  # tltune.run after the caller's own ray.init(): sweep on the caller's Ray, leave it running
+    if own_ray:
+        cluster.connect(plan.address, plan.py_modules)
     signals.install()  # again: Ray's core worker replaced the SIGTERM handler
     try:
         settings = {}
@@ -618,4 +620,5 @@ def run_sweep(plan: SweepPlan) -> None:
         if failures:
             raise TrialsFailed("; ".join(failures))
     finally:
-        cluster.disconnect()
+        if own_ray:
+            cluster.disconnect()

@@ -1,0 +1,139 @@
+"""Red-team findings, the smaller classes (issue 20 items 6 and 7): no hangs, no orphans, and
+one line instead of a traceback or a wrong word."""
+
+import http.server
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import ROOT
+from tltune import command, trust
+from tltune.cli import main
+from tltune.errors import UserError
+from tltune.raytune.address import check_reachable
+from tltune.results import reference_cap_note
+
+
+def test_an_address_where_a_non_ray_server_listens_is_one_line_at_once():
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(UserError, match="but not a Ray cluster"):
+        check_reachable(f"127.0.0.1:{server.server_port}")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    with pytest.raises(UserError, match="but not a Ray cluster"):
+        check_reachable(f"127.0.0.1:{silent.getsockname()[1]}", timeout=1)
+    assert time.monotonic() - started < 30
+    server.shutdown()
+
+
+def test_a_fifo_named_like_a_result_file_is_skipped_not_waited_on(tmp_path):
+    exp = tmp_path / "run" / "mnist-cnn"
+    exp.mkdir(parents=True)
+    (tmp_path / "run" / "runs.jsonl").write_text("{}\n")
+    (exp / "tltune_experiment.json").write_text(json.dumps({"name": "mnist-cnn", "dataset": "mnist"}))
+    os.mkfifo(exp / "tltune_best.json")
+    trial = exp / "t1"
+    trial.mkdir()
+    os.mkfifo(trial / "params.json")
+    out = subprocess.run([sys.executable, "-m", "tltune", "best", str(tmp_path / "run")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "not a regular file" in out.stderr
+
+
+def test_a_key_file_that_is_a_directory_is_one_line_before_anything(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TLTUNE_KEY_FILE", str(tmp_path))
+    code = main(["mnist-cnn"], "test", ["--storage-path", str(tmp_path / "results"), "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "is a directory" in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_key_others_can_read_is_made_private(tmp_path, monkeypatch, capsys):
+    key = tmp_path / "key"
+    key.write_text("a" * 64)
+    key.chmod(0o644)
+    monkeypatch.setenv("TLTUNE_KEY_FILE", str(key))
+    assert trust.signing_key() == b"a" * 64
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert "it is now 600" in capsys.readouterr().err
+
+
+def test_a_read_only_cache_is_one_line(tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o500)
+    monkeypatch.setenv("TLTUNE_CACHE_DIR", str(cache))
+    if os.access(cache, os.W_OK):  # root writes anywhere: a file where the folder should be instead
+        cache.chmod(0o700)
+        monkeypatch.setenv("TLTUNE_CACHE_DIR", str(tmp_path / "file"))
+        (tmp_path / "file").write_text("")
+    code = main(["mnist-cnn"], "test", ["--storage-path", str(tmp_path / "results"), "--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not writable" in err and "TLTUNE_CACHE_DIR" in err and err.count("\n") == 1
+
+
+def test_ctrl_c_in_report_is_exit_130_with_one_line(monkeypatch, capsys, tmp_path):
+    import tltune.report
+
+    def interrupted(paths, out):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tltune.report, "write_report", interrupted)
+    assert command.main(["report", str(tmp_path)]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("interrupted: tltune report stopped") and "\n" not in err
+
+
+def test_the_reference_column_says_what_actually_ran():
+    record = SimpleNamespace(reference={"optimizer": "adam", "lr": 0.001, "epochs": 5},
+                             settings={"reference": {"optimizer": "adam", "lr": 1e-30, "epochs": 2}})  # fmt: skip
+    note = reference_cap_note(SimpleNamespace(record=record))
+    assert note == " (2 of 5 epochs: --max-epochs; lr=1e-30, not 0.001)"
+
+
+@pytest.mark.slow
+def test_sighup_saves_the_state_and_leaves_no_ray_process(tmp_path, real_data_root):
+    argv = [sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", "mnist-cnn", "--num-samples", "4",
+            "--epochs-range", "5", "5", "--max-epochs", "5", "--grace-period", "5", "--train-subset", "3000",
+            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "hup"]  # fmt: skip
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list((tmp_path / "hup" / "mnist-cnn").glob("*/result.json")):
+        time.sleep(1)
+    driver.send_signal(signal.SIGHUP)
+    out, err = driver.communicate(timeout=180)
+    assert driver.returncode == 129, out[-2000:] + err[-2000:]
+    assert "interrupted (SIGHUP)" in err and "--resume" in err
+    time.sleep(3)
+    left = subprocess.run(["pgrep", "-s", str(driver.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, f"Ray processes left behind: {left}"
+    resumed = subprocess.run([sys.executable, "-m", "tltune", "sweep", "mnist", "--resume", str(tmp_path / "hup")],
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_tltune_run_after_the_callers_own_ray_init_uses_it(real_data_root, tmp_path):
+    script = f"""
+import ray, tltune
+ray.init(address="local", include_dashboard=False)
+run = tltune.run("mnist-cnn", quick=True, num_samples=1, max_epochs=1, train_subset=500, test_subset=200,
+                 data_root={str(real_data_root)!r}, storage_path={str(tmp_path)!r})
+assert run["mnist-cnn"].status == "finished", run["mnist-cnn"].status
+assert ray.is_initialized(), "the caller's Ray is still there"
+print("OK")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
