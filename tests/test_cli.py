@@ -13,11 +13,12 @@ from tltune.cli import main
 from tltune.errors import UserError
 from tltune.experiments import EXPERIMENTS, Experiment, LogUniform, max_epochs, validate
 
-CIFAR = ["cifar10-alexnet-finetune", "cifar10-alexnet-feature_extract", "cifar10-cnn-search"]
+# the MNIST rows: their data decodes in a second, ROWS-10 (60k JPEGs) in twenty
+ROWS = ["mnist-alexnet-finetune", "mnist-alexnet-feature_extract", "mnist-cnn"]
 
 
 def run(argv, capsys):
-    code = main(CIFAR, "test", argv)
+    code = main(ROWS, "test", argv)
     err = capsys.readouterr().err
     assert not ray.is_initialized(), "Ray is shut down after an error"
     return code, err
@@ -40,7 +41,7 @@ def offline_root(tmp_path, monkeypatch):
         (["--epochs-range", "5", "2"], "empty range"),
         (["--num-samples", "0"], "--num-samples must be at least 1"),
         (["--gpus-per-trial", "-1"], "--gpus-per-trial must be a number >= 0"),
-        (["--experiments", "cifar10-resnet"], "unknown experiment"),
+        (["--experiments", "mnist-resnet"], "unknown experiment"),
         (["--dataset", "imagenet22k"], "unknown dataset 'imagenet22k'"),
         (["--weights", "/nonexistent/alexnet.pth"], "does not exist"),
     ],
@@ -61,7 +62,7 @@ def test_wrong_architecture_weights_file(tmp_path, capsys, real_data_root):
 def test_unknown_choices_are_refused_by_the_parser(capsys):
     for argv in (["--optimizer", "lbfgs"], ["--activation", "swish"]):
         with pytest.raises(SystemExit) as exit_info:
-            main(CIFAR, "test", argv)
+            main(ROWS, "test", argv)
         assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
@@ -73,14 +74,14 @@ def test_missing_dataset_offline_names_data_root(offline_root, capsys, monkeypat
 
     monkeypatch.setattr(socket.socket, "connect", no_network)
     code, err = run(["--data-root", str(offline_root), "--storage-path", str(offline_root)], capsys)
-    assert code == 2 and "--data-root" in err and "cifar10" in err
+    assert code == 2 and "--data-root" in err and "mnist" in err
 
 
 def test_existing_run_directory_is_never_overwritten(tmp_path, capsys, real_data_root):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.json").write_text("{}")
     argv = ["--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "mine", "--weights", "none",
-            "--experiments", "cifar10-cnn-search"]  # fmt: skip
+            "--experiments", "mnist-cnn"]  # fmt: skip
     code, err = run(argv, capsys)
     assert code == 2 and "already exists" in err
     assert (tmp_path / "mine" / "precious.json").read_text() == "{}"
@@ -132,16 +133,16 @@ def test_unreachable_address_fails_fast(capsys, real_data_root, tmp_path):
         port = probe.getsockname()[1]
     started = time.time()
     code, err = run(["--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--weights", "none",
-                     "--experiments", "cifar10-cnn-search", "--address", f"127.0.0.1:{port}"], capsys)  # fmt: skip
+                     "--experiments", "mnist-cnn", "--address", f"127.0.0.1:{port}"], capsys)  # fmt: skip
     assert code == 2 and "no Ray cluster answers at" in err and time.time() - started < 60
     code, err = run(["--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--weights", "none",
-                     "--experiments", "cifar10-cnn-search", "--address", "nonsense"], capsys)  # fmt: skip
+                     "--experiments", "mnist-cnn", "--address", "nonsense"], capsys)  # fmt: skip
     assert code == 2 and "expected HOST:PORT" in err
 
 
 @pytest.mark.slow  # starts Ray
 def test_more_gpus_per_trial_than_any_node_has(capsys, real_data_root, tmp_path):
     code, err = run(["--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--weights", "none",
-                     "--experiments", "cifar10-cnn-search", "--gpus-per-trial", "1"], capsys)  # fmt: skip
+                     "--experiments", "mnist-cnn", "--gpus-per-trial", "1"], capsys)  # fmt: skip
     assert code == 2 and "trials would wait forever" in err and "1 GPUs" in err
     assert list(tmp_path.iterdir()) == [], "no run directory for a run that could not start"

@@ -14,6 +14,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT
 
 
+# The main job (README's first command) end to end: CIFAR-10 decoded and a sweep with AlexNet rows, about a
+# minute, so it runs with the slow suite; `tltune sweep` itself is smoke-tested by the session's MNIST run.
+pytestmark = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory, real_data_root):
     tmp = tmp_path_factory.mktemp("sweep")
