@@ -1,5 +1,3 @@
-import time
-
 import numpy as np
 import pytest
 import torch
@@ -17,6 +15,7 @@ def test_mnist_real_idx_files(real_data_root):
     assert abs(ds.train.images.mean() - 33.318) < 0.01
 
 
+@pytest.mark.slow  # decodes the real 60k JPEGs (twenty seconds)
 def test_cifar10_class_folders_and_disk_cache(real_data_root, monkeypatch):
     first = load_dataset("cifar10", real_data_root)
     assert first.train.images.shape == (50000, 32, 32, 3) and len(first.test) == 10000
@@ -26,9 +25,7 @@ def test_cifar10_class_folders_and_disk_cache(real_data_root, monkeypatch):
         raise AssertionError("second load must come from the disk cache")
 
     monkeypatch.setattr("tltune.data.load_class_folders", decode)
-    started = time.perf_counter()
-    again = load_dataset("cifar10", real_data_root)
-    assert time.perf_counter() - started < 3.0  # 0.6 s on an idle machine, 12 s to decode
+    again = load_dataset("cifar10", real_data_root)  # would raise if it decoded again
     assert np.array_equal(first.train.images, again.train.images)
 
 

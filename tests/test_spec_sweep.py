@@ -41,7 +41,7 @@ def spec_text(data: str) -> str:
               optimizer: {{choice: [sgd, adam]}}
               lr: {{loguniform: [1.0e-4, 1.0e-1]}}
               epochs: {{int: [1, 2]}}
-            num_samples: 5
+            num_samples: 4
             grace_period: 1
             repeats: 1
           - name: tiny-factory
@@ -91,7 +91,7 @@ def test_trials_csv_has_the_new_dimensions(spec_run):
     run_dir, _ = spec_run
     rows = list(csv.DictReader(io.StringIO(tltune("best", str(run_dir), "--trials").stdout)))
     backbones = [r for r in rows if r["experiment"] == "tiny-backbones"]
-    assert len(backbones) == 5
+    assert len(backbones) == 4
     assert {r["config/model"] for r in backbones} <= {"resnet18", "mobilenet_v3_small"}
     assert {r["config/mode"] for r in backbones} <= {"finetune", "feature_extract"}
     factory = [r for r in rows if r["experiment"] == "tiny-factory"]
@@ -107,7 +107,7 @@ def test_the_optuna_study_holds_model_and_mode(spec_run):
     run_dir, _ = spec_run
     storage = JournalStorage(JournalFileBackend(str(run_dir / "tiny-backbones" / "optuna.journal")))
     study = optuna.load_study(study_name="tiny-backbones", storage=storage)
-    assert len(study.trials) == 5
+    assert len(study.trials) == 4
     assert all({"model", "mode", "lr"} <= set(t.params) for t in study.trials)
 
 
