@@ -109,10 +109,11 @@ def test_a_user_factory_reaches_every_node_with_the_trials(cluster, real_data_ro
     cluster, _ = cluster
     project = tmp_path / "project"
     project.mkdir()
+    marker = tmp_path / "built-from.txt"  # the nodes' workers do not inherit the driver's environment: a path in the code
     (project / "usernet.py").write_text(
-        "import os\nimport torch.nn as nn\n\n\n"
+        "import torch.nn as nn\n\n\n"
         "def build(num_classes, hidden=16):\n"
-        "    with open(os.environ['USERNET_MARKER'], 'a') as f:\n"
+        f"    with open({str(marker)!r}, 'a') as f:\n"
         "        f.write(__file__ + '\\n')\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n"
     )
@@ -128,11 +129,10 @@ def test_a_user_factory_reaches_every_node_with_the_trials(cluster, real_data_ro
         "    num_samples: 4\n"
         "    repeats: 1\n"
     )
-    marker = tmp_path / "built-from.txt"
     argv = [sys.executable, "-m", "tltune", "sweep", str(project / "spec.yaml"), "--train-subset", "600", "--test-subset", "200",
             "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "usernet", "--address", cluster.address,
             "--cpus-per-trial", "1", "--gpus-per-trial", "0"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path, env={**__import__("os").environ, "USERNET_MARKER": str(marker)})
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     node_ids = {rows[0]["node_id"] for rows in trials(tmp_path / "usernet" / "usernet").values()}
     assert len(node_ids) == 2, "trials ran on both worker nodes"
