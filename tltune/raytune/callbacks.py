@@ -112,7 +112,9 @@ class TensorBoardCallback(tune.Callback):
         writer.flush()
         self._upload(trial)
         if self._print_progress:
-            varied = ", ".join(f"{k}={_short(v)}" for k, v in trial.config.items() if k in ("optimizer", "activation", "lr"))
+            searched = getattr(trial, "evaluated_params", None) or {}  # the model and mode only where searched
+            shown = [k for k in ("model", "mode") if k in searched] + ["optimizer", "activation", "lr"]
+            varied = ", ".join(f"{k}={_short(trial.config[k])}" for k in shown if k in trial.config)
             print(
                 f"  {trial.trial_id} ({varied}) epoch {step}/{trial.config['epochs']}: "
                 f"train_loss {result['train_loss']:.3f}  val_acc {100 * result['val_acc']:.2f}%",
