@@ -58,8 +58,26 @@ def interrupted_run(tmp_path_factory, real_data_root):
     return base / "run"
 
 
+@pytest.fixture(scope="module")
+def unfinished_run(mnist_run, tmp_path_factory):
+    """The session's MNIST run with its CNN experiment made unfinished (its summary removed):
+    Tune's signed state at every depth (repeats/ included), and --resume's checks, without a
+    sweep of this module's own (the interrupted one above resumes in the slow suite)."""
+    copy = tmp_path_factory.mktemp("unfinished") / "run"
+    shutil.copytree(mnist_run.run_dir, copy)
+    (copy / EXPERIMENT / "tltune_best.json").unlink()
+    return copy
+
+
 @pytest.fixture
-def run_copy(interrupted_run, tmp_path):
+def run_copy(unfinished_run, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(unfinished_run, copy)
+    return copy
+
+
+@pytest.fixture
+def interrupted_copy(interrupted_run, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(interrupted_run, copy)
     return copy
@@ -95,10 +113,10 @@ def assert_refused(out, what):
 
 
 @pytest.mark.slow  # resumes a real sweep
-def test_a_run_tltune_made_resumes_from_a_copy(run_copy, resume_here):
-    out = resume_here(run_copy)
+def test_a_run_tltune_made_resumes_from_a_copy(interrupted_copy, resume_here):
+    out = resume_here(interrupted_copy)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (run_copy / EXPERIMENT / "tltune_best.json").is_file()
+    assert (interrupted_copy / EXPERIMENT / "tltune_best.json").is_file()
 
 
 def test_a_planted_searcher_pickle_never_runs(run_copy, resume_here, tmp_path):
