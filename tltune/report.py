@@ -272,6 +272,19 @@ def top_trials(exp: ExperimentResult) -> str:
     return "\n".join(lines)
 
 
+def save_grid(fig, axes, used: int, path: Path, bottom: float = 0.0) -> Path:
+    """Save a grid of per-experiment panels: the unused panels hidden, ``bottom`` of the height
+    left for a legend."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plot_learning_curves(found, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -288,13 +301,7 @@ def plot_learning_curves(found, out: Path) -> Path:
         ax.set_xlabel("epoch")
         ax.set_ylabel("val accuracy (%)")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    path = out / "learning_curves.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_grid(fig, axes, len(names), out / "learning_curves.png")
 
 
 def plot_accuracy_vs_lr(found, out: Path) -> Path:
@@ -331,13 +338,7 @@ def plot_accuracy_vs_lr(found, out: Path) -> Path:
         plt.Line2D([], [], color="k", marker="x", ls="", label="diverged"),
     ]
     fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=7)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    fig.tight_layout(rect=(0, legend_h / fig.get_figheight(), 1, 1))
-    path = out / "accuracy_vs_lr.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return save_grid(fig, axes, len(names), out / "accuracy_vs_lr.png", bottom=legend_h / fig.get_figheight())
 
 
 def plot_accuracy_vs_compute(found, out: Path) -> tuple[Path, list[str]]:
@@ -346,7 +347,8 @@ def plot_accuracy_vs_compute(found, out: Path) -> tuple[Path, list[str]]:
     one line per experiment naming that trial."""
     import matplotlib.pyplot as plt
 
-    fronts = {name: (trial_rows([exp]), pareto_front(trial_rows([exp]))) for name, exp in found.items()}
+    rows_of = {name: trial_rows([exp]) for name, exp in found.items()}
+    fronts = {name: (rows, pareto_front(rows)) for name, rows in rows_of.items()}
     names = [n for n, (_, f) in fronts.items() if f["front"]]
     cols = min(3, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
@@ -370,13 +372,7 @@ def plot_accuracy_vs_compute(found, out: Path) -> tuple[Path, list[str]]:
         ax.set_xlabel(f"{COMPUTE_UNITS[unit]} held")
         ax.set_ylabel("final val accuracy (%)")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(names) :]:
-        ax.axis("off")
-    fig.tight_layout()
-    path = out / "accuracy_vs_compute.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path, notes
+    return save_grid(fig, axes, len(names), out / "accuracy_vs_compute.png"), notes
 
 
 def finetune_vs_extract_bars(found: dict[str, ExperimentResult]) -> dict[str, dict[str, tuple[float | None, float | None]]]:
