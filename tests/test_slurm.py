@@ -139,14 +139,16 @@ def assert_done_once(job: Job, exp_dir: Path, trials: int) -> dict[str, list[int
 
 
 def test_a_time_limit_shorter_than_the_sweep_costs_nothing(sbatch, real_data_root, tmp_path):
-    """--time=2 for a sweep of 2-3 minutes after Ray's start (18 epochs of 8000 images on 2 CPUs):
-    Slurm's notice (SIGTERM 20-80 s before the limit: Slurm looks every 30 s) stops the sweep,
-    which saves its state; the job requeues itself and resumes its run directory (named after the
-    job: no --name) until the sweep is done."""
+    """--time=2 with Slurm's notice (SIGTERM 40-70 s before the limit: Slurm looks every 30 s), so
+    at most 80 s after the start (70 s into the sweep), for a sweep of 18 epochs of 12000 images:
+    about 105 s of training on 2 CPUs (18 epochs of 8000 took 71 s on CI, and once finished
+    before a notice sent 20-50 s before the limit came).
+    The notice stops the sweep, which saves its state; the job requeues itself and resumes its run
+    directory (named after the job: no --name) until the sweep is done."""
     job = sbatch(
         "--quick", "--experiments", "mnist-cnn", "--num-samples", "6", "--max-epochs", "3", "--epochs-range", "3", "3",
-        "--grace-period", "3", "--train-subset", "8000", "--data-root", str(real_data_root), "--storage-path", str(tmp_path),
-        sweep="mnist", options=("--time=2", "--signal=B:TERM@20"), minutes=12,
+        "--grace-period", "3", "--train-subset", "12000", "--data-root", str(real_data_root), "--storage-path", str(tmp_path),
+        sweep="mnist", options=("--time=2", "--signal=B:TERM@40"), minutes=15,
     )  # fmt: skip
     epochs = assert_done_once(job, tmp_path / f"mnist-slurm-{job.job_id}" / "mnist-cnn", trials=6)
     assert job.log.count("tltune-slurm: requeueing job") == job.restarts, "the job requeued itself each time"
