@@ -80,3 +80,25 @@ def mnist_run(tmp_path_factory, real_data_root):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     (run_dir,) = (tmp / "results").iterdir()
     return SimpleNamespace(run_dir=run_dir, stdout=out.stdout, stderr=out.stderr, argv=argv, tmp=tmp)
+
+
+@pytest.fixture
+def command(capsys):
+    """``tltune ARGV...`` in this process (checks that end before Ray need no interpreter of their
+    own): ``(exit code, stdout, stderr)``; the signal handlers the sweep installs are put back."""
+    import signal
+
+    from tltune.command import main
+    from tltune.signals import STOP_SIGNALS
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        handlers = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+        try:
+            code = main(list(argv))
+        finally:
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -15,15 +15,16 @@ from tltune.train import build_optimizer, evaluate, load_checkpoint, save_checkp
 ALEXNET_64 = ModelSpec("alexnet", image_size=64)
 
 
-def small_splits(real_data_root):
-    return make_splits(load_dataset("cifar10", real_data_root), train_subset=200, test_subset=50)
+def small_splits(real_data_root, train_subset=200):
+    """Real MNIST digits (read in a fraction of a second; CIFAR-10's 60k JPEGs take half a minute to decode)."""
+    return make_splits(load_dataset("mnist", real_data_root), train_subset=train_subset, test_subset=50)
 
 
 def test_cached_and_naive_feature_extraction_give_the_same_logits(real_data_root, tmp_path):
     splits = small_splits(real_data_root)
     torch.manual_seed(0)
     state = torchvision.models.alexnet().state_dict()
-    config = TrialConfig(dataset="cifar10", model="alexnet", mode="feature_extract", optimizer="sgd", lr=0.01, epochs=1,
+    config = TrialConfig(dataset="mnist", model="alexnet", mode="feature_extract", optimizer="sgd", lr=0.01, epochs=1,
                          batch_size=64, seed=0, image_size=64)  # fmt: skip
     naive, transform = setup_model(config, splits, state)
     cached_splits = feature_splits(splits, config.model_spec, state)
@@ -66,4 +67,4 @@ def test_cache_key_changes_with_weights_and_input_size(real_data_root):
     other["features.0.bias"] = state["features.0.bias"] + 1e-3
     assert feature_key(splits, other, ALEXNET_64) != key
     assert feature_key(splits, state, replace(ALEXNET_64, image_size=96)) != key
-    assert feature_key(make_splits(load_dataset("cifar10", real_data_root), train_subset=201, test_subset=50), state, ALEXNET_64) != key
+    assert feature_key(small_splits(real_data_root, train_subset=201), state, ALEXNET_64) != key

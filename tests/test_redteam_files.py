@@ -152,21 +152,22 @@ def test_an_hdfs_user_name_is_no_secret():
     assert storage.absolute("hdfs://alice@namenode:8020/runs") == "hdfs://alice@namenode:8020/runs"
 
 
-@pytest.mark.parametrize("command", ["sweep", "best", "report", "resume"])
-def test_the_command_line_refuses_credentials_in_one_line(command, tmp_path):
+@pytest.mark.parametrize("command_name", ["sweep", "best", "report", "resume"])
+def test_the_command_line_refuses_credentials_in_one_line(command_name, tmp_path, command, monkeypatch):
     uri = f"s3://AKIAEXAMPLE:{SECRET}@bucket/runs"
     argv = {
         "sweep": ["sweep", "mnist", "--quick", "--storage-path", uri],
         "best": ["best", uri],
         "report": ["report", uri, "--out", str(tmp_path / "report")],
         "resume": ["sweep", "mnist", "--resume", uri + "/run"],
-    }[command]
-    out = subprocess.run([sys.executable, "-m", "tltune", *argv], capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                         env={**os.environ, "AWS_EC2_METADATA_DISABLED": "true"})  # fmt: skip
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert SECRET not in out.stdout + out.stderr
-    assert out.stderr.startswith("error: ") and len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert "credentials in the URI are refused" in out.stderr and "results:" not in out.stdout
+    }[command_name]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    code, out, err = command(*argv)
+    assert code == 2, out + err
+    assert SECRET not in out + err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "credentials in the URI are refused" in err and "results:" not in out
 
 
 def test_ray_tune_puts_no_secret_in_a_trial_runtime_env(monkeypatch):

@@ -2,6 +2,7 @@
 own settings instead of silently ignoring new ones."""
 
 import json
+from types import SimpleNamespace
 import subprocess
 import sys
 
@@ -13,14 +14,17 @@ from tltune.options import parse
 from tltune.data import cache_dir
 
 
-def sweep(*argv):
-    return subprocess.run([sys.executable, str(ROOT / "sweeps" / "mnist.py"), *argv], capture_output=True, text=True, timeout=120)
+@pytest.fixture
+def sweep(command):
+    """``sweeps/mnist.py ARGV`` (``tltune sweep mnist``) in this process: its stderr and exit code."""
+    return lambda *argv: SimpleNamespace(**dict(zip(("returncode", "stdout", "stderr"), command("sweep", "mnist", *argv))))
 
 
 def test_a_run_being_written_is_refused_to_a_second_process(tmp_path, real_data_root):
     run_dir = tmp_path / "busy"
     with storage.run_lock(str(run_dir), cache_dir() / "locks"):
-        out = sweep("--quick", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "busy")
+        out = subprocess.run([sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--quick", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "busy"],
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and "is being written by tltune process" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert not run_dir.exists()
 
@@ -38,7 +42,7 @@ OLD_RECORD = {
 
 
 @pytest.mark.parametrize("made_by", ["tltune 0.1 before SweepOptions", "SweepOptions"])
-def test_resume_refuses_flags_that_change_the_run(tmp_path, made_by):
+def test_resume_refuses_flags_that_change_the_run(tmp_path, made_by, sweep):
     no_data = str(tmp_path / "no-data")
     if made_by == "SweepOptions":
         record = {"started": "2026-12-01 10:00:00", "argv": [], "options": parse(["--quick", "--lr", "0.01", "--data-root", no_data]).record()}

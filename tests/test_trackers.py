@@ -140,14 +140,15 @@ def test_wandb_offline_or_disabled_needs_no_login(clean_env, tmp_path, capsys, m
     assert (f"its run files go to {tmp_path / 'wandb'}" in said) == (trackers.wandb_mode() == "offline")
 
 
-def test_the_command_stops_before_ray_with_one_line(tmp_path, real_data_root):
-    env = {k: v for k, v in os.environ.items() if k not in TRACKER_ENV}
-    env["MLFLOW_TRACKING_URI"] = f"http://127.0.0.1:{free_port()}"
-    argv = [sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", "mnist-cnn",
-            "--data-root", str(real_data_root), "--storage-path", str(tmp_path / "results"), "--log-to", "mlflow", "wandb"]  # fmt: skip
-    out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert len(out.stderr.strip().splitlines()) == 1 and "not reachable" in out.stderr, out.stderr
+def test_the_command_stops_before_ray_with_one_line(tmp_path, real_data_root, command, monkeypatch):
+    for name in TRACKER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = command("sweep", "mnist", "--quick", "--experiments", "mnist-cnn", "--data-root", str(real_data_root),
+                             "--storage-path", str(tmp_path / "results"), "--log-to", "mlflow", "wandb")  # fmt: skip
+    assert code == 2, out + err
+    assert len(err.strip().splitlines()) == 1 and "not reachable" in err, err
     assert not (tmp_path / "results").exists()  # no run started
 
 
