@@ -13,7 +13,7 @@ import os
 import sys
 
 from tltune import signals, storage
-from tltune.errors import TrialsFailed, UserError
+from tltune.errors import StorageFull, TrialsFailed, UserError
 from tltune.experiments import Experiment
 from tltune.options import SweepOptions, build_parser
 
@@ -39,6 +39,10 @@ def main(experiments: list[str | Experiment], description: str, argv: list[str] 
             else:
                 print(f"\ninterrupted ({stop}) before the run started: nothing was written", file=sys.stderr)
         return stop.exit_code
+    except StorageFull as full:
+        resume = f" {full.run_dir}" if full.run_dir else ""
+        print(f"error: {full}{resume}", file=sys.stderr)
+        return 1
     except TrialsFailed as exc:
         print_report(exc.run_dir)
         print(f"error: {exc}", file=sys.stderr)

@@ -10,3 +10,27 @@ class TrialsFailed(Exception):
     message names the experiment and the first trial's error, on one line."""
 
     run_dir: str | None = None  # the run holding the failed experiments
+
+
+class StorageFull(Exception):
+    """The run's storage ran out of space mid-run (a full disk, a quota): the sweep stopped,
+    the state it last saved whole is kept, and ``--resume`` goes on once there is space.
+    The CLI prints the message and exits with code 1."""
+
+    run_dir: str | None = None
+
+
+def is_storage_full(error: BaseException | None) -> bool:
+    """Whether ``error``, or an error it wraps (Ray's task errors, ``raise ... from``), is a
+    full disk or quota: ENOSPC or EDQUOT, or their text where a library kept only the text."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(text in str(error) for text in ("No space left on device", "Disk quota exceeded", "[errno 28]")):
+            return True
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return False

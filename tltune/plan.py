@@ -18,7 +18,7 @@ from pathlib import Path
 from tltune import console, signals, storage, trust
 from tltune.catalog import LOGICAL_GPUS_ENV, PRETRAINED_MODES
 from tltune.config import model_shape_keys
-from tltune.errors import TrialsFailed, UserError
+from tltune.errors import StorageFull, TrialsFailed, UserError, is_storage_full
 from tltune.experiments import EXPERIMENTS, Experiment, IntRange, LogUniform, get_experiment, max_epochs, validate
 from tltune.options import DEFAULT_BATCH_SIZE, DEFAULT_GRACE_PERIOD, DEFAULT_REPEATS, QUICK, SweepOptions, flag
 from tltune.records import ExperimentSummary, RunRecord, TimeRecord, is_number
@@ -588,8 +588,17 @@ def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: 
         from tltune.raytune.sweep import run_sweep  # imports Ray: only once the input is known to be good
 
         run_sweep(plan)
-    except (signals.Interrupted, TrialsFailed) as stop:
+    except (signals.Interrupted, TrialsFailed, StorageFull) as stop:
         stop.run_dir = run_dir if storage.is_file(storage.join(run_dir, RUNS_FILE)) else None
         raise
+    except OSError as exc:  # a full disk outside a Tune experiment (a record, a test score): files are replaced whole
+        if not is_storage_full(exc):
+            raise
+        if not storage.is_file(storage.join(run_dir, RUNS_FILE)):
+            raise UserError(f"no space left where the run would be stored ({run_dir}): nothing ran; free some space and start again") from None
+        full = StorageFull(f"no space left where the run is stored ({run_dir}): the sweep stopped; what it saved is kept whole; "
+                           "free some space, then continue with --resume")  # fmt: skip
+        full.run_dir = run_dir
+        raise full from None
     return outcome
 

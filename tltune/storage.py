@@ -26,6 +26,7 @@ import contextlib
 import errno
 import os
 import re
+import shutil
 import stat
 import threading
 import uuid
@@ -246,6 +247,18 @@ def write_bytes(path: str, data: bytes) -> None:
         f.write(data)
 
 
+def copy_file_whole(source: Path, target: Path) -> None:
+    """Copy local file ``source`` to local path ``target`` through a temporary file beside it
+    and ``os.replace``: ``target`` is the old file or the new one, never a cut copy (a full disk)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def append_line(path: str, line: str) -> None:
     """Append ``line`` and a newline to file ``path``, creating it. On local disk an append;
     on an object store (no appends) a read and rewrite, so not safe against a concurrent writer."""
@@ -253,8 +266,12 @@ def append_line(path: str, line: str) -> None:
     line = line.rstrip("\n") + "\n"
     if isinstance(fs, pafs.LocalFileSystem):
         Path(fs_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(fs_path, "a", encoding="utf-8") as f:
-            f.write(line)
+        with open(fs_path, "a+b") as f:
+            if f.seek(0, os.SEEK_END) > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":  # the last append was cut (a full disk, a kill): this line stays whole
+                    line = "\n" + line
+            f.write(line.encode("utf-8"))
         return
     try:
         with fs.open_input_stream(fs_path) as f:

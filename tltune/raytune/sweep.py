@@ -34,6 +34,7 @@ from tltune.experiments import Choice, Experiment, IntRange, LogUniform, Uniform
 from tltune.models import model_kind
 from tltune.raytune import budget, cluster
 from tltune.raytune.callbacks import TensorBoardCallback, write_run_hparams
+from tltune.raytune.full_storage import stopping_when_full
 from tltune.raytune.live_study import LiveStudy
 from tltune.raytune.progress import ProgressCallback
 from tltune.raytune.trackers import record_outcome, tracker_callbacks
@@ -259,7 +260,7 @@ def fit(tune_dir: str, trainable, make_tuner) -> tune.ResultGrid:
         trust.sign(tune_dir, {"tuner.pkl": storage.read_bytes(storage.join(tune_dir, "tuner.pkl"))})
     # A signal makes Tune stop its trials and save its state one last time (Tune's own
     # SIGUSR1 handler), then Interrupted is raised: no summary, the experiment stays resumable.
-    with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)), signing_saved_state(tune_dir):
+    with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)), signing_saved_state(tune_dir), stopping_when_full(tune_dir):
         return tuner.fit()
 
 
