@@ -2,6 +2,7 @@
 own settings instead of silently ignoring new ones."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import sys
 import pytest
 
 from conftest import ROOT
-from tltune import storage
+from tltune import storage, trust
+from tltune.records import RunRecord
 from tltune.options import parse
 from tltune.data import cache_dir
 
@@ -44,8 +46,9 @@ OLD_RECORD = {
 @pytest.mark.parametrize("made_by", ["tltune 0.1 before SweepOptions", "SweepOptions"])
 def test_resume_refuses_flags_that_change_the_run(tmp_path, made_by, sweep):
     no_data = str(tmp_path / "no-data")
-    if made_by == "SweepOptions":
-        record = {"started": "2026-12-01 10:00:00", "argv": [], "options": parse(["--quick", "--lr", "0.01", "--data-root", no_data]).record()}
+    if made_by == "SweepOptions":  # signed, as a sweep writes it
+        options = parse(["--quick", "--lr", "0.01", "--data-root", no_data]).record()
+        record = trust.sign_record(RunRecord(started="2026-12-01 10:00:00", options=options).to_dict())
     else:
         record = json.loads(json.dumps(OLD_RECORD).replace("NO_DATA", no_data))
     (tmp_path / "runs.jsonl").write_text(json.dumps(record) + "\n")
@@ -53,3 +56,37 @@ def test_resume_refuses_flags_that_change_the_run(tmp_path, made_by, sweep):
     assert out.returncode == 2 and "drop --lr, --epochs (only --address, --quiet, --log-to, --time-budget may change)" in out.stderr, out.stderr
     same = sweep("--resume", str(tmp_path), "--quick", "--lr", "0.01")
     assert "drop" not in same.stderr and "no-data does not exist" in same.stderr, "flags equal to the run's own are accepted"
+
+
+def signed_run(tmp_path, **changes) -> Path:
+    """A run directory whose runs.jsonl holds a record tltune signed (then ``changes``, as an
+    attacker who can write the folder would make them)."""
+    tmp_path.mkdir(exist_ok=True)
+    options = parse(["--quick", "--data-root", str(tmp_path / "no-data")]).record()
+    record = trust.sign_record(RunRecord(started="2026-12-01 10:00:00", argv=["tltune"], options=options).to_dict())
+    for key, value in changes.items():
+        if value is None:
+            record.pop(key)
+        else:
+            record["options"][key] = value
+    (tmp_path / "runs.jsonl").write_text(json.dumps(record) + "\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize("change", [{"address": "10.0.0.9:6379"}, {"data_root": "/elsewhere"}, {"weights": "/tmp/planted.pth"}, {"hmac": None}],
+                         ids=["address", "data root", "weights", "signature removed"])  # fmt: skip
+def test_resume_follows_only_a_run_record_tltune_signed(tmp_path, change, sweep):
+    out = sweep("--resume", str(signed_run(tmp_path, **change)))
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"refusing to resume {tmp_path}: runs.jsonl is not a file tltune wrote" in out.stderr and "may have been tampered with" in out.stderr
+
+
+def test_a_signed_run_record_resumes_and_an_old_unsigned_one_says_where_it_points(tmp_path, sweep):
+    signed = sweep("--resume", str(signed_run(tmp_path / "signed")))
+    assert "no-data does not exist" in signed.stderr and "warning" not in signed.stderr and "refusing" not in signed.stderr, signed.stderr
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "runs.jsonl").write_text(json.dumps(OLD_RECORD).replace("NO_DATA", str(old / "no-data")) + "\n")
+    out = sweep("--resume", str(old))
+    assert f"written before tltune signed it: resuming with its recorded settings, checked like flags; --data-root {old / 'no-data'}" in out.stderr
+    assert "no-data does not exist" in out.stderr, out.stderr

@@ -447,15 +447,21 @@ def resumed_options(options: SweepOptions) -> SweepOptions:
     if not storage.is_file(runs):
         raise UserError(f"{run_dir} is not a tltune run directory (no runs.jsonl): pass a directory a sweep printed as 'results: ...'")
     try:
-        saved = RunRecord.from_dict(json.loads(storage.read_text(runs).splitlines()[0]), runs).saved_options()
+        first = json.loads(storage.read_text(runs).splitlines()[0])
+        saved = RunRecord.from_dict(first, runs).saved_options()
     except (ValueError, IndexError, AttributeError):
         saved = None
     if saved is None:
         raise UserError(f"{runs} is damaged: cannot tell how the run was started")
+    signed = trust.check_record(first, runs)  # a record someone else wrote or edited: refused here
     try:
         started = SweepOptions.from_record(saved)
     except UserError as exc:
         raise UserError(f"{runs}: its recorded options are not valid ({exc})") from None
+    if not signed:  # a run from before records were signed: its settings are followed, and said
+        pointing = {flag(k): saved.get(k) for k in ("address", "data_root", "weights", "source_run", "warm_start") if saved.get(k)}
+        print(f"warning: {runs} was written before tltune signed it: resuming with its recorded settings, checked like flags"
+              + "".join(f"; {name} {value}" for name, value in pointing.items()), file=sys.stderr)  # fmt: skip
     if options.time_budget and started.time_budget and parse_duration(options.time_budget, "--time-budget") <= parse_duration(started.time_budget, "--time-budget"):
         raise UserError(f"--resume with --time-budget {options.time_budget}: the run had {started.time_budget} already; pass a larger one to go on")
     changed = [k for k, v in options.changed().items() if k not in RESUME_MAY_CHANGE and v != getattr(started, k)]

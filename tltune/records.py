@@ -100,10 +100,12 @@ class RunRecord(Record):
     namespace as ``args`` instead, with the same names."""
 
     FILE: ClassVar[str] = "runs.jsonl"
+    SCHEMA: ClassVar[int] = 2  # 2: signed (hmac), as --resume follows its options
     started: str = ""
     argv: list = field(default_factory=list)
     options: dict | None = None
     args: dict | None = None  # runs before SweepOptions
+    hmac: str | None = None  # tltune.trust.sign_record: over every other key; None before schema 2
 
     def saved_options(self) -> dict | None:
         return self.options if self.options is not None else self.args

@@ -11,6 +11,10 @@ and before Ray is handed the directory every file it may unpickle, at any depth,
 against the signatures. An attacker who can write the run directory can add files and
 signatures, but cannot make a signature valid without the key.
 
+The run's own record of how it was started (``runs.jsonl``, whose options ``--resume`` follows:
+where Ray runs, the data root, the weights) carries its signature in the line itself
+(:func:`sign_record`, :func:`check_record`).
+
 The signatures file is append-only and keyed by content: Ray rewrites its state every few
 seconds, and each version is signed before Ray uploads it (see ``raytune.sweep``), so after
 a kill -9 at any moment the state in the run directory is one tltune signed.
@@ -199,3 +203,38 @@ def signed_state_files(exp_dir: str, purpose: str = "resume") -> list[str]:
                 "the run directory may have been tampered with — start a new run instead"
             )
     return names
+
+
+RECORD_SIGNATURE = "hmac"
+FIRST_SIGNED_SCHEMA = 2  # runs.jsonl lines of this schema and later are signed
+
+
+def _record_bytes(record: dict) -> bytes:
+    """The signed form of a JSON record: every key but the signature, canonical."""
+    return json.dumps({k: v for k, v in record.items() if k != RECORD_SIGNATURE}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_record(record: dict) -> dict:
+    """``record`` (a JSON object, as written) with its signature under ``"hmac"``."""
+    return {**record, RECORD_SIGNATURE: signature(_record_bytes(record), signing_key())}
+
+
+def check_record(record: dict, path: str, purpose: str = "resume") -> bool:
+    """Whether ``record``, read from ``path``, is signed (``True``) or from before records were
+    signed (``False``: schema 1, the caller warns). Raises :class:`UserError` for a signature
+    that does not match, or for a record of a signed schema without one (stripped)."""
+    sig = record.get(RECORD_SIGNATURE)
+    schema = record.get("schema", 1)
+    if sig is None and isinstance(schema, int) and schema < FIRST_SIGNED_SCHEMA:
+        return False
+    run_dir, name = storage.parent(path), storage.name(path)
+    key_path = key_file()
+    if not key_path.exists():
+        raise UserError(
+            f"refusing to {purpose} {run_dir}: it was not created by tltune under this account (no signing key at {key_path}); "
+            f"tltune follows only your own runs' settings (the key of the account that made it: ${KEY_ENV})"
+        )
+    if not isinstance(sig, str) or not hmac.compare_digest(sig, signature(_record_bytes(record), signing_key())):
+        raise UserError(f"refusing to {purpose} {run_dir}: {name} is not a file tltune wrote (its first line's signature is missing or "
+                        "does not match); the run directory may have been tampered with — start a new run instead")  # fmt: skip
+    return True
