@@ -102,3 +102,93 @@ def command(capsys):
         return code, out.out, out.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def failed_run(tmp_path_factory):
+    """One real sweep (in this process) whose only trial fails each of its 2 tries: the CNN
+    refuses a 2-pixel input inside the trial. The experiment is recorded as failed and Ray
+    pickles the error into the trial's ``error.pkl`` (``error_pkl``: its path relative to
+    ``exp_dir``); ``failure``: the message of the TrialsFailed the sweep raised. Read it, or
+    change a copy."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from test_trial_failures import tiny_splits
+    from tltune.errors import TrialsFailed
+    from tltune.experiments import EXPERIMENTS
+    from tltune.options import parse
+    from tltune.plan import experiment_settings
+    from tltune.raytune import run_sweep
+    from tltune.records import RunRecord
+    from tltune.settings import SweepPlan
+
+    run_dir = tmp_path_factory.mktemp("failed") / "run"
+    experiment = EXPERIMENTS["mnist-cnn"]
+    args = parse(["--num-samples", "1", "--max-epochs", "1", "--image-size", "2"])
+    # one retry (the sweep's default is 2): enough to see that a retry fails the same way
+    settings = {experiment.name: dataclasses.replace(experiment_settings(experiment, args), dataset="tiny", max_failures=1)}
+    plan = SweepPlan(experiments=[experiment], settings=settings, splits={"tiny": tiny_splits()}, weights={},
+                     pretrained_states={}, run_dir=str(run_dir), record=RunRecord(), source_run=None, address=None,
+                     cpus_per_trial=1, gpus_per_trial=0)  # fmt: skip
+    with pytest.raises(TrialsFailed) as failure:
+        run_sweep(plan)
+    exp_dir = run_dir / experiment.name
+    (error_pkl,) = exp_dir.glob("*/error.pkl")
+    return SimpleNamespace(run_dir=run_dir, exp_dir=exp_dir, error_pkl=error_pkl.relative_to(exp_dir).as_posix(), failure=str(failure.value))
+
+
+# The trackers' environment variables: the session's watched sweep sets its own.
+TRACKER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ALLOW_FILE_STORE", "WANDB_MODE",
+               "WANDB_DISABLED", "WANDB_OFFLINE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_DIR", "NETRC")  # fmt: skip
+WATCHED_EXPERIMENT, WATCHED_SAMPLES = "mnist-cnn", 6
+
+
+@pytest.fixture(scope="session")
+def watched_sweep(tmp_path_factory, real_data_root):
+    """One real MNIST sweep (6 trials of up to 3 epochs, ASHA with grace period 1) logged to a
+    local MLflow store and to W&B offline (``--log-to mlflow wandb``), its Optuna journal read
+    through Optuna every few tenths of a second while it runs. ``run_dir``; ``seen``: the trial
+    states the study showed while the sweep ran, in order; ``exp``: the run read back through
+    tltune.results; ``tmp``: where ``mlruns`` and ``wandb`` are."""
+    import sys
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    from tltune.results import OPTUNA_JOURNAL, load_run
+
+    tmp = tmp_path_factory.mktemp("watched")
+    env = {k: v for k, v in os.environ.items() if k not in TRACKER_ENV}
+    env.update(MLFLOW_TRACKING_URI=f"file:{tmp}/mlruns", MLFLOW_ALLOW_FILE_STORE="true", WANDB_MODE="offline", WANDB_DIR=str(tmp))
+    argv = [sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", WATCHED_EXPERIMENT,
+            "--num-samples", str(WATCHED_SAMPLES), "--max-epochs", "3", "--grace-period", "1", "--train-subset", "600",
+            "--test-subset", "300", "--data-root", str(real_data_root), "--storage-path", str(tmp / "results"), "--name", "live",
+            "--log-to", "mlflow", "wandb"]  # fmt: skip
+    run_dir = tmp / "results" / "live"
+    journal = run_dir / WATCHED_EXPERIMENT / OPTUNA_JOURNAL
+    seen = []
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp, env=env) as sweep:
+        stdout, stderr = [], []
+        readers = [threading.Thread(target=lambda s=s, to=to: to.extend(s), daemon=True) for s, to in ((sweep.stdout, stdout), (sweep.stderr, stderr))]
+        for reader in readers:
+            reader.start()
+        while sweep.poll() is None:
+            if journal.is_file():
+                try:
+                    study = optuna.load_study(study_name=WATCHED_EXPERIMENT, storage=JournalStorage(JournalFileBackend(str(journal))))
+                    seen.append({t.user_attrs["trial"]: t.state for t in study.trials})
+                except KeyError:  # the study itself is not created yet
+                    pass
+            time.sleep(0.3)
+        for reader in readers:
+            reader.join(10)
+    assert sweep.returncode == 0, "".join(stdout)[-3000:] + "".join(stderr)[-3000:]
+    (exp,) = load_run(run_dir)
+    return SimpleNamespace(tmp=tmp, run_dir=run_dir, seen=seen, exp=exp, stdout="".join(stdout), stderr="".join(stderr),
+                           trials={t.name: t for t in exp.trials})  # fmt: skip

@@ -1,6 +1,7 @@
 """kill -9, SIGINT and SIGTERM at several moments of a real two-experiment sweep, each followed
-by --resume: the interrupted run never looks finished, the command says how to resume and
-exits 128 + signal, and after the resume every trial appears once with every epoch once."""
+by --resume (which the next stop interrupts in turn): the interrupted run never looks finished,
+the command says how to resume and exits 128 + signal, what ran is kept, and after the last
+resume every trial appears once with every epoch once."""
 
 import json
 import os
@@ -49,9 +50,12 @@ def interrupt_at(argv, marker: str, signum: int) -> tuple[int, str]:
     assert seen.wait(300), f"never printed {marker!r}:\n" + "".join(lines)[-3000:]
     os.kill(driver.pid, signum)
     code = driver.wait(timeout=300)
-    if signum == signal.SIGKILL:
-        time.sleep(2)  # Ray's reaper takes down what the killed driver started
-    time.sleep(0.5)
+    if signum == signal.SIGKILL:  # Ray's reaper takes down what the killed driver started (its two agents
+        time.sleep(2)  # notice within about 90 s); a signal the sweep handles leaves no Ray process at all:
+        return code, "".join(lines)
+    time.sleep(3)
+    left = subprocess.run(["pgrep", "-s", str(driver.pid)], capture_output=True, text=True).stdout.split()
+    assert not left, f"{signal.Signals(signum).name}: Ray processes left behind: {left}"
     return code, "".join(lines)
 
 
@@ -65,39 +69,51 @@ def trials(run_dir) -> dict[str, dict[str, list[int]]]:
     return found
 
 
-@pytest.mark.parametrize(
-    "moment, signum",
-    [
-        ("data", signal.SIGINT),
-        ("data", signal.SIGTERM),
-        ("trial", signal.SIGINT),
-        ("trial", signal.SIGTERM),
-        ("test", signal.SIGINT),
-        ("test", signal.SIGKILL),
-        ("between", signal.SIGTERM),
-        ("between", signal.SIGKILL),
-    ],
-    ids=lambda v: v.name if isinstance(v, signal.Signals) else v,
-)
-def test_interrupted_sweep_resumes_to_every_trial_once(tmp_path, real_data_root, moment, signum):
-    run_dir = tmp_path / "run"
-    code, output = interrupt_at(sweep(tmp_path, real_data_root), MOMENTS[moment], signum)
-    if signum != signal.SIGKILL:
-        assert code == 128 + signum, output[-3000:]
-        last = output.strip().splitlines()[-1]
-        assert last.startswith("interrupted (") and "Traceback" not in output and "SIGTERM received" not in output, output[-3000:]
-    else:
+def assert_stopped(code: int, output: str, signum: int) -> None:
+    """The command ended as a signal says: 128 + signal and one last line saying so (none for kill -9)."""
+    if signum == signal.SIGKILL:
         assert code == -signal.SIGKILL
-    if moment == "data":  # nothing was written: there is nothing to resume
-        assert not run_dir.exists() and "nothing was written" in output
         return
-    assert f"--resume {run_dir}" in output or signum == signal.SIGKILL
-    unfinished = [e for e in EXPERIMENTS if not (run_dir / e / "tltune_best.json").exists()]
-    assert unfinished, "the interrupted experiment is not marked finished"
-    before = trials(run_dir)
+    assert code == 128 + signum, output[-3000:]
+    last = output.strip().splitlines()[-1]
+    assert last.startswith("interrupted (") and "Traceback" not in output and "SIGTERM received" not in output, output[-3000:]
 
-    resumed = subprocess.run([sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--resume", str(run_dir)],
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda v: v.name)
+def test_a_sweep_stopped_while_its_data_loads_writes_nothing(tmp_path, real_data_root, signum):
+    code, output = interrupt_at(sweep(tmp_path, real_data_root), MOMENTS["data"], signum)
+    assert_stopped(code, output, signum)
+    assert not (tmp_path / "run").exists() and "nothing was written" in output
+
+
+# One run stopped at each moment in turn, each time by another signal, resumed after each stop:
+# between them, the two chains stop at every moment by a graceful signal and by kill -9, and
+# use each signal a sweep handles (SIGHUP: the terminal closed). No Ray process outlives a stop.
+CHAINS = {
+    "SIGINT-SIGKILL-SIGTERM": [("trial", signal.SIGINT), ("test", signal.SIGKILL), ("between", signal.SIGTERM)],
+    "SIGHUP-SIGINT-SIGKILL": [("trial", signal.SIGHUP), ("test", signal.SIGINT), ("between", signal.SIGKILL)],
+}
+
+
+@pytest.mark.parametrize("stops", CHAINS.values(), ids=CHAINS.keys())
+def test_a_sweep_stopped_again_and_again_resumes_to_every_trial_once(tmp_path, real_data_root, stops):
+    run_dir = tmp_path / "run"
+    argv = sweep(tmp_path, real_data_root)
+    before = {e: {} for e in EXPERIMENTS}
+    for moment, signum in stops:
+        code, output = interrupt_at(argv, MOMENTS[moment], signum)
+        assert_stopped(code, output, signum)
+        assert f"--resume {run_dir}" in output or signum == signal.SIGKILL
+        unfinished = [e for e in EXPERIMENTS if not (run_dir / e / "tltune_best.json").exists()]
+        assert unfinished, f"stopped at {moment}: the interrupted experiment is not marked finished"
+        now = trials(run_dir)
+        for experiment in EXPERIMENTS:  # what ran before this stop is kept as it was
+            for trial, epochs in before[experiment].items():
+                assert now[experiment][trial][: len(epochs)] == epochs, f"{trial}: {epochs} became {now[experiment][trial]}"
+        before = now
+        argv = [sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--resume", str(run_dir)]
+
+    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     after = trials(run_dir)
     for experiment in EXPERIMENTS:

@@ -12,7 +12,6 @@ import json
 import pickle
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
+from conftest import WATCHED_EXPERIMENT, WATCHED_SAMPLES
 from s3server import free_port, s3, s3_server  # noqa: F401  (fixtures)
 from test_studies import SPACE
 from test_trials_table import write_run
@@ -37,8 +37,7 @@ from tltune.studies import write_study
 # trials.csv's stop reason (without its epoch) → the state the study must show
 STATE_OF_REASON = {"completed": TrialState.COMPLETE, "stopped by ASHA": TrialState.PRUNED, "diverged": TrialState.FAIL,
                    "error": TrialState.FAIL, "interrupted": TrialState.RUNNING}  # fmt: skip
-EXPERIMENT = "mnist-cnn"
-NAME = "live"
+EXPERIMENT = WATCHED_EXPERIMENT
 
 
 def read_study(journal: Path) -> optuna.Study:
@@ -57,33 +56,13 @@ def expected_states(rows: list[dict]) -> dict[str, TrialState]:
 
 
 @pytest.fixture(scope="module")
-def live_sweep(tmp_path_factory, real_data_root):
-    """A real small sweep, its journal read through Optuna every few tenths of a second while
-    it runs: (run directory, the trial states seen while it ran, in order)."""
-    root = tmp_path_factory.mktemp("live-sweep")
-    argv = [sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", EXPERIMENT,
-            "--num-samples", "6", "--max-epochs", "3", "--grace-period", "1", "--train-subset", "600",
-            "--test-subset", "300", "--data-root", str(real_data_root), "--storage-path", str(root), "--name", NAME]  # fmt: skip
-    journal = root / NAME / EXPERIMENT / OPTUNA_JOURNAL
-    seen = []
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as sweep:
-        output = []
-        reader = threading.Thread(target=lambda: output.extend(sweep.stdout), daemon=True)
-        reader.start()
-        while sweep.poll() is None:
-            if journal.is_file():
-                try:
-                    seen.append(states_by_trial(read_study(journal)))
-                except KeyError:  # the study itself is not created yet
-                    pass
-            time.sleep(0.3)
-        reader.join(10)
-    assert sweep.returncode == 0, "".join(output)[-3000:]
-    return root / NAME, seen
+def live_sweep(watched_sweep):
+    """The session's watched sweep (conftest: a real small sweep, its journal read through
+    Optuna every few tenths of a second while it ran): (run directory, the states seen, in order)."""
+    return watched_sweep.run_dir, watched_sweep.seen
 
 
-@pytest.mark.slow  # a real sweep watched while it runs
+@pytest.mark.slow  # reads the session's sweep, watched while it ran
 def test_the_study_is_live_while_the_sweep_runs(live_sweep):
     _, seen = live_sweep
     assert any(seen), "the study had trials before the sweep ended"
@@ -93,14 +72,14 @@ def test_the_study_is_live_while_the_sweep_runs(live_sweep):
         assert {n: s for n, s in earlier.items() if s.is_finished()}.items() <= later.items()
 
 
-@pytest.mark.slow  # a real sweep watched while it runs
+@pytest.mark.slow  # reads the session's sweep, watched while it ran
 def test_every_state_agrees_with_trials_csv_and_numbers_follow_start_order(live_sweep):
     run, _ = live_sweep
     out = subprocess.run([sys.executable, "-m", "tltune", "best", str(run), "--trials"], capture_output=True, text=True, check=True)
     rows = list(csv.DictReader(io.StringIO(out.stdout)))
     study = read_study(run / EXPERIMENT / OPTUNA_JOURNAL)
     assert states_by_trial(study) == expected_states(rows)
-    assert len(study.trials) == 6 and TrialState.PRUNED in states_by_trial(study).values(), "ASHA stopped some (grace period 1)"
+    assert len(study.trials) == WATCHED_SAMPLES and TrialState.PRUNED in states_by_trial(study).values(), "ASHA stopped some (grace period 1)"
     for trial in study.trials:
         row = next(r for r in rows if r["trial"] == trial.user_attrs["trial"])
         assert trial.user_attrs["stop_reason"] == row["stop_reason"]
@@ -114,12 +93,12 @@ def test_every_state_agrees_with_trials_csv_and_numbers_follow_start_order(live_
         first_row = json.loads((run / EXPERIMENT / trial.user_attrs["trial"] / "result.json").read_text().splitlines()[0])
         first_start[trial.number] = first_row["started_at"]
     numbers = sorted(first_start)
-    assert numbers == list(range(6))
+    assert numbers == list(range(WATCHED_SAMPLES))
     for earlier, later in zip(numbers, numbers[1:]):
         assert first_start[earlier] <= first_start[later] + 1.0, first_start
 
 
-@pytest.mark.slow  # a real sweep watched while it runs
+@pytest.mark.slow  # reads the session's sweep, watched while it ran
 def test_optuna_dashboard_serves_the_finished_study(live_sweep):
     run, _ = live_sweep
     journal = run / EXPERIMENT / OPTUNA_JOURNAL

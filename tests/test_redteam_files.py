@@ -41,33 +41,6 @@ class Planted:
 # -- 1. a failed trial's error.pkl -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def failed_run(tmp_path_factory):
-    """A real sweep whose only trial fails each of its 2 tries (the CNN refuses a 2-pixel
-    input inside the trial): Ray pickles the error into the trial's error.pkl."""
-    from test_trial_failures import tiny_splits
-    from tltune.errors import TrialsFailed
-    from tltune.experiments import EXPERIMENTS
-    from tltune.options import parse
-    from tltune.plan import experiment_settings
-    from tltune.raytune import run_sweep
-    from tltune.records import RunRecord
-    from tltune.settings import SweepPlan
-
-    run_dir = tmp_path_factory.mktemp("failed") / "run"
-    experiment = EXPERIMENTS["mnist-cnn"]
-    args = parse(["--num-samples", "1", "--max-epochs", "1", "--image-size", "2"])
-    settings = {experiment.name: dataclasses.replace(experiment_settings(experiment, args), dataset="tiny", max_failures=1)}
-    plan = SweepPlan(experiments=[experiment], settings=settings, splits={"tiny": tiny_splits()}, weights={},
-                     pretrained_states={}, run_dir=str(run_dir), record=RunRecord(), source_run=None, address=None,
-                     cpus_per_trial=1, gpus_per_trial=0)  # fmt: skip
-    with pytest.raises(TrialsFailed):
-        run_sweep(plan)
-    exp_dir = run_dir / experiment.name
-    (error_pkl,) = exp_dir.glob("*/error.pkl")
-    return SimpleRun(run_dir, exp_dir, error_pkl.relative_to(exp_dir).as_posix())
-
-
 @dataclasses.dataclass
 class SimpleRun:
     run_dir: Path

@@ -4,7 +4,6 @@ one line instead of a traceback or a wrong word."""
 import http.server
 import json
 import os
-import signal
 import socket
 import stat
 import subprocess
@@ -101,27 +100,6 @@ def test_the_reference_column_says_what_actually_ran():
                              settings={"reference": {"optimizer": "adam", "lr": 1e-30, "epochs": 2}})  # fmt: skip
     note = reference_cap_note(SimpleNamespace(record=record))
     assert note == " (2 of 5 epochs: --max-epochs; lr=1e-30, not 0.001)"
-
-
-@pytest.mark.slow
-def test_sighup_saves_the_state_and_leaves_no_ray_process(tmp_path, real_data_root):
-    argv = [sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", "mnist-cnn", "--num-samples", "4",
-            "--epochs-range", "5", "5", "--max-epochs", "5", "--grace-period", "5", "--train-subset", "3000",
-            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "hup"]  # fmt: skip
-    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not list((tmp_path / "hup" / "mnist-cnn").glob("*/result.json")):
-        time.sleep(1)
-    driver.send_signal(signal.SIGHUP)
-    out, err = driver.communicate(timeout=180)
-    assert driver.returncode == 129, out[-2000:] + err[-2000:]
-    assert "interrupted (SIGHUP)" in err and "--resume" in err
-    time.sleep(3)
-    left = subprocess.run(["pgrep", "-s", str(driver.pid)], capture_output=True, text=True).stdout.split()
-    assert not left, f"Ray processes left behind: {left}"
-    resumed = subprocess.run([sys.executable, "-m", "tltune", "sweep", "mnist", "--resume", str(tmp_path / "hup")],
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 @pytest.mark.slow

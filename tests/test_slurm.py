@@ -91,23 +91,6 @@ def ray_processes(job_id: str) -> list[str]:
     return found
 
 
-def test_sweep_as_a_slurm_job(sbatch, real_data_root, tmp_path):
-    rc, job_id, log, restarts = sbatch(
-        "--quick", "--experiments", "cifar10-cnn-search", "--num-samples", "2", "--max-epochs", "1",
-        "--train-subset", "300", "--test-subset", "100", "--data-root", str(real_data_root),
-        "--storage-path", str(tmp_path), "--name", "slurm",
-    )  # fmt: skip
-    assert rc == 0 and restarts == 0, log[-5000:]
-    assert "Ray authentication: token (a token of this job's own)" in log, "token authentication, from a plain shell"
-    assert "tltune-slurm: Ray at" in log and "1 node(s), 2 CPUs" in log and "results:" in log, log[-5000:]
-    summary = json.loads((tmp_path / "slurm" / "cifar10-cnn-search" / "tltune_best.json").read_text())
-    assert summary["trials"] == 2 and summary["errored_trials"] == 0, summary
-    stopping = log.split("exited with 0")[-1]
-    assert "srun: error" not in stopping and "Traceback" not in stopping, "Ray stops cleanly: " + stopping
-    assert not Path(f"/tmp/ray-{job_id}").exists(), "the job removes its Ray temp dir"
-    assert not ray_processes(job_id), "the job stops its Ray processes"
-
-
 def test_the_job_exits_with_the_sweeps_exit_code(sbatch, tmp_path):
     rc, job_id, log, restarts = sbatch("--experiments", "cifar10-cnn-search", "--num-samples", "0", "--storage-path", str(tmp_path))
     assert rc == 2 and "error: " in log and restarts == 0, log[-3000:]
@@ -154,6 +137,15 @@ def test_a_time_limit_shorter_than_the_sweep_costs_nothing(sbatch, real_data_roo
     assert job.log.count("tltune-slurm: requeueing job") == job.restarts, "the job requeued itself each time"
     assert "continue with --resume" in job.log and "DUE TO TIME LIMIT" not in job.log, "stopped before the limit"
     assert all(seen == [1, 2, 3] for seen in epochs.values()), epochs
+    # each start of the job: its own Ray with token authentication from a plain shell, and at the
+    # end a clean stop (assert_done_once: its temp dir removed, none of its processes left)
+    starts = job.log.split("tltune-slurm: job ")[1:]
+    assert len(starts) == job.restarts + 1
+    for start in starts:
+        assert "Ray authentication: token (a token of this job's own)" in start and "1 node(s), 2 CPUs" in start, start[-3000:]
+    assert "results:" in starts[-1], starts[-1][-3000:]
+    stopping = starts[-1].split("exited with 0")[-1]
+    assert "srun: error" not in stopping and "Traceback" not in stopping, "Ray stops cleanly: " + stopping
 
 
 def test_a_requeue_by_slurm_costs_nothing(sbatch, real_data_root, tmp_path):

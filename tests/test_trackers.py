@@ -5,12 +5,9 @@ offline: MLflow from its local store with MlflowClient, W&B from its offline run
 import http.server
 import importlib.util
 import json
-import os
 import pickle
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,14 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import TRACKER_ENV, WATCHED_SAMPLES
 from tltune import trackers
 from tltune.errors import UserError
 from tltune.raytune import trackers as logging_to
 from tltune.raytune.trackers import end_state, wandb_run_id
-from tltune.results import load_run, stop_reason
+from tltune.results import stop_reason
 
-TRACKER_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID", "MLFLOW_ALLOW_FILE_STORE", "WANDB_MODE",
-               "WANDB_DISABLED", "WANDB_OFFLINE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_DIR", "NETRC")  # fmt: skip
 
 
 @pytest.fixture
@@ -316,22 +312,10 @@ def wandb_run(run_dir: Path) -> SimpleNamespace:
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory, real_data_root):
-    """One real sweep, 3 trials of up to 2 epochs with ASHA, logged to a local MLflow store
-    and to W&B offline; its results read back through tltune.results."""
-    tmp = tmp_path_factory.mktemp("tracked")
-    env = {k: v for k, v in os.environ.items() if k not in TRACKER_ENV}
-    env.update(MLFLOW_TRACKING_URI=f"file:{tmp}/mlruns", MLFLOW_ALLOW_FILE_STORE="true", WANDB_MODE="offline", WANDB_DIR=str(tmp))
-    argv = [
-        sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", "mnist-cnn", "--num-samples", "3",
-        "--max-epochs", "2", "--grace-period", "1", "--train-subset", "600", "--test-subset", "300",
-        "--data-root", str(real_data_root), "--storage-path", str(tmp / "results"), "--log-to", "mlflow", "wandb",
-    ]  # fmt: skip
-    out = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=600, cwd=tmp, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (run_dir,) = (tmp / "results").iterdir()
-    (exp,) = load_run(run_dir)
-    return SimpleNamespace(tmp=tmp, exp=exp, stdout=out.stdout, stderr=out.stderr, trials={t.name: t for t in exp.trials})
+def tracked(watched_sweep):
+    """The session's watched sweep (conftest): 6 trials of up to 3 epochs with ASHA, logged to a
+    local MLflow store and to W&B offline; its results read back through tltune.results."""
+    return watched_sweep
 
 
 @pytest.fixture(scope="module")
@@ -346,9 +330,9 @@ def mlflow_runs(tracked):
         yield SimpleNamespace(client=client, experiment=experiment, runs=runs)
 
 
-@pytest.mark.slow  # a real sweep logged to both trackers
+@pytest.mark.slow  # reads the session's watched sweep, logged to both trackers
 def test_mlflow_has_one_run_per_trial_with_its_hyperparameters_and_epochs(tracked, mlflow_runs):
-    assert set(mlflow_runs.runs) == set(tracked.trials) and len(tracked.trials) == 3  # 3 trials, no repeats
+    assert set(mlflow_runs.runs) == set(tracked.trials) and len(tracked.trials) == WATCHED_SAMPLES  # no repeats
     for name, trial in tracked.trials.items():
         run = mlflow_runs.runs[name]
         assert run.data.params == {k: str(v) for k, v in trial.config.items()}
@@ -362,7 +346,7 @@ def test_mlflow_has_one_run_per_trial_with_its_hyperparameters_and_epochs(tracke
     assert {stop_reason(t, tracked.exp).split(" at ")[0] for t in tracked.trials.values()} >= {"completed"}
 
 
-@pytest.mark.slow  # a real sweep logged to both trackers
+@pytest.mark.slow  # reads the session's watched sweep, logged to both trackers
 def test_mlflow_has_the_test_accuracies_and_the_best_marked(tracked, mlflow_runs):
     summary = tracked.exp.summary
     tested = {summary.best_trial: summary.test_acc, summary.reference_trial["trial"]: summary.reference_trial["test_acc"]}
@@ -375,11 +359,11 @@ def test_mlflow_has_the_test_accuracies_and_the_best_marked(tracked, mlflow_runs
     assert f"MLflow: the runs of mnist-cnn are in file:{tracked.tmp}/mlruns" in tracked.stdout
 
 
-@pytest.mark.slow  # a real sweep logged to both trackers
+@pytest.mark.slow  # reads the session's watched sweep, logged to both trackers
 def test_wandb_has_one_offline_run_per_trial_with_config_summary_and_best(tracked):
     runs = [wandb_run(d) for d in sorted((tracked.tmp / "wandb").glob("offline-run-*"))]
     assert sorted(r.name for r in runs) == sorted(tracked.trials)  # one run per trial, none twice
-    assert len({r.id for r in runs}) == 3 and all(r.group == "mnist-cnn" for r in runs)
+    assert len({r.id for r in runs}) == WATCHED_SAMPLES and all(r.group == "mnist-cnn" for r in runs)
     summary = tracked.exp.summary
     for run in runs:
         trial = tracked.trials[run.name]
@@ -395,5 +379,5 @@ def test_wandb_has_one_offline_run_per_trial_with_config_summary_and_best(tracke
             assert run.summary["test_acc"] == summary.reference_trial["test_acc"] and "reference" in run.tags
         else:
             assert "test_acc" not in run.summary and "best" not in run.tags
-    assert f"W&B: 3 runs of mnist-cnn, offline in {tracked.tmp / 'wandb'}" in tracked.stdout
+    assert f"W&B: {WATCHED_SAMPLES} runs of mnist-cnn, offline in {tracked.tmp / 'wandb'}" in tracked.stdout
     assert not list(tracked.tmp.glob("results/*/*/*/wandb"))  # never in the run folder

@@ -2,7 +2,6 @@
 failure record with the cause, and a non-zero exit. Inputs that would make every trial fail
 are refused before Ray starts."""
 
-import dataclasses
 import json
 
 import numpy as np
@@ -10,14 +9,9 @@ import pytest
 import ray
 
 from tltune.cli import main
-from tltune.options import parse
-from tltune.plan import experiment_settings
 from tltune.data import ImageArrays, Splits
-from tltune.errors import TrialsFailed
-from tltune.experiments import EXPERIMENTS, FAMILIES
-from tltune.records import RunRecord
+from tltune.experiments import FAMILIES
 from tltune.results import FAILED_FILE, SUMMARY_FILE
-from tltune.settings import SweepPlan
 
 
 def tiny_splits(n=40):
@@ -29,26 +23,14 @@ def tiny_splits(n=40):
     return Splits(name="tiny", classes=["a", "b"], train=arrays(n), val=arrays(n // 4), test=arrays(n // 4), mean=(0.5,), std=(0.25,))
 
 
-@pytest.mark.slow  # a real sweep of its own
-def test_a_deterministic_error_in_every_trial_fails_the_experiment(tmp_path):
+@pytest.mark.slow  # reads the session's failed sweep (conftest's failed_run)
+def test_a_deterministic_error_in_every_trial_fails_the_experiment(failed_run):
     """Inside the trial the CNN refuses a 2-pixel input (the CLI refuses it earlier): each
     retry fails the same way, and the experiment is recorded as failed with that cause."""
-    from tltune.raytune import run_sweep
-
-    experiment = EXPERIMENTS["mnist-cnn"]
-    args = parse(["--num-samples", "1", "--max-epochs", "1", "--image-size", "2"])
-    # one retry (the sweep's default is 2): enough to see that a retry fails the same way
-    settings = {experiment.name: dataclasses.replace(experiment_settings(experiment, args), dataset="tiny", max_failures=1)}
-    plan = SweepPlan(experiments=[experiment], settings=settings, splits={"tiny": tiny_splits()}, weights={},
-                     pretrained_states={}, run_dir=str(tmp_path / "run"), record=RunRecord(), source_run=None, address=None,
-                     cpus_per_trial=1, gpus_per_trial=0)  # fmt: skip
-    with pytest.raises(TrialsFailed) as failure:
-        run_sweep(plan)
-    message = str(failure.value)
+    message = failed_run.failure
     assert "mnist-cnn: 1 of 1 trials failed" in message and "must be at least 4" in message and "\n" not in message
-    exp_dir = tmp_path / "run" / experiment.name
-    assert not (exp_dir / SUMMARY_FILE).exists(), "a failed experiment never looks finished"
-    assert "must be at least 4" in json.loads((exp_dir / FAILED_FILE).read_text())["reason"]
+    assert not (failed_run.exp_dir / SUMMARY_FILE).exists(), "a failed experiment never looks finished"
+    assert "must be at least 4" in json.loads((failed_run.exp_dir / FAILED_FILE).read_text())["reason"]
 
 
 @pytest.mark.parametrize(
