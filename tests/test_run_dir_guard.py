@@ -90,3 +90,10 @@ def test_a_signed_run_record_resumes_and_an_old_unsigned_one_says_where_it_point
     out = sweep("--resume", str(old))
     assert f"written before tltune signed it: resuming with its recorded settings, checked like flags; --data-root {old / 'no-data'}" in out.stderr
     assert "no-data does not exist" in out.stderr, out.stderr
+
+
+def test_a_record_is_signed_as_json_holds_it():
+    """Values JSON has no type for (a path, a tuple) are signed as the line holds them."""
+    record = trust.sign_record({"started": "x", "options": {"data_root": Path("/data"), "lr_range": (0.1, 0.2)}})
+    line = json.loads(json.dumps(record))
+    assert line["options"] == {"data_root": "/data", "lr_range": [0.1, 0.2]} and trust.check_record(line, "runs.jsonl") is True

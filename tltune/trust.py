@@ -215,7 +215,8 @@ def _record_bytes(record: dict) -> bytes:
 
 
 def sign_record(record: dict) -> dict:
-    """``record`` (a JSON object, as written) with its signature under ``"hmac"``."""
+    """``record`` as JSON will hold it (what is not JSON as its text), with its signature under ``"hmac"``."""
+    record = json.loads(json.dumps(record, default=str))
     return {**record, RECORD_SIGNATURE: signature(_record_bytes(record), signing_key())}
 
 
