@@ -71,3 +71,32 @@ def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
         [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--resume", str(tmp_path)], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 2 and "is not a tltune run directory" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("logger, name", [("JsonResults", "result.json"), ("CsvResults", "progress.csv")])
+def test_a_restored_trial_takes_its_results_back_only_up_to_its_checkpoint(tmp_path, logger, name):
+    """Killed after the trial's results (epochs 1, 2 and a line cut short) reached storage but
+    before the state recording its epoch-2 checkpoint did: it goes on from epoch 1's, and its
+    restored results end at epoch 1, so epoch 2 is not there twice."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    from tltune.raytune import callbacks
+
+    remote, local = tmp_path / "bucket" / "trial", tmp_path / "staging" / "trial"
+    remote.mkdir(parents=True)
+    if name == "result.json":
+        rows = [json.dumps({"training_iteration": i, "val_acc": i / 10}) + "\n" for i in (1, 2)]
+        (remote / name).write_text("".join(rows) + '{"training_iteration": 3, "val')
+    else:
+        rows = ["training_iteration,val_acc\n", "1,0.1\n", "2,0.2\n"]
+        (remote / name).write_text("".join(rows) + "3,0.")
+    trial = SimpleNamespace(
+        local_path=str(local), init_local_path=lambda: local.mkdir(parents=True, exist_ok=True), checkpoint=object(),
+        latest_checkpoint_result=SimpleNamespace(metrics={"training_iteration": 1}),
+        storage=SimpleNamespace(trial_fs_path=str(remote), storage_filesystem=pafs.LocalFileSystem()),
+    )  # fmt: skip
+    local.mkdir(parents=True)
+    getattr(callbacks, logger)()._restore_from_remote(name, trial)
+    assert (local / name).read_text() == "".join(rows[: 2 if name == "progress.csv" else 1])

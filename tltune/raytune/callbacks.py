@@ -10,15 +10,19 @@ experiment of the run: :func:`write_run_hparams`.
 
 from __future__ import annotations
 
+import csv
+import json
 import math
 import os
 import socket
 import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import pyarrow.fs as pafs
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
@@ -291,3 +295,53 @@ def _plain(value):
 
 def _short(value):
     return f"{value:.2e}" if isinstance(value, float) else value
+
+
+class _FromCheckpoint:
+    """Tune's result loggers, whose files a restored trial takes back only up to the checkpoint
+    it goes on from. A driver killed after uploading a trial's results but before the
+    experiment state that records its newer checkpoint left them an epoch ahead, and the
+    resumed trial reported that epoch again (``[1, 2, 2, 3, 4]``): the rows past the
+    checkpoint are work that was lost, and are dropped (with a row a kill cut short)."""
+
+    def _restore_from_remote(self, file_name: str, trial) -> None:
+        super()._restore_from_remote(file_name, trial)
+        checkpointed = trial.latest_checkpoint_result
+        path = Path(trial.local_path, file_name)
+        if checkpointed is None or not path.is_file():
+            return
+        done = checkpointed.metrics.get("training_iteration")
+        if isinstance(done, int):
+            path.write_text(rows_up_to(path.read_text(), done, csv_rows=file_name.endswith(".csv")))
+
+
+def rows_up_to(text: str, epochs: int, csv_rows: bool) -> str:
+    """``result.json``'s lines (``progress.csv``'s header and rows) up to ``training_iteration`` ``epochs``."""
+    lines = text.splitlines(keepends=True)
+    if csv_rows:
+        if not lines:
+            return text
+        column = next(csv.reader([lines[0]])).index("training_iteration") if "training_iteration" in lines[0] else None
+        kept = [lines[0]]
+        for line in lines[1:]:
+            row = next(csv.reader([line]), [])
+            if line.endswith("\n") and column is not None and len(row) > column and row[column].isdigit() and int(row[column]) <= epochs:
+                kept.append(line)
+        return "".join(kept)
+    kept = []
+    for line in lines:
+        try:
+            iteration = json.loads(line).get("training_iteration")
+        except ValueError:  # cut by the kill
+            continue
+        if line.endswith("\n") and isinstance(iteration, int) and iteration <= epochs:
+            kept.append(line)
+    return "".join(kept)
+
+
+class JsonResults(_FromCheckpoint, JsonLoggerCallback):
+    """Tune's ``result.json`` logger (see :class:`_FromCheckpoint`)."""
+
+
+class CsvResults(_FromCheckpoint, CSVLoggerCallback):
+    """Tune's ``progress.csv`` logger (see :class:`_FromCheckpoint`)."""

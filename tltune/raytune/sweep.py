@@ -20,7 +20,6 @@ import ray
 from ray import tune
 from ray.tune.execution.tune_controller import TuneController
 from ray.tune.experiment.trial import Trial
-from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search import Searcher
@@ -33,7 +32,7 @@ from tltune.config import factory_params
 from tltune.experiments import Choice, Experiment, IntRange, LogUniform, Uniform
 from tltune.models import model_kind
 from tltune.raytune import budget, cluster
-from tltune.raytune.callbacks import TensorBoardCallback, write_run_hparams
+from tltune.raytune.callbacks import CsvResults, JsonResults, TensorBoardCallback, write_run_hparams
 from tltune.raytune.full_storage import stopping_when_full
 from tltune.raytune.live_study import LiveStudy
 from tltune.raytune.progress import ProgressCallback
@@ -166,7 +165,7 @@ class ReferenceExemptASHA(ASHAScheduler):
 def tune_callbacks(experiment: str, name: str, exp_dir: str, settings: ExperimentSettings, run_root_up: int) -> list:
     """Tune's own CSV and JSON results, TensorBoard, the progress lines, the live Optuna study
     (the search only: the repeats are no search) and the trackers of --log-to."""
-    callbacks = [CSVLoggerCallback(), JsonLoggerCallback(), TensorBoardCallback(run_root_up=run_root_up), ProgressCallback(name, exp_dir=exp_dir)]
+    callbacks = [CsvResults(), JsonResults(), TensorBoardCallback(run_root_up=run_root_up), ProgressCallback(name, exp_dir=exp_dir)]
     if run_root_up == 0 and settings.space:
         callbacks.append(LiveStudy(exp_dir, settings.space))
     return callbacks + tracker_callbacks(settings.log_to, experiment, exp_dir, group=name)
