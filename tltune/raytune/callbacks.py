@@ -319,13 +319,14 @@ def rows_up_to(text: str, epochs: int, csv_rows: bool) -> str:
     """``result.json``'s lines (``progress.csv``'s header and rows) up to ``training_iteration`` ``epochs``."""
     lines = text.splitlines(keepends=True)
     if csv_rows:
-        if not lines:
+        header = next(csv.reader(lines[:1]), [])
+        if "training_iteration" not in header:
             return text
-        column = next(csv.reader([lines[0]])).index("training_iteration") if "training_iteration" in lines[0] else None
-        kept = [lines[0]]
+        column = header.index("training_iteration")
+        kept = lines[:1]
         for line in lines[1:]:
             row = next(csv.reader([line]), [])
-            if line.endswith("\n") and column is not None and len(row) > column and row[column].isdigit() and int(row[column]) <= epochs:
+            if line.endswith("\n") and len(row) > column and row[column].isdigit() and int(row[column]) <= epochs:
                 kept.append(line)
         return "".join(kept)
     kept = []
