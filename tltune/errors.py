@@ -19,6 +19,11 @@ class StorageFull(Exception):
 
     run_dir: str | None = None
 
+    @classmethod
+    def at(cls, where: str) -> "StorageFull":
+        return cls(f"no space left where the run is stored ({where}): the sweep stopped and kept the state it last saved whole; "
+                   "free some space, then continue with --resume")  # fmt: skip
+
 
 def is_storage_full(error: BaseException | None) -> bool:
     """Whether ``error``, or an error it wraps (Ray's task errors, ``raise ... from``), is a

@@ -602,8 +602,7 @@ def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: 
             raise
         if not storage.is_file(storage.join(run_dir, RUNS_FILE)):
             raise UserError(f"no space left where the run would be stored ({run_dir}): nothing ran; free some space and start again") from None
-        full = StorageFull(f"no space left where the run is stored ({run_dir}): the sweep stopped; what it saved is kept whole; "
-                           "free some space, then continue with --resume")  # fmt: skip
+        full = StorageFull.at(run_dir)
         full.run_dir = run_dir
         raise full from None
     return outcome

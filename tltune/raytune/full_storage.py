@@ -37,9 +37,8 @@ class FullStorageWatch(logging.Filter):
     """Notes the first full-storage error and stops Tune once; as a logging filter, it also
     drops Ray's tracebacks of those errors (the sweep ends with one line instead)."""
 
-    def __init__(self, exp_dir: str):
+    def __init__(self):
         super().__init__()
-        self.exp_dir = exp_dir
         self.first: str | None = None  # the first such error, on one line
 
     def saw(self, error: BaseException | None) -> bool:
@@ -57,11 +56,6 @@ class FullStorageWatch(logging.Filter):
             return False
         return not (self.first is not None and record.name == "ray.tune.tune")
 
-    def error(self) -> StorageFull:
-        return StorageFull(
-            f"no space left where the run is stored ({self.exp_dir}): the sweep stopped and kept the state it last saved whole; "
-            "free some space, then continue with --resume"
-        )
 
 
 def upload_whole(local_path: str, fs: pafs.FileSystem, fs_path: str, exclude=None, *, ray_upload, watch: FullStorageWatch) -> None:
@@ -89,7 +83,7 @@ def upload_whole(local_path: str, fs: pafs.FileSystem, fs_path: str, exclude=Non
 def stopping_when_full(exp_dir: str):
     """While a Tune experiment of ``exp_dir`` runs: uploads that never cut a file, and a stop
     with :class:`StorageFull` at the first full-storage error."""
-    watch = FullStorageWatch(exp_dir)
+    watch = FullStorageWatch()
     ray_upload = ray_storage._upload_to_fs_path
     handle_error = Trial.handle_error
 
@@ -112,4 +106,4 @@ def stopping_when_full(exp_dir: str):
         for name in RAY_LOGGERS:
             logging.getLogger(name).removeFilter(watch)
     if watch.first is not None:
-        raise watch.error()
+        raise StorageFull.at(exp_dir)

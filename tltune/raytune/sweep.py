@@ -591,7 +591,7 @@ def run_sweep(plan: SweepPlan) -> None:
             s = plan.settings[experiment.name]
             size = cluster.size_trials(plan.cpus_per_trial, plan.gpus_per_trial, s.num_samples, s.max_concurrent_trials, joined=plan.address is not None)
             settings[experiment.name] = replace(s, cpus_per_trial=size.cpus, gpus_per_trial=size.gpus, max_concurrent_trials=size.concurrent)
-        storage.append_line(storage.join(plan.run_dir, RUNS_FILE), json.dumps(trust.sign_record(plan.record.to_dict()), default=str))
+        storage.append_line(storage.join(plan.run_dir, RUNS_FILE), json.dumps(trust.sign_record(plan.record.to_dict())))
         write_run_hparams(plan.run_dir, [(trial_config(e, settings[e.name])[0], settings[e.name].space) for e in plan.experiments])
         state_refs = {key: ray.put(state) for key, state in plan.pretrained_states.items()}
         split_refs = {name: ray.put(s) for name, s in plan.splits.items()}
