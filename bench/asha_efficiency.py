@@ -56,7 +56,7 @@ def main():
     import ray
 
     splits = make_splits(load_dataset("cifar10", args.data_root), train_subset=args.train_subset)
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     with tempfile.TemporaryDirectory() as storage:
         grid = sweep(splits, args.epochs, asha=False, storage=storage, seed=args.seed)
         asha = sweep(splits, args.epochs, asha=True, storage=storage, seed=args.seed)

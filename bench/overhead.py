@@ -55,7 +55,7 @@ def main():
 
     import ray
 
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     with tempfile.TemporaryDirectory() as storage:
         optuna_s = optuna_alone(args.trials)
         reused = tune_sweep(args.trials, True, storage)

@@ -70,7 +70,7 @@ def main():
     disk_s = time.perf_counter() - started
     splits = make_splits(dataset, train_subset=args.train_subset)
     bare = bare_pytorch(splits, args.batch_size)
-    ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     with tempfile.TemporaryDirectory() as storage:
         results = tltune_trials(splits, args.trials, args.batch_size, storage)
     speeds = [r["train_images_per_s"] for r in results]

@@ -236,7 +236,7 @@ def test_ray_tune_writes_to_s3(s3):
     storage.check_writable(s3.root)
     if ray.is_initialized():
         ray.shutdown()
-    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=False)
     try:
         tuner = tune.Tuner(
             lambda config: tune.report({"x": 1}),
