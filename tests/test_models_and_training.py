@@ -12,6 +12,7 @@ from tltune.models import ACTIVATIONS, build_model, input_spec, load_imagenet_st
 from tltune.train import (
     OPTIMIZERS,
     DivergedError,
+    Runtime,
     build_optimizer,
     evaluate,
     load_checkpoint,
@@ -107,6 +108,44 @@ def test_diverging_loss_raises():
     with pytest.raises(DivergedError):
         for _ in range(3):
             train_one_epoch(model, opt, x, y, transform, 32)
+
+
+class OverflowOnce(torch.nn.Module):
+    """A linear model whose output is infinite for the batch holding image ``at``: what an
+    fp16 forward pass does when an activation overflows."""
+
+    def __init__(self, features: int, at: int):
+        super().__init__()
+        self.linear, self.at = torch.nn.Linear(features, 2), at
+
+    def forward(self, x):
+        out = self.linear(x.flatten(1))
+        return out * float("inf") if (x.flatten(1)[:, 0] == self.at).any() else out
+
+
+def overflow_epoch(scaled: bool):
+    x = torch.randn(128, 4)
+    x[:, 0] = 0.0
+    x[70, 0] = 1.0  # one of four batches of 32 overflows
+    y = (x[:, 1] > 0).long()
+    model = OverflowOnce(4, at=1)
+    runtime = Runtime("cpu")
+    runtime.scaler = torch.amp.GradScaler("cpu", enabled=scaled)  # the fp16 runtime's scaler; fp16 itself needs a GPU
+    before = [p.detach().clone() for p in model.parameters()]
+    stats = train_one_epoch(model, torch.optim.SGD(model.parameters(), lr=0.1), x, y, lambda b: b, 32, seed_everything(0), runtime)
+    return stats, before, model
+
+
+def test_one_overflowed_fp16_batch_is_a_skipped_step_not_a_divergence():
+    stats, before, model = overflow_epoch(scaled=True)
+    assert stats.skipped_steps == 1 and np.isfinite(stats.loss), stats
+    assert all(torch.isfinite(p).all() for p in model.parameters()), "GradScaler skipped the overflowed batch's step"
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), "the other batches trained"
+
+
+def test_a_non_finite_loss_without_loss_scaling_is_a_divergence():
+    with pytest.raises(DivergedError, match="of 4 batches"):
+        overflow_epoch(scaled=False)
 
 
 def test_training_is_seeded():

@@ -215,11 +215,24 @@ def test_bf16_on_a_gpu_without_bf16_is_refused(monkeypatch, capsys, tmp_path, no
     fake_gpu(monkeypatch, (7, 0))
     code, err = run_cli(["--precision", "bf16", "--storage-path", str(tmp_path)], capsys)
     assert code == 2
-    assert err == "error: --precision bf16: GPU 0 (Tesla V100-SXM2-16GB, compute capability 7.0) has no bf16 (needs 8.0+): use fp16 or auto\n"
+    assert err == "error: --precision bf16: Tesla V100-SXM2-16GB (compute capability 7.0) has no native bf16 (needs 8.0+): use fp16 or auto\n"
     # fp16 is fine there, and so is bf16 on an Ampere GPU
     check_device_options(parse(["--precision", "fp16"]))
     fake_gpu(monkeypatch, (8, 0))
     check_device_options(parse(["--precision", "bf16"]))
+
+
+def test_bf16_is_checked_again_on_the_trials_gpu(monkeypatch):
+    """On a joined cluster the driver cannot see the trials' GPUs: the trial's runtime refuses
+    bf16 on a GPU that only emulates it, with the same line."""
+    from tltune.train import Runtime
+
+    fake_gpu(monkeypatch, (7, 5))
+    with pytest.raises(ValueError, match=r"^--precision bf16: Tesla V100-SXM2-16GB \(compute capability 7.5\) has no native bf16"):
+        Runtime("cuda", "bf16")
+    assert Runtime("cuda", "auto").precision == "fp16"
+    fake_gpu(monkeypatch, (9, 0))
+    assert Runtime("cuda", "bf16").precision == "bf16"
 
 
 def test_a_joined_cluster_skips_the_local_gpu_checks(monkeypatch, no_ray_address):

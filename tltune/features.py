@@ -3,7 +3,10 @@
 In ``feature_extract`` mode the backbone is frozen and in eval mode (Dropout off) and there
 is no augmentation, so its output per image is the same in every epoch of every trial.
 :func:`feature_splits` computes it once per (dataset split, weights, model input) and caches
-it on disk as float16; trials then train only the head on it. A trial on cached features
+it on disk as float16; trials then train only the head on it. The backbone always runs in
+fp32 (TF32 convolutions on Ampere and later GPUs, torch's default), whatever ``--precision``
+says: the precision applies to the trials' training of the head, so it is no part of the
+cache key and one cache serves every precision. A trial on cached features
 builds ``BackboneHead(Identity, head)``: its checkpoint (the head) is the same as the
 naive path's, and so is the model it describes.
 """

@@ -182,7 +182,7 @@ def check_device_options(options: SweepOptions) -> None:
     (--address) may have GPUs this machine lacks: then only what the options say is checked."""
     import torch
 
-    from tltune.train import cpu_has_bf16, cuda_problem, gpu_has_bf16
+    from tltune.train import bf16_problem, cpu_has_bf16, cuda_problem
 
     o = options
     joined = bool(o.address or os.environ.get("RAY_ADDRESS"))
@@ -197,9 +197,8 @@ def check_device_options(options: SweepOptions) -> None:
         raise UserError(f"--precision fp16 needs a GPU and these trials run on the CPU ({why}): use bf16, fp32 or auto")
     if o.precision == "bf16" and not joined and not on_cpu:
         for index in range(torch.cuda.device_count()):
-            if not gpu_has_bf16(index):
-                name, (major, minor) = torch.cuda.get_device_name(index), torch.cuda.get_device_capability(index)
-                raise UserError(f"--precision bf16: GPU {index} ({name}, compute capability {major}.{minor}) has no bf16 (needs 8.0+): use fp16 or auto")
+            if problem := bf16_problem(index):
+                raise UserError(problem)
     if o.precision == "bf16" and on_cpu and not joined and not cpu_has_bf16():
         print("warning: this CPU has no native bf16 (AVX512-BF16 or AMX): --precision bf16 emulates it, many times slower than fp32", file=sys.stderr)
     if o.compile:

@@ -157,6 +157,13 @@ class DivergedError(RuntimeError):
 class EpochStats:
     loss: float
     accuracy: float
+    skipped_steps: int = 0  # fp16 batches whose loss overflowed: GradScaler skipped their step
+
+
+# With loss scaling, a batch whose fp16 loss overflows is skipped (weights untouched) and the
+# scale lowered; such batches are part of normal fp16 training. Past this share of an epoch's
+# batches the trial is diverged, not unlucky.
+MAX_SKIPPED_SHARE = 0.5
 
 
 def optimizer_extras(name: str) -> dict:
@@ -191,6 +198,15 @@ def cpu_has_bf16() -> bool:
 def gpu_has_bf16(device: torch.device | int | None = None) -> bool:
     """Ampere (compute capability 8.0) and later; older GPUs only emulate bf16, slowly."""
     return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def bf16_problem(device: torch.device | int) -> str | None:
+    """Why ``--precision bf16`` must not run on this GPU (a T4 or V100 "supports" bf16 only by
+    emulation, many times slower than fp16); None where it is native."""
+    if gpu_has_bf16(device):
+        return None
+    name, (major, minor) = torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device)
+    return f"--precision bf16: {name} (compute capability {major}.{minor}) has no native bf16 (needs 8.0+): use fp16 or auto"
 
 
 def runs_on(arches: list[str], major: int, minor: int) -> bool:
@@ -239,6 +255,8 @@ class Runtime:
 
     def __init__(self, device: torch.device | str, precision: str = "fp32", channels_last: bool = False, compile: bool = False):
         self.device = torch.device(device)
+        if precision == "bf16" and self.device.type == "cuda" and (problem := bf16_problem(self.device)):
+            raise ValueError(problem)  # on a joined cluster the driver could not see this GPU
         self.precision = resolve_precision(precision, self.device)
         self.dtype, scaled = PRECISIONS[self.precision]
         # Disabled, the scaler passes the loss and the step through: one code path for all.
@@ -297,7 +315,10 @@ def train_one_epoch(
     device = runtime.device
     # Sums stay on the device: no host sync per batch (it would stall a GPU).
     total_loss = torch.zeros((), device=device)
+    loss_images = torch.zeros((), device=device, dtype=torch.long)  # of batches with a finite loss
+    skipped = torch.zeros((), device=device, dtype=torch.long)
     correct = torch.zeros((), device=device, dtype=torch.long)
+    steps = 0
     draws = draw_augmentation(augmentation, len(labels), generator, device)  # the whole epoch's, moved once
     for step, (x, y) in enumerate(iterate_batches(images, labels, batch_size, shuffle=True, generator=generator)):
         start = step * batch_size
@@ -312,12 +333,17 @@ def train_one_epoch(
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         runtime.backward_step(loss, optimizer)
-        total_loss += loss.detach() * len(y)
+        finite = torch.isfinite(loss.detach())
+        total_loss += torch.where(finite, loss.detach(), 0.0) * len(y)
+        loss_images += finite * len(y)
+        skipped += ~finite
         correct += (logits.argmax(1) == y).sum()
-    mean_loss = total_loss.item() / len(labels)
-    if not math.isfinite(mean_loss):
-        raise DivergedError(f"training loss became {mean_loss}: the learning rate is probably too high")
-    return EpochStats(mean_loss, correct.item() / len(labels))
+        steps += 1
+    skipped_steps = int(skipped.item())
+    # Unscaled (fp32, bf16), a non-finite loss has already written NaN into the weights.
+    if skipped_steps and (not runtime.scaler.is_enabled() or skipped_steps > MAX_SKIPPED_SHARE * steps):
+        raise DivergedError(f"training loss became NaN or infinite in {skipped_steps} of {steps} batches: the learning rate is probably too high")
+    return EpochStats(total_loss.item() / max(loss_images.item(), 1), correct.item() / len(labels), skipped_steps)
 
 
 EVAL_BATCH = 512  # images per evaluation batch at up to EVAL_BATCH_SIZE_PX pixels a side

@@ -130,6 +130,7 @@ def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: 
             "epoch": epoch,
             "train_loss": train.loss,
             "train_acc": train.accuracy,
+            "skipped_steps": train.skipped_steps,  # fp16 batches whose loss overflowed (GradScaler skipped them)
             "val_loss": val.loss,
             "val_acc": val.accuracy,
             "train_images_per_s": train_images_per_s,
