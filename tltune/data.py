@@ -560,6 +560,14 @@ def _source_of(name: str, root: Path) -> tuple[str, Path | None]:
     )
 
 
+def dataset_on_disk(name: str, data_root: str | Path | None = None) -> bool:
+    """Whether ``name`` loads from ``data_root`` without a download."""
+    try:
+        return _source_of(name, resolve_data_root(str(data_root) if data_root else None))[1] is not None
+    except UserError:
+        return False
+
+
 def _save_cache(dataset: Dataset, target: Path) -> None:
     """One ``.npy`` per array, then meta.json with their shapes and dtypes: a cache folder
     without meta.json is incomplete (its writer was killed, or is still writing)."""

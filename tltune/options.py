@@ -93,6 +93,9 @@ class SweepOptions:
     time_budget: str | None = option(
         None, "stop searching after this long, e.g. 90s, 30m, 2h, 1h30m (per experiment; default: a spec's time_budget, else none): "
         "no new trials, running ones stop at their next epoch", "sweep", "DURATION")  # fmt: skip
+    checkpoint_every: int | None = option(
+        None, "also save a trial's checkpoint every N epochs (default: each epoch whose save costs at most a tenth of the training "
+        "since the last one); always at ASHA's rungs, at a trial's last epoch and once the time budget is over", "sweep", "N")  # fmt: skip
     log_to: tuple[str, ...] | None = option(None, "also log every trial to these trackers: mlflow, wandb (extras: pip install 'tltune[mlflow]')", "sweep", "TRACKER")
     quiet: bool = option(False, "print only the final table (and a count of trials per state at most once a minute)", "sweep")
 
@@ -144,7 +147,7 @@ class SweepOptions:
         if self.gpus_per_trial is not None and self.gpus_per_trial > 1:
             raise UserError(f"--gpus-per-trial {self.gpus_per_trial:g}: a trial trains on one GPU (no data parallelism), "
                             "so more would sit idle: use 1, or a fraction to share a GPU among trials")
-        for name in ("num_samples", "max_concurrent_trials", "grace_period", "repeats", "max_epochs", "train_subset", "test_subset", "image_size"):
+        for name in ("num_samples", "max_concurrent_trials", "grace_period", "repeats", "max_epochs", "train_subset", "test_subset", "image_size", "checkpoint_every"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"{flag(name)} must be at least 1, got {value}")

@@ -144,6 +144,7 @@ def experiment_settings(experiment: Experiment, options: SweepOptions) -> Experi
         log_to=o.log_to or (),
         time_budget_s=parse_duration(o.time_budget or experiment.time_budget, "--time-budget") if o.time_budget or experiment.time_budget else None,
         quiet=o.quiet,
+        checkpoint_every=o.checkpoint_every,
     )
 
 
@@ -469,12 +470,13 @@ def resumed_options(options: SweepOptions) -> SweepOptions:
                         f"(only {', '.join(map(flag, RESUME_MAY_CHANGE[1:]))} may change)")  # fmt: skip
     return replace(started, resume=run_dir, address=options.address or started.address, quiet=options.quiet,
                    log_to=options.log_to if options.log_to is not None else started.log_to,
-                   time_budget=options.time_budget or started.time_budget)  # fmt: skip
+                   time_budget=options.time_budget or started.time_budget,
+                   checkpoint_every=options.checkpoint_every or started.checkpoint_every)  # fmt: skip
 
 
 # Where and how a resumed run goes on may change, and its time budget may grow (skip_finished
 # reopens what the budget ended); what it computes may not.
-RESUME_MAY_CHANGE = ("resume", "address", "quiet", "log_to", "time_budget")
+RESUME_MAY_CHANGE = ("resume", "address", "quiet", "log_to", "time_budget", "checkpoint_every")
 
 
 @dataclass

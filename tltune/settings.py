@@ -38,6 +38,7 @@ class ExperimentSettings:
     gpus_per_trial: float | None = None
     log_to: tuple[str, ...] = ()  # trackers every trial is also logged to (--log-to)
     time_budget_s: float | None = None  # the search stops after this long (--time-budget); None: no budget
+    checkpoint_every: int | None = None  # a trial also checkpoints every N epochs; None: when a save costs little (train.CheckpointPolicy)
     quiet: bool = False  # print only the final table and a count of trials per state at most once a minute
     pretrained: str = "none"  # where the starting weights come from: 'imagenet', a file, a checkpoint ('model=..., ...' for several models)
 

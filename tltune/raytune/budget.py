@@ -25,6 +25,11 @@ def start(exp_dir: str, budget_s: float | None, spent_s: float) -> None:
         _deadlines[exp_dir] = time.time() + budget_s - spent_s
 
 
+def deadline(exp_dir: str) -> float | None:
+    """The ``time.time()`` at which the search of ``exp_dir`` stops; None: no budget."""
+    return _deadlines.get(exp_dir)
+
+
 def is_over(exp_dir: str) -> bool:
     deadline = _deadlines.get(exp_dir)
     return deadline is not None and time.time() >= deadline

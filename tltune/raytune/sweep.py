@@ -42,7 +42,7 @@ from tltune.records import ExperimentRecord, ExperimentSummary, FailureRecord, T
 from tltune.results import EXPERIMENT_FILE, FAILED_FILE, METRIC, RUNS_FILE, SUMMARY_FILE, best_checkpoint
 from tltune.settings import ExperimentSettings, SweepPlan
 from tltune.studies import write_study
-from tltune.train import load_model_state, optimizer_extras
+from tltune.train import CheckpointPolicy, asha_milestones, load_model_state, optimizer_extras
 
 MODE = "max"
 REPEATS_DIR = "repeats"  # in an experiment directory: the re-trainings with other seeds
@@ -192,20 +192,28 @@ def run_config(experiment: str, name: str, storage_path: str, settings: Experime
     )
 
 
+ASHA_REDUCTION_FACTOR = 3
+
+
+def asha_rungs(settings: ExperimentSettings) -> dict:
+    """ASHA's max_t and grace period for an experiment: one iteration per epoch."""
+    max_epochs = max(settings.max_epochs, 1)
+    return {"max_t": max_epochs, "grace_period": min(settings.grace_period, max_epochs), "reduction_factor": ASHA_REDUCTION_FACTOR}
+
+
+def checkpoint_policy(settings: ExperimentSettings, exp_dir: str) -> CheckpointPolicy:
+    """When the experiment's trials save checkpoints: at ASHA's rungs, at their last epoch, once
+    the time budget is over, and between as --checkpoint-every says."""
+    return CheckpointPolicy(milestones=asha_milestones(**asha_rungs(settings)), every=settings.checkpoint_every, deadline=budget.deadline(exp_dir))
+
+
 def new_tuner(experiment: Experiment, settings: ExperimentSettings, trainable, param_space: dict, points: list, run_dir: str):
     """Optuna (seeded, the reference and warm-start points first) + ASHA (never stopping the
     reference), one iteration per epoch."""
-    max_epochs = max(settings.max_epochs, 1)
     search = ResumableOptunaSearch(points_to_evaluate=points or None, seed=settings.seed) if settings.space else None
     if search is not None:
         search.budget_key = storage.join(run_dir, experiment.name)
-    scheduler = ReferenceExemptASHA(
-        settings,
-        time_attr="training_iteration",
-        max_t=max_epochs,
-        grace_period=min(settings.grace_period, max_epochs),
-        reduction_factor=3,
-    )
+    scheduler = ReferenceExemptASHA(settings, time_attr="training_iteration", **asha_rungs(settings))
     return tune.Tuner(
         trainable,
         param_space=param_space,
@@ -277,12 +285,12 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
     if settings.cached_features:
         inputs = {**inputs, "features": backbone_features(experiment, settings, inputs)}
     param_space, points = trial_config(experiment, settings)
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, inputs=inputs),
-        {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
-    )
     with ExperimentClock(exp_dir) as clock:
         budget.start(exp_dir, settings.time_budget_s, spent_s=clock.before_s)
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, inputs={**inputs, "checkpoints": checkpoint_policy(settings, exp_dir)}),
+            {"cpu": settings.cpus_per_trial, "gpu": settings.gpus_per_trial},
+        )
         try:
             results = fit(exp_dir, trainable, lambda: new_tuner(experiment, settings, trainable, param_space, points, run_dir))
         finally:  # finished, failed or interrupted: the Optuna study says so

@@ -24,6 +24,7 @@ from tltune.config import ModelSpec, TrialConfig
 from tltune.data import Splits, as_tensors
 from tltune.features import feature_splits
 from tltune.train import (
+    CheckpointPolicy,
     DivergedError,
     LRSchedule,
     Runtime,
@@ -68,7 +69,8 @@ def trial_runtime(config: TrialConfig, device: torch.device, compile: bool = Tru
 
 
 def train_trial(tune_config: dict, inputs: dict) -> None:
-    """A Ray Tune function trainable: one ``tune.report`` per epoch, with a checkpoint."""
+    """A Ray Tune function trainable: one ``tune.report`` per epoch, with a checkpoint where
+    ``inputs["checkpoints"]`` (a :class:`~tltune.train.CheckpointPolicy`) says."""
     config = TrialConfig.from_dict(tune_config)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # one "checkpoint created" line per epoch is noise
     started_at = time.time()
@@ -111,7 +113,10 @@ def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: 
     train_x, train_y = as_tensors(splits.train, device)
     val_x, val_y = as_tensors(splits.val, device)
     schedule = LRSchedule.of(config, len(train_y))  # recomputed from the epoch after a resume
-    for epoch in range(epochs_done + 1, (config.stop_epoch or config.epochs) + 1):
+    policy: CheckpointPolicy = inputs.get("checkpoints") or CheckpointPolicy()
+    last_epoch = config.stop_epoch or config.epochs
+    trained_s, last_save_s = 0.0, None  # training since the last checkpoint; what the last save cost
+    for epoch in range(epochs_done + 1, last_epoch + 1):
         generator = seed_everything(config.seed * 1000 + epoch)  # same batches (and augmentations) after a resume
         train_started = time.perf_counter()
         try:
@@ -124,7 +129,8 @@ def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: 
             # searcher and ASHA (a NaN would be dropped, and a retry would diverge again).
             tune.report({"epoch": epoch, "diverged": True, "stop_reason": str(exc), "val_acc": 0.0, "train_loss": float("nan")})
             return
-        train_images_per_s = len(train_y) / (time.perf_counter() - train_started)
+        train_s = time.perf_counter() - train_started
+        train_images_per_s = len(train_y) / train_s
         val = evaluate(model, val_x, val_y, transform, runtime=runtime)
         metrics = {
             "epoch": epoch,
@@ -143,10 +149,17 @@ def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: 
             "precision_used": runtime.precision,  # what config.precision (maybe "auto") became on this device
             **device_report(device),
             **held,
+            "last_checkpoint_s": last_save_s,  # what the last save cost (saving and persisting to the run's storage)
         }
+        trained_s += train_s
+        if not policy.due(epoch, last_epoch, trained_s, last_save_s, time.time()):
+            tune.report(metrics)
+            continue
+        saving = time.perf_counter()
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(directory, model, optimizer, epoch, config, runtime.scaler)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+        trained_s, last_save_s = 0.0, time.perf_counter() - saving
 
 
 def score_on_test_split(tune_config: dict, inputs: dict, checkpoint: tune.Checkpoint) -> dict:
