@@ -4,11 +4,18 @@ small trials sharing one GPU. One script, PASS/FAIL lines, at most 8 minutes on 
     python bench/gpu.py [--data-root DIR]   # a GPU machine; CIFAR-10 from DIR, else synthetic images of its shape
     python bench/gpu.py --smoke             # tiny sizes on the CPU: the script works (CI runs it), no targets
 
+First the machine: driver, CUDA, cuDNN, the GPU's name, compute capability and memory, and
+the architectures torch was built for.
+
 1. AlexNet at 224 px, training images/s through tltune's own loop (uint8 CIFAR-shaped
-   batches resized to 224 on the device): fp32, bf16, bf16 + channels_last; target
-   bf16 + channels_last >= 2x fp32. fp32 and bf16 run contiguous (NCHW) end to end.
+   batches resized to 224 on the device): true fp32 (TF32 off), fp32 as tltune trains it
+   (torch's default: TF32 in cuDNN convolutions on Ampere and later), bf16, bf16 +
+   channels_last. The target, bf16 + channels_last >= 2x fp32, compares with tltune's fp32
+   (TF32 convolutions): what --precision auto buys over --precision fp32; the ratio to true
+   fp32 is printed beside it. The fp32 and bf16 rows run contiguous (NCHW) end to end.
 2. The feature cache of CIFAR-10 at 224 px (60,000 images through AlexNet's backbone), built
-   as a sweep builds it: fingerprint, backbone, float16 file.
+   as a sweep builds it: fingerprint, backbone, float16 file. CIFAR-10 from --data-root when
+   it is there, else synthetic images of its shape (never a download).
 3. Small-CNN trials as separate processes on one device, 1, 2, 4 and 8 at once (what Ray
    does with --gpus-per-trial 0.125): aggregate training images/s; target 8 >= 4x 1.
 4. --compile on AlexNet-224: compile time and speed against eager (information, no target;
@@ -16,7 +23,10 @@ small trials sharing one GPU. One script, PASS/FAIL lines, at most 8 minutes on 
 The exit code is 0 when every part ran (whatever its verdict), 1 when one crashed.
 """
 
+import contextlib
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -31,7 +41,7 @@ import torch.multiprocessing as mp
 import torchvision
 
 from tltune.config import ModelSpec
-from tltune.data import BatchTransform, ImageArrays, Splits, load_dataset, make_splits
+from tltune.data import BatchTransform, ImageArrays, Splits, dataset_on_disk, load_dataset, make_splits
 from tltune.features import feature_splits
 from tltune.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from tltune.train import Runtime, build_optimizer, gpu_has_bf16, resolve_precision, train_one_epoch
@@ -62,16 +72,41 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def environment(device: torch.device) -> None:
-    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, "
-          f"{os.cpu_count()} CPUs, mode {'smoke (CPU, tiny sizes)' if SMOKE else 'full'}")  # fmt: skip
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        print(f"GPU: {props.name}, compute capability {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
-              f"bf16 {'yes' if gpu_has_bf16(device) else 'no'}; TF32 in cuDNN convolutions (the fp32 rows): "
-              f"{torch.backends.cudnn.allow_tf32}, float32 matmul precision: {torch.get_float32_matmul_precision()}")  # fmt: skip
-    else:
-        print(f"device: CPU ({torch.get_num_threads()} threads), auto precision here: {resolve_precision('auto', device)}")
+def driver_version() -> str:
+    """The NVIDIA driver's version, as nvidia-smi says it (else as CUDA reports it)."""
+    if shutil.which("nvidia-smi"):
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    with contextlib.suppress(Exception):  # private: the CUDA driver API's version, e.g. 13000
+        version = torch._C._cuda_getDriverVersion()
+        return f"CUDA driver API {version // 1000}.{version % 1000 // 10}" if version else "none"
+    return "none found"
+
+
+def environment() -> None:
+    """The machine, printed before anything else runs (a first run on a new GPU starts here)."""
+    print(f"driver {driver_version()}, torch {torch.__version__} built for CUDA {torch.version.cuda}, "
+          f"cuDNN {torch.backends.cudnn.version()}, {os.cpu_count()} CPUs, mode {'smoke (CPU, tiny sizes)' if SMOKE else 'full'}", flush=True)  # fmt: skip
+    print(f"torch's CUDA architectures: {', '.join(torch.cuda.get_arch_list()) or 'none (a CPU-only build)'}", flush=True)
+    for index in range(torch.cuda.device_count() if torch.cuda.is_available() else 0):
+        props = torch.cuda.get_device_properties(index)
+        print(f"GPU {index}: {props.name}, compute capability {props.major}.{props.minor}, {props.total_memory / 2**30:.0f} GiB, "
+              f"bf16 {'native' if gpu_has_bf16(index) else 'emulated'}; TF32 in cuDNN convolutions (tltune's fp32): "
+              f"{torch.backends.cudnn.allow_tf32}, float32 matmul precision: {torch.get_float32_matmul_precision()}", flush=True)  # fmt: skip
+    if SMOKE:
+        print(f"device: CPU ({torch.get_num_threads()} threads), auto precision here: {resolve_precision('auto', torch.device('cpu'))}")
+
+
+@contextlib.contextmanager
+def true_fp32():
+    """TF32 off in cuDNN convolutions and matmuls: fp32 arithmetic end to end."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 # ---------------------------------------------------------------------------- 1. AlexNet
@@ -106,12 +141,18 @@ def train_images_per_s(
 
 def bench_alexnet(device, sizes: dict) -> None:
     low = "bf16" if device.type == "cpu" or gpu_has_bf16(device) else "fp16"  # a GPU without bf16 tries fp16
-    rows = [("fp32", "fp32", False), (low, low, False), (f"{low}+channels_last", low, True)]
+    fast = f"{low}+channels_last"
+    # label -> (precision, channels_last, TF32 off)
+    rows = {"true fp32": ("fp32", False, True), "fp32": ("fp32", False, False), low: (low, False, False), fast: (low, True, False)}
     size = sizes["alexnet_size"]
     for batch, images in sizes["alexnet_runs"]:
-        speeds = {label: train_images_per_s(device, "alexnet", size, batch, images, precision, cl)[0] for label, precision, cl in rows}
+        speeds = {}
+        for label, (precision, channels_last, no_tf32) in rows.items():
+            with true_fp32() if no_tf32 else contextlib.nullcontext():
+                speeds[label] = train_images_per_s(device, "alexnet", size, batch, images, precision, channels_last)[0]
         print(f"AlexNet-{size} training, batch {batch}: " + ", ".join(f"{k} {v:.0f} img/s" for k, v in speeds.items()), flush=True)
-        report(f"AlexNet-{size} train, batch {batch}, {low}+channels_last / fp32", speeds[rows[2][0]] / speeds["fp32"], 2.0)
+        print(f"INFO  AlexNet-{size} train, batch {batch}, {fast} / true fp32 (TF32 off): {speeds[fast] / speeds['true fp32']:.3g}x", flush=True)
+        report(f"AlexNet-{size} train, batch {batch}, {fast} / fp32 (TF32 convolutions, as --precision fp32 trains)", speeds[fast] / speeds["fp32"], 2.0)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -134,6 +175,9 @@ def cifar_splits(data_root: str | None, n: int) -> Splits:
 
 
 def bench_feature_cache(device, sizes: dict, data_root: str | None) -> None:
+    if data_root and not dataset_on_disk("cifar10", data_root):  # a benchmark never downloads
+        print(f"no CIFAR-10 under {data_root}: the feature cache is built from synthetic images of its shape", flush=True)
+        data_root = None
     splits = cifar_splits(data_root, sizes["feature_images"])
     total = len(splits.train) + len(splits.val) + len(splits.test)
     state = torchvision.models.alexnet().state_dict()  # random weights: the time does not depend on them
@@ -247,13 +291,13 @@ def main() -> int:
     p.add_argument("--only", nargs="+", choices=("alexnet", "features", "concurrency", "compile"), help="run only these parts")
     args = p.parse_args()
     SMOKE = args.smoke
+    started = time.perf_counter()
+    environment()
     if not SMOKE and not torch.cuda.is_available():
         print("error: no CUDA GPU is visible: run this on a GPU machine, or with --smoke for the CPU check", file=sys.stderr)
         return 2
     device = torch.device("cpu" if SMOKE else "cuda")
     sizes = SIZES["smoke" if SMOKE else "gpu"]
-    started = time.perf_counter()
-    environment(device)
     parts = {
         "alexnet": lambda: bench_alexnet(device, sizes),
         "features": lambda: bench_feature_cache(device, sizes, args.data_root),
