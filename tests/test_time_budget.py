@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tltune.options import SweepOptions
 from tltune.errors import UserError
@@ -32,7 +33,7 @@ def tltune(*args, cwd):
 def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp_path):
     common = ["--train-subset", "3000", "--test-subset", "300", "--data-root", str(real_data_root), "--repeats", "1"]
     first = tltune("sweep", "mnist", "--experiments", "mnist-cnn", "--num-samples", "12", "--epochs-range", "4", "6",
-                   "--grace-period", "6", "--max-concurrent-trials", "1", "--time-budget", "25s", "--storage-path", str(tmp_path),
+                   "--grace-period", "6", "--max-concurrent-trials", "1", "--time-budget", "25s", "--checkpoint-every", "100", "--storage-path", str(tmp_path),
                    "--name", "budget", *common, cwd=tmp_path)  # fmt: skip
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_dir = tmp_path / "budget"
@@ -44,6 +45,10 @@ def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp
     stopped = [t for t in trials if t["stop_reason"].startswith("stopped by the time budget at epoch")]
     assert [t["trial"] for t in stopped] == budget["stopped_trials"] and stopped, "the running trial stopped at its next epoch"
     assert not any(t["stop_reason"].startswith("stopped by ASHA") for t in trials), "a grace period of 6: ASHA stops none"
+    for t in stopped:  # checkpoints only where a trial may end (--checkpoint-every 100): the budget's stop is one
+        (trial_dir,) = [d for d in (run_dir / "mnist-cnn").iterdir() if d.name.startswith(t["trial"])]
+        latest = max(trial_dir.glob("checkpoint_*"))
+        assert t["stop_reason"].startswith(f"stopped by the time budget at epoch {torch.load(latest / 'model.pt', weights_only=True)['epoch']}")
 
     same = tltune("sweep", "mnist", "--resume", str(run_dir), "--time-budget", "25s", cwd=tmp_path)
     assert same.returncode == 2 and "pass a larger one" in same.stderr

@@ -30,9 +30,10 @@ def deadline(exp_dir: str) -> float | None:
     return _deadlines.get(exp_dir)
 
 
-def is_over(exp_dir: str) -> bool:
+def is_over(exp_dir: str, at: float | None = None) -> bool:
+    """Whether the budget of ``exp_dir`` is over at ``at`` (a ``time.time()``; None: now)."""
     deadline = _deadlines.get(exp_dir)
-    return deadline is not None and time.time() >= deadline
+    return deadline is not None and (time.time() if at is None else at) >= deadline
 
 
 def stopped_trials(exp_dir: str) -> set[str]:
@@ -41,13 +42,15 @@ def stopped_trials(exp_dir: str) -> set[str]:
 
 
 class TimeBudgetStopper(tune.Stopper):
-    """Stops each trial at the first epoch it reports after the experiment's deadline."""
+    """Stops each trial at the first epoch it reports after the experiment's deadline. The
+    epoch's own ``reported_at`` is compared, as the trial compares it when it decides to save a
+    checkpoint (:class:`tltune.train.CheckpointPolicy`): an epoch stopped here has one."""
 
     def __init__(self, exp_dir: str):
         self.exp_dir = exp_dir
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        if not is_over(self.exp_dir) or result.get("done"):
+        if not is_over(self.exp_dir, at=result.get("reported_at")) or result.get("done"):
             return False
         _stopped.setdefault(self.exp_dir, set()).add(trial_id)
         return True

@@ -152,7 +152,7 @@ def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: 
             "last_checkpoint_s": last_save_s,  # what the last save cost (saving and persisting to the run's storage)
         }
         trained_s += train_s
-        if not policy.due(epoch, last_epoch, trained_s, last_save_s, time.time()):
+        if not policy.due(epoch, last_epoch, trained_s, last_save_s, now=metrics["reported_at"]):  # the budget's stopper reads it too
             tune.report(metrics)
             continue
         saving = time.perf_counter()
