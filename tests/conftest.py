@@ -67,19 +67,26 @@ MNIST_RUN_SAMPLES = 4
 
 @pytest.fixture(scope="session")
 def mnist_run(tmp_path_factory, real_data_root):
-    import sys
+    """The session's real MNIST sweep (two experiments, ASHA, --repeats 2), read by many tests.
+    Made through the Python entry point, ``tltune.run``, in this process (the command line's
+    sweep is spec_run's, tests/test_spec_sweep.py), printing what the command line prints."""
+    import contextlib
+    import io
+    import signal
     from types import SimpleNamespace
 
+    import tltune
+
     tmp = tmp_path_factory.mktemp("mnist-run")
-    argv = [
-        sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", *MNIST_RUN_EXPERIMENTS, "--weights", "none",
-        "--num-samples", str(MNIST_RUN_SAMPLES), "--max-epochs", "2", "--grace-period", "1", "--repeats", "2",
-        "--train-subset", "600", "--test-subset", "500", "--data-root", str(real_data_root), "--storage-path", str(tmp / "results"),
-    ]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=tmp)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    handler = signal.getsignal(signal.SIGINT)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        run = tltune.run(list(MNIST_RUN_EXPERIMENTS), quick=True, weights="none", num_samples=MNIST_RUN_SAMPLES, max_epochs=2, grace_period=1,
+                         repeats=2, train_subset=600, test_subset=500, data_root=str(real_data_root), storage_path=str(tmp / "results"),
+                         quiet=False)  # fmt: skip
     (run_dir,) = (tmp / "results").iterdir()
-    return SimpleNamespace(run_dir=run_dir, stdout=out.stdout, stderr=out.stderr, argv=argv, tmp=tmp)
+    return SimpleNamespace(run=run, run_dir=run_dir, stdout=stdout.getvalue(), stderr=stderr.getvalue(), tmp=tmp,
+                           handler_restored=signal.getsignal(signal.SIGINT) == handler)  # fmt: skip
 
 
 @pytest.fixture

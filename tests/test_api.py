@@ -1,12 +1,12 @@
 """tltune from Python, without the command line: run, load, experiments, typed errors."""
 
-import signal
-
 import pytest
 
 import tltune
 from tltune.plan import run_label
 from tltune.experiments import EXPERIMENTS, FAMILIES, CNN_SEARCH_SPACE, Experiment, LogUniform
+
+from conftest import MNIST_RUN_EXPERIMENTS, MNIST_RUN_SAMPLES
 
 
 def test_experiments_lists_every_declared_one():
@@ -40,28 +40,35 @@ def test_options_are_checked_like_the_command_line(options, message, tmp_path):
     assert list(tmp_path.iterdir()) == [], "nothing written"
 
 
-def test_run_and_load_from_python(tmp_path, real_data_root):
-    handler = signal.getsignal(signal.SIGINT)
-    own = Experiment("my-mnist", "mnist", "cnn", "scratch", "my CNN", {"optimizer": "adam", "activation": "relu", "lr": 1e-3, "epochs": 2},
-                     None, {"lr": LogUniform(1e-4, 1e-2), "activation": CNN_SEARCH_SPACE["activation"]}, num_samples=2)  # fmt: skip
-    run = tltune.run([own], quick=True, num_samples=2, train_subset=600, test_subset=300, max_epochs=2, data_root=str(real_data_root), storage_path=str(tmp_path))
-    assert signal.getsignal(signal.SIGINT) == handler, "the caller's signal handlers are back"
-    assert run.path.rsplit("/", 1)[-1].startswith("my-mnist-")
-    mine = run["my-mnist"]
+def test_run_and_load_from_python(mnist_run, tmp_path):
+    """The session's MNIST run is tltune.run's (conftest): its Run, and the same run loaded."""
+    assert mnist_run.handler_restored, "the caller's signal handlers are back"
+    run = mnist_run.run
+    assert run.path.rsplit("/", 1)[-1].startswith("mnist-2")
+    mine = run["mnist-cnn"]
     assert mine.status == "finished" and 0 < mine.test_acc <= 1 and 0 < mine.val_acc <= 1
     assert set(mine.best_config) >= {"lr", "activation", "optimizer", "epochs"}
     rows = run.trials()
-    assert len(rows) == 2 and all(r["stop_reason"] for r in rows)
-    assert "| MNIST | my CNN |" in run.table()
+    assert len(rows) == len(MNIST_RUN_EXPERIMENTS) * MNIST_RUN_SAMPLES and all(r["stop_reason"] for r in rows)
+    assert "| MNIST | vanilla CNN |" in run.table()
 
     loaded = tltune.load(run.path)
-    assert list(loaded.experiments) == ["my-mnist"] and loaded["my-mnist"].test_acc == mine.test_acc
-    grid = loaded["my-mnist"].result_grid()
-    assert len(grid) == 2 and grid.get_best_result().config["lr"] == mine.best_config["lr"]
+    assert list(loaded.experiments) == list(MNIST_RUN_EXPERIMENTS) and loaded["mnist-cnn"].test_acc == mine.test_acc
+    grid = loaded["mnist-cnn"].result_grid()
+    assert len(grid) == MNIST_RUN_SAMPLES and grid.get_best_result(scope="last").config["lr"] == mine.best_config["lr"]
     report = loaded.report(tmp_path / "report")
     assert report.is_file() and (tmp_path / "report" / "trials.csv").is_file()
-    with pytest.raises(KeyError, match="my-mnist"):
+    with pytest.raises(KeyError, match="cifar10-cnn-search"):
         loaded["cifar10-cnn-search"]
+
+
+def test_an_experiment_declared_in_python_is_planned_like_a_built_in_one(tmp_path):
+    """A user's own Experiment object reaches the checks a built-in one does (here: the data root)."""
+    own = Experiment("my-mnist", "mnist", "cnn", "scratch", "my CNN", {"optimizer": "adam", "activation": "relu", "lr": 1e-3, "epochs": 2},
+                     None, {"lr": LogUniform(1e-4, 1e-2), "activation": CNN_SEARCH_SPACE["activation"]}, num_samples=2)  # fmt: skip
+    with pytest.raises(tltune.UserError, match="data root .*nowhere does not exist"):
+        tltune.run([own], quick=True, data_root=str(tmp_path / "nowhere"), storage_path=str(tmp_path / "results"))
+    assert not (tmp_path / "results").exists() or list((tmp_path / "results").iterdir()) == [], "nothing written"
 
 
 def test_tunes_environment_is_set_only_while_a_sweep_runs(monkeypatch):

@@ -55,9 +55,9 @@ def test_sweep_help_lists_the_experiments_without_repeated_defaults():
 
 
 def test_sweep_best_and_report(mnist_run, tmp_path):
-    """The session's MNIST run was made by `python -m tltune sweep`: read it with `tltune best` and `tltune report`."""
+    """The session's MNIST run (tltune.run printing what `tltune sweep` prints): read it with `tltune best` and `tltune report`."""
     run_dir = mnist_run.run_dir
-    assert run_dir.name.startswith("mnist-2"), "named after the experiments' common name and the time, not the interpreter"
+    assert run_dir.name.startswith("mnist-2"), "named after the experiments' common name and the time"
     for name in MNIST_RUN_EXPERIMENTS:
         assert f"{name}: 0 running, 0 pending, {MNIST_RUN_SAMPLES} finished" in mnist_run.stdout, "the live view ends with every trial finished"
     best = tltune("best", str(run_dir), "--trials", "--csv")
