@@ -190,17 +190,14 @@ def test_unknown_precision_is_refused_by_the_parser(capsys):
     assert exit_info.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
-def test_fp16_on_cpu_trials_is_one_error_line(tmp_path):
-    """A real command line, as a user types it; the checks run before any data or Ray."""
+def test_fp16_on_cpu_trials_is_one_error_line(tmp_path, capsys, monkeypatch, no_ray_address):
+    """The command line's own code in this process (this machine has no GPU); the checks run
+    before any data or Ray."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     for extra, why in ((["--gpus-per-trial", "0"], "--gpus-per-trial 0"), ([], "no CUDA GPU is visible here")):
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-        env.pop("RAY_ADDRESS", None)
-        out = subprocess.run(
-            [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--precision", "fp16", "--storage-path", str(tmp_path), *extra],
-            capture_output=True, text=True, timeout=120, env=env,
-        )  # fmt: skip
-        assert out.returncode == 2, out.stderr
-        assert out.stderr.strip().splitlines() == [f"error: --precision fp16 needs a GPU and these trials run on the CPU ({why}): use bf16, fp32 or auto"]
+        code, err = run_cli(["--precision", "fp16", "--storage-path", str(tmp_path), *extra], capsys)
+        assert code == 2, err
+        assert err.strip().splitlines() == [f"error: --precision fp16 needs a GPU and these trials run on the CPU ({why}): use bf16, fp32 or auto"]
         assert list(tmp_path.iterdir()) == []
 
 

@@ -227,6 +227,7 @@ def test_cli_prints_one_line(s3, tmp_path):
 # -- Ray Tune writes to the same place -------------------------------------------------
 
 
+@pytest.mark.slow  # a Ray of its own; the slow suite also sweeps to S3 (tests/test_s3_storage_sweep.py)
 def test_ray_tune_writes_to_s3(s3):
     """Ray is handed the same storage_path string and reaches the moto server through the
     same environment (its local workers inherit it)."""
