@@ -287,7 +287,9 @@ def test_gpu_bench_smoke_runs_on_the_cpu(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke"], capture_output=True, text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("torch ") and "CUDA" in lines[0]
+    assert lines[0].startswith("driver ") and "torch" in lines[0] and "CUDA" in lines[0], "the machine first"
+    assert lines[1].startswith("torch's CUDA architectures: ")
+    assert any(line.startswith("INFO  AlexNet-64 train") and "true fp32 (TF32 off)" in line for line in lines), out.stdout
     for name in ("AlexNet-64 train", "feature-cache build", "small-CNN aggregate throughput, 2 concurrent trials / 1"):
         assert any(line.startswith("SMOKE  " + name) for line in lines), (name, out.stdout)
     assert any(line.startswith(("PASS  bench wall time", "FAIL  bench wall time")) for line in lines), out.stdout  # timing: a verdict, not a test

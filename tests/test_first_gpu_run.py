@@ -1,0 +1,175 @@
+"""bench/gpu_memory.py and bench/first_gpu_run.py on the CPU (--smoke): the wiring of the first
+GPU run, and the arithmetic of how many trials fit on a card."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+
+from tltune.specs import builtin_experiments
+
+sys.path.insert(0, str(ROOT / "bench"))
+import first_gpu_run  # bench/ is no package
+import gpu_memory
+
+GIB = 2**30
+# Stands in for nvidia-smi: the sampler's readings every 0.1 s, and gpu.py's driver version.
+FAKE_NVIDIA_SMI = """#!/bin/sh
+case "$*" in
+  *-lms*) while true; do echo "2026/01/01 00:00:00.000, 37, 1234, 16384, 70.5"; sleep 0.1; done ;;
+  *driver_version*) echo "999.99" ;;
+  *) exit 1 ;;
+esac
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Both smoke runs at once (each is mostly a single-threaded import), and first_gpu_run.py
+    without --smoke on a machine without CUDA: {name: (completed process, its folder)}."""
+    tmp = tmp_path_factory.mktemp("first-gpu-run")
+    fake = tmp / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
+    (fake / "nvidia-smi").chmod(0o755)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # the CPU, even on a GPU machine; three runs share it
+    runs = {
+        "gpu_memory": (["gpu_memory.py", "--smoke", "--out", str(tmp / "table.md")], env),
+        "first_gpu_run": (["first_gpu_run.py", "--smoke", "--out", str(tmp / "out")], {**env, "PATH": f"{fake}{os.pathsep}{env['PATH']}"}),
+        "no_cuda": (["first_gpu_run.py", "--out", str(tmp / "no-cuda")], env),
+        "gpu_memory_no_cuda": (["gpu_memory.py", "--out", str(tmp / "no-cuda.md")], env),
+    }
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / argv[0]), *argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env
+        )
+        for name, (argv, run_env) in runs.items()
+    }
+    done = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=300)
+        done[name] = (subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), tmp)
+    return done
+
+
+def table_rows(text: str) -> list[str]:
+    """The data rows of gpu_memory.py's markdown table (the first table after its heading)."""
+    lines = text[text.index("### GPU memory per trial") :].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| experiment(s) |"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
+    return rows
+
+
+def check_table(text: str) -> None:
+    """Every built-in experiment has a row, and none is measured on the CPU."""
+    rows = table_rows(text)
+    listed = {name for row in rows for name in row.split(" | ")[0].removeprefix("| ").split(", ")}
+    assert listed == set(builtin_experiments()[0]), listed
+    assert all(row.count(gpu_memory.NOT_MEASURED) == 2 for row in rows), rows
+    assert "feature-cache build" in text and "trial on cached alexnet features (4,096 float16 per image)" in text
+
+
+@pytest.mark.slow  # four interpreters importing torch: about a minute on 2 cores
+def test_gpu_memory_smoke_runs_every_row_and_writes_the_table(smoke_runs):
+    out, tmp = smoke_runs["gpu_memory"]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "FAILED" not in out.stdout
+    check_table(out.stdout)
+    written = (tmp / "table.md").read_text()
+    assert written.startswith("### GPU memory per trial: CPU smoke run") and written in out.stdout
+    check_table(written)
+
+
+@pytest.mark.slow  # four interpreters importing torch: about a minute on 2 cores
+def test_first_gpu_run_smoke_writes_everything_to_one_file(smoke_runs):
+    out, tmp = smoke_runs["first_gpu_run"]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (path,) = (tmp / "out").iterdir()
+    assert path.name.startswith("first-gpu-run-cpu-smoke-") and path.suffix == ".txt"
+    assert out.stdout.strip().splitlines()[-1] == f"written to {path.resolve()}"
+    text = path.read_text()
+    assert text.startswith(out.stdout.rstrip("\n").rsplit("\n", 1)[0].splitlines()[0])  # the first line printed heads the file
+    assert "driver 999.99" in text  # the machine first, through bench/gpu.py's environment()
+    check_table(text)
+    assert "SMOKE  feature-cache build" in text  # bench/gpu.py --smoke ran
+    summary = text[text.index("## summary") :]
+    for part in ("machine", "GPU memory per trial", "GPU benchmark, CPU smoke"):
+        assert f"| {part} | passed |" in summary, summary
+    assert "| 1234 | 37 / 37 |" in summary, summary  # the sampler's peak memory.used, mean / max utilization.gpu
+    assert "## nvidia-smi samples" in text and "every part ran and passed: exit code 0" in text
+
+
+@pytest.mark.slow  # four interpreters importing torch: about a minute on 2 cores
+@pytest.mark.parametrize("run", ["no_cuda", "gpu_memory_no_cuda"])
+def test_without_cuda_one_line_and_exit_code_2(smoke_runs, run):
+    out, tmp = smoke_runs[run]
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: no CUDA GPU is visible"), out.stderr
+    assert not (tmp / "no-cuda").exists() and not (tmp / "no-cuda.md").exists()
+
+
+def test_a_part_over_its_cap_is_stopped_and_the_others_are_told(tmp_path):
+    log = first_gpu_run.Log()
+    log.open(tmp_path / "run.txt")
+    argv = [sys.executable, "-c", "import time; print('started', flush=True); time.sleep(60)"]
+    part = first_gpu_run.Part("sleeper", argv, 2, dict(os.environ))
+    part.run(log, hard_end=time.monotonic() + 20)
+    assert part.over_cap and part.result() == (False, "stopped at its 2s cap")
+    assert part.returncode != 0 and "started" in (tmp_path / "run.txt").read_text()
+
+
+def test_skipped_gpu_tests_are_not_a_pass():
+    part = first_gpu_run.Part("GPU tests", [], 60, {})
+    part.returncode, part.lines = 0, ["SKIPPED [2] tests/test_gpu.py:22: real datasets not available", "==== 5 passed, 2 skipped in 80.1s ===="]
+    assert part.result() == (False, "exit code 0 but 2 test(s) skipped (the reasons are above)")
+    part.lines = ["==== 7 passed in 80.1s ===="]
+    assert part.result() == (True, "passed")
+
+
+def test_trials_that_fit_on_a_card_leave_ten_percent_free():
+    # 16 GB less 10% is 14.4 GiB: four 3.2 GiB trials (12.8), not five (16), at 0.25 GPU each
+    assert gpu_memory.fit_on_card(3.2 * GIB, 16) == (4, 0.25)
+    assert gpu_memory.fit_on_card(7 * GIB, 16) == (2, 0.5)
+    assert gpu_memory.fit_on_card(15 * GIB, 16) == (0, None)
+    assert gpu_memory.fit_on_card(15 * GIB, 24) == (1, 1.0)
+    assert gpu_memory.fit_on_card(0.5 * GIB, 80) == (144, 0.0069)
+    assert gpu_memory.card_cell(3.2 * GIB, 16) == "4 at 0.25" and gpu_memory.card_cell(20 * GIB, 16) == "does not fit"
+
+
+def test_the_fraction_packs_exactly_the_trials_that_fit():
+    assert [gpu_memory.safe_fraction(n) for n in (1, 2, 3, 4, 6, 8, 13)] == [1.0, 0.5, 0.33, 0.25, 0.16, 0.125, 0.076]
+    for trials in range(1, 1000):
+        fraction = gpu_memory.safe_fraction(trials)
+        packed = gpu_memory.trials_per_gpu(fraction)
+        assert packed == trials if trials <= 100 else packed <= trials, (trials, packed)  # over 100, 1/10000ths cannot say every count
+        assert gpu_memory.trials_per_gpu(fraction - 1 / gpu_memory.RAY_GPU_UNIT) > trials or packed == trials, trials  # the most it can
+
+
+def test_the_table_of_measured_rows():
+    row = {
+        "experiments": ["cifar10-cnn-search", "other"], "task": "trial", "trains": "all", "dataset": "cifar10", "model": "cnn", "size": 32,
+        "channels": 3, "splits": {"train": 45000, "val": 5000, "test": 10000},
+        "config": {"width": 1, "depth": 2, "batch_norm": False, "augmentation": "none", "batch_size": 64, "optimizer": "adam"},
+    }  # fmt: skip
+    measured = {"allocated": 1 * GIB, "reserved": 1.5 * GIB, "reserved_now": 1.25 * GIB, "gpu_used_now": 9 * GIB, "nvidia_smi_mib": 3 * 1024}
+    # whole process: nvidia-smi's 3 GiB now, plus the 0.25 GiB reserved at the peak and given back since
+    assert gpu_memory.process_bytes(measured, used_before=5 * GIB) == (3.25 * GIB, "nvidia-smi")
+    # where nvidia-smi does not see the process: the GPU's used memory around it
+    assert gpu_memory.process_bytes({**measured, "nvidia_smi_mib": None}, used_before=5 * GIB) == (4.25 * GIB, "mem_get_info")
+    measured["process"], measured["source"] = gpu_memory.process_bytes(measured, 5 * GIB)
+    failed = {"error": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"}
+    text = gpu_memory.table([row, row], [measured, failed], "NVIDIA H200, 2026-01-01", smoke=False)
+    assert text.startswith("### GPU memory per trial: NVIDIA H200, 2026-01-01\n")
+    lines = text.splitlines()
+    assert lines[-2] == (
+        "| cifar10-cnn-search, other | trial: cnn at 32 px x 3, width 1, depth 2, every layer trains, batch 64, adam; cifar10: "
+        "45,000 train + 5,000 val images on the device | 3.25 (nvidia-smi) | 1.00 / 1.50 | 4 at 0.25 | 6 at 0.16 | 11 at 0.09 | 22 at 0.045 |"
+    )
+    assert lines[-1].endswith("| failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB | - | - | - | - | - |")
