@@ -60,17 +60,6 @@ def measure(model_name: str, mode: str, size: int, optimizer_name: str, batch: i
     return {"save_s": statistics.median(saves), "size_mb": size_mb, "epoch_s": step_s * math.ceil(CIFAR_TRAIN_IMAGES / batch)}
 
 
-def policy_epochs(epoch_s: float, save_s: float, epochs: int = 10) -> list[int]:
-    """The epochs at which CheckpointPolicy() saves in a 10-epoch trial (no rungs)."""
-    policy, saved, trained, last = CheckpointPolicy(), [], 0.0, None
-    for epoch in range(1, epochs + 1):
-        trained += epoch_s
-        if policy.due(epoch, epochs, trained, last, now=0.0):
-            saved.append(epoch)
-            trained, last = 0.0, save_s
-    return saved
-
-
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--steps", type=int, default=3, help="training steps timed per model (default 3)")
@@ -82,11 +71,11 @@ def main() -> None:
             m = measure(*row, args.steps, Path(directory))
             share = m["save_s"] / m["epoch_s"]
             print(f"{label}: checkpoint {m['size_mb']:.0f} MB saved in {m['save_s']:.2f}s; epoch here {m['epoch_s']:.0f}s; "
-                  f"save / epoch = {share:.2%}; saved at epochs {policy_epochs(m['epoch_s'], m['save_s'])} of 10", flush=True)  # fmt: skip
+                  f"save / epoch = {share:.2%}; saved at epochs {CheckpointPolicy().epochs_saved(10, m['epoch_s'], m['save_s'])} of 10", flush=True)  # fmt: skip
             for speedup in (100, 1000):
                 epoch_s = m["epoch_s"] / speedup
                 print(f"    with an epoch {speedup}x faster ({epoch_s:.2g}s, a GPU's): save / epoch = {m['save_s'] / epoch_s:.0%}; "
-                      f"saved at epochs {policy_epochs(epoch_s, m['save_s'])} of 10")  # fmt: skip
+                      f"saved at epochs {CheckpointPolicy().epochs_saved(10, epoch_s, m['save_s'])} of 10")  # fmt: skip
 
 
 if __name__ == "__main__":

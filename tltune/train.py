@@ -415,6 +415,17 @@ class CheckpointPolicy:
             return epoch % self.every == 0
         return last_save_s is None or last_save_s <= self.MAX_COST_SHARE * trained_s
 
+    def epochs_saved(self, epochs: int, epoch_s: float, save_s: float) -> list[int]:
+        """The epochs a trial of ``epochs`` epochs of ``epoch_s`` seconds saves at, when a save
+        costs ``save_s`` (before the deadline, if any): what the policy does, for benchmarks."""
+        saved, trained_s, last_save_s = [], 0.0, None
+        for epoch in range(1, epochs + 1):
+            trained_s += epoch_s
+            if self.due(epoch, epochs, trained_s, last_save_s, now=float("-inf")):
+                saved.append(epoch)
+                trained_s, last_save_s = 0.0, save_s
+        return saved
+
 
 def asha_milestones(grace_period: int, max_t: int, reduction_factor: int) -> tuple[int, ...]:
     """The epochs at which Ray's ASHA (one bracket) compares a trial with the others and may
