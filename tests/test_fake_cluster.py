@@ -61,9 +61,11 @@ def fake_cluster():
 
 
 def alive_node_ids(env) -> list[str]:
-    code = "import ray; ray.init(address='127.0.0.1:6379'); print(' '.join(n['NodeID'] for n in ray.nodes() if n['Alive']))"
+    # A marked line: Ray's driver may print the autoscaler's events ("(autoscaler +0s) Tip: ...") to stdout too
+    code = "import ray; ray.init(address='127.0.0.1:6379', log_to_driver=False); print('alive:', *(n['NodeID'] for n in ray.nodes() if n['Alive']))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=True)
-    return out.stdout.split()
+    (line,) = [line for line in out.stdout.splitlines() if line.startswith("alive:")]
+    return line.split()[1:]
 
 
 def test_default_flags_get_gpu_workers_launched_from_zero(fake_cluster, real_data_root, tmp_path):
