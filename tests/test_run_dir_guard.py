@@ -53,7 +53,7 @@ def test_resume_refuses_flags_that_change_the_run(tmp_path, made_by, sweep):
         record = json.loads(json.dumps(OLD_RECORD).replace("NO_DATA", no_data))
     (tmp_path / "runs.jsonl").write_text(json.dumps(record) + "\n")
     out = sweep("--resume", str(tmp_path), "--lr", "0.5", "--epochs", "3")
-    assert out.returncode == 2 and "drop --lr, --epochs (only --address, --quiet, --log-to, --time-budget may change)" in out.stderr, out.stderr
+    assert out.returncode == 2 and "drop --lr, --epochs (only --address, --quiet, --log-to, --time-budget, --checkpoint-every may change)" in out.stderr, out.stderr
     same = sweep("--resume", str(tmp_path), "--quick", "--lr", "0.01")
     assert "drop" not in same.stderr and "no-data does not exist" in same.stderr, "flags equal to the run's own are accepted"
 
