@@ -46,11 +46,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from tltune.catalog import AUGMENTATION_NAMES, DATASET_SHAPES, OPTIMIZER_NAMES, check_table
 from tltune.experiments import Choice, IntRange
+from tltune.raytune.cluster import RESOURCE_UNITS, fits
 
 GIB = 2**30
 CARDS_GB = (16, 24, 40, 80)  # nominal sizes; a "16 GB" T4 shows 15 GiB, which the headroom covers
 HEADROOM = 0.10  # of a card kept free: the driver's share, fragmentation, a trial's last odd batch
-RAY_GPU_UNIT = 10_000  # Ray counts GPU fractions in 1/10000ths
 # Tensors of state per trained parameter, as tltune.train.OPTIMIZERS builds them (SGD with momentum 0.9)
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 1, "rmsprop": 1, "adagrad": 1}
 check_table(OPTIMIZER_NAMES, OPTIMIZER_STATES, "optimizer states")
@@ -315,12 +315,12 @@ def safe_fraction(trials: int) -> float:
         fraction = math.floor(exact * 10**digits) / 10**digits
         if fraction > 0 and trials_per_gpu(fraction) == trials:
             return fraction
-    return (RAY_GPU_UNIT // (trials + 1) + 1) / RAY_GPU_UNIT
+    return (RESOURCE_UNITS // (trials + 1) + 1) / RESOURCE_UNITS
 
 
 def trials_per_gpu(fraction: float) -> int:
     """How many trials Ray packs on one GPU at --gpus-per-trial ``fraction``."""
-    return RAY_GPU_UNIT // round(fraction * RAY_GPU_UNIT)
+    return fits(1.0, fraction)
 
 
 def fit_on_card(trial_bytes: float, card_gb: float) -> tuple[int, float | None]:

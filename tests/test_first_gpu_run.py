@@ -149,7 +149,7 @@ def test_the_fraction_packs_exactly_the_trials_that_fit():
         fraction = gpu_memory.safe_fraction(trials)
         packed = gpu_memory.trials_per_gpu(fraction)
         assert packed == trials if trials <= 100 else packed <= trials, (trials, packed)  # over 100, 1/10000ths cannot say every count
-        assert gpu_memory.trials_per_gpu(fraction - 1 / gpu_memory.RAY_GPU_UNIT) > trials or packed == trials, trials  # the most it can
+        assert gpu_memory.trials_per_gpu(fraction - 1 / gpu_memory.RESOURCE_UNITS) > trials or packed == trials, trials  # the most it can
 
 
 def test_the_table_of_measured_rows():

@@ -56,3 +56,23 @@ def test_evaluation_batches_are_bounded_by_the_input_size():
     small, alexnet = SimpleNamespace(size=32), SimpleNamespace(size=224)
     assert eval_batch_size(small) == EVAL_BATCH == eval_batch_size(object()), "feature vectors: no image size"
     assert eval_batch_size(alexnet) == 41 and eval_batch_size(SimpleNamespace(size=64)) == EVAL_BATCH
+
+
+def test_a_trial_out_of_gpu_memory_says_what_to_change(outside_ray, monkeypatch):
+    """CUDA's own message names bytes, not the flags that made the trial too big for its share."""
+    monkeypatch.setattr(trainable, "trial_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(trainable, "release_memory", lambda device: None)
+    monkeypatch.setattr(trainable.tune, "get_context", lambda: SimpleNamespace(get_trial_resources=lambda: SimpleNamespace(required_resources={"CPU": 1, "GPU": 0.25})))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name="Tesla T4", total_memory=15 * 2**30))
+
+    def train(config, inputs, device, started_at, held):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 14.58 GiB of which 1.2 GiB is free.")
+
+    monkeypatch.setattr(trainable, "_train", train)
+    with pytest.raises(RuntimeError) as raised:
+        trainable.train_trial(CONFIG, {})
+    assert str(raised.value) == (
+        "this trial ran out of GPU memory on Tesla T4 (15 GiB, shared by up to 4 trials at --gpus-per-trial 0.25; batch size 8): "
+        "pass a larger --gpus-per-trial (fewer trials per GPU), a smaller --batch-size or --image-size (docs/PERFORMANCE.md, GPU memory per trial); "
+        "torch: CUDA out of memory. Tried to allocate 2.00 GiB"
+    )

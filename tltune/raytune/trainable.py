@@ -22,6 +22,7 @@ from ray import tune
 from tltune.catalog import LOGICAL_GPUS_ENV
 from tltune.config import ModelSpec, TrialConfig
 from tltune.data import Splits, as_tensors
+from tltune.raytune.cluster import fits
 from tltune.features import feature_splits
 from tltune.train import (
     CheckpointPolicy,
@@ -81,8 +82,23 @@ def train_trial(tune_config: dict, inputs: dict) -> None:
     release_memory(device)  # what an earlier trial of this actor may have left in the cache
     try:
         _train(config, inputs, device, started_at, held={"cpus_held": cpus, "gpus_held": gpus})
+    except torch.OutOfMemoryError as exc:
+        raise RuntimeError(out_of_memory_line(exc, device, gpus, config)) from None
     finally:  # completed, diverged, failed, or stopped by ASHA (Ray ends the trial inside tune.report)
         release_memory(device)
+
+
+def out_of_memory_line(exc: torch.OutOfMemoryError, device: torch.device, gpus: float, config: TrialConfig) -> str:
+    """What a trial that ran out of GPU memory tells its user: the card, how many trials share
+    it, and what to change; then the first two sentences of torch's own message."""
+    torch_said = ". ".join(str(exc).strip().splitlines()[0].split(". ")[:2]).rstrip(".") if str(exc).strip() else "out of memory"
+    if device.type != "cuda":
+        return f"this trial ran out of memory ({torch_said}): pass a smaller --batch-size or --image-size"
+    props = torch.cuda.get_device_properties(device)
+    sharing = fits(1.0, gpus) if gpus else 1
+    return (f"this trial ran out of GPU memory on {props.name} ({props.total_memory / 2**30:.0f} GiB, shared by up to {sharing} trials "
+            f"at --gpus-per-trial {gpus:g}; batch size {config.batch_size}): pass a larger --gpus-per-trial (fewer trials per GPU), "
+            f"a smaller --batch-size or --image-size (docs/PERFORMANCE.md, GPU memory per trial); torch: {torch_said}")  # fmt: skip
 
 
 def release_memory(device: torch.device) -> None:
