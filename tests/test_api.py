@@ -75,10 +75,15 @@ def test_tunes_environment_is_set_only_while_a_sweep_runs(monkeypatch):
     """A notebook's own Tune runs after tltune.run keep Tune's defaults (result.json and all)."""
     import os
 
-    from tltune.raytune.sweep import TUNE_ENVIRONMENT, tune_environment
+    from ray.tune.execution import class_cache
+
+    from tltune.raytune.sweep import THREAD_TIMEOUT_ENV, TUNE_ENVIRONMENT, tune_environment
 
     monkeypatch.setenv("RAY_AIR_NEW_OUTPUT", "1")
     monkeypatch.delenv("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", raising=False)
     with tune_environment():
         assert all(os.environ[k] == v for k, v in TUNE_ENVIRONMENT.items())
+        # read in the trial actors (how long a reused one waits for the last trial's thread): Tune hands them the value
+        actor_class = class_cache._ActorClassCache().get(type("Trainable", (), {}))
+        assert actor_class._default_options["runtime_env"]["env_vars"][THREAD_TIMEOUT_ENV] == TUNE_ENVIRONMENT[THREAD_TIMEOUT_ENV]
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1" and "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ

@@ -36,7 +36,10 @@ def test_sweep_to_a_bucket_survives_kill_9_and_is_analysed_there(s3, real_data_r
     run_dir = storage.join(s3.root, "run")
     exp_dir = storage.join(run_dir, EXPERIMENT)
     argv = sweep_argv(real_data_root, s3.root, "run", "--num-samples", "4", "--train-subset", "4000", "--test-subset", "200",
-                      "--max-epochs", "4", "--epochs-range", "4", "4", "--grace-period", "4", "--max-concurrent-trials", "2")  # fmt: skip
+                      "--max-epochs", "4", "--epochs-range", "4", "4", "--grace-period", "4", "--max-concurrent-trials", "2",
+                      "--checkpoint-every", "1")  # fmt: skip
+    # A checkpoint every epoch: by default a trial saves to a bucket only while a save costs at
+    # most a tenth of its training since the last one, and redoes the epochs after its last.
     driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:  # what the bucket holds (Ray uploads every few seconds): a trial part-way
@@ -61,7 +64,10 @@ def test_sweep_to_a_bucket_survives_kill_9_and_is_analysed_there(s3, real_data_r
     assert len(after) == 4, "every trial exactly once"
     for trial, rows in after.items():
         assert [r["training_iteration"] for r in rows] == [1, 2, 3, 4], f"{trial}: each epoch once"
-        assert rows[: len(before.get(trial, []))] == before.get(trial, []), "what the bucket held is kept"
+        held = before.get(trial, [])
+        # the experiment state naming a trial's newest checkpoint may reach the bucket after its
+        # results did (Ray uploads it every few seconds): that last epoch is then trained again
+        assert rows[: len(held)] == held or rows[: len(held) - 1] == held[:-1], "what the bucket held is kept"
     summary = json.loads(storage.read_text(storage.join(exp_dir, "tltune_best.json")))
     assert summary["trials"] == 4 and "test_acc" in summary
     assert storage.is_file(storage.join(run_dir, "runs.jsonl"))

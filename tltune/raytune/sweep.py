@@ -452,11 +452,16 @@ def run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, r
     return summary
 
 
+THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"
 TUNE_ENVIRONMENT = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # our own TensorBoard writer replaces Ray's
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",  # per-epoch checkpoints are intended
     "TUNE_DISABLE_SIGINT_HANDLER": "1",  # tltune.signals decides what a signal does
     "RAY_AIR_NEW_OUTPUT": "0",  # its reporter prints a banner even when silent; ours reports
+    # A reused trial actor waits this long for the last trial's thread to end, which frees the
+    # trial's memory as it ends; Ray's 2 s was too short on a loaded 2-core machine ("Trainable
+    # runner reuse requires reset_config() to be implemented and return True": a failed trial).
+    THREAD_TIMEOUT_ENV: "30",
 }
 
 
@@ -464,6 +469,9 @@ TUNE_ENVIRONMENT = {
 def tune_environment():
     """Tune reads these from the environment; set only while tltune's sweeps run, so a caller's
     own Tune runs in the same process (a notebook) keep Tune's defaults."""
+    from ray.tune.execution import class_cache
+
+    class_cache.ENV_VARS_TO_PROPAGATE.add(THREAD_TIMEOUT_ENV)  # it is read in the trial actors: Tune hands them its value
     before = {name: os.environ.get(name) for name in TUNE_ENVIRONMENT}
     os.environ.update(TUNE_ENVIRONMENT)
     try:
