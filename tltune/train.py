@@ -333,8 +333,9 @@ def train_one_epoch(
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
         runtime.backward_step(loss, optimizer)
-        finite = torch.isfinite(loss.detach())
-        total_loss += torch.where(finite, loss.detach(), 0.0) * len(y)
+        batch_loss = loss.detach()
+        finite = torch.isfinite(batch_loss)
+        total_loss += torch.where(finite, batch_loss, 0.0) * len(y)
         loss_images += finite * len(y)
         skipped += ~finite
         correct += (logits.argmax(1) == y).sum()

@@ -57,7 +57,6 @@ class FullStorageWatch(logging.Filter):
         return not (self.first is not None and record.name == "ray.tune.tune")
 
 
-
 def upload_whole(local_path: str, fs: pafs.FileSystem, fs_path: str, exclude=None, *, ray_upload, watch: FullStorageWatch) -> None:
     """Ray's ``_upload_to_fs_path``, file by file through :func:`tltune.storage.copy_file_whole`
     on a local disk. A full disk is noted (the experiment stops) and the upload skipped: the

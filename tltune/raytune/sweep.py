@@ -455,7 +455,7 @@ def run_repeats(experiment, settings, trainable, param_space, exp_dir, inputs, r
 THREAD_TIMEOUT_ENV = "TUNE_FUNCTION_THREAD_TIMEOUT_S"
 TUNE_ENVIRONMENT = {
     "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",  # our own TensorBoard writer replaces Ray's
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",  # per-epoch checkpoints are intended
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",  # frequent checkpoints are intended (train.CheckpointPolicy)
     "TUNE_DISABLE_SIGINT_HANDLER": "1",  # tltune.signals decides what a signal does
     "RAY_AIR_NEW_OUTPUT": "0",  # its reporter prints a banner even when silent; ours reports
     # A reused trial actor waits this long for the last trial's thread to end, which frees the
