@@ -75,3 +75,25 @@ def test_the_same_check_before_ray_where_this_machine_has_gpus(holding_a_gpu, mo
     plan.check_device_options(parse(["--gpus-per-trial", "0"]))  # trials on the CPUs: fine
     monkeypatch.setattr(plan, "has_nvidia_gpu", lambda: False)
     plan.check_device_options(parse([]))  # no GPU here at all: nothing to hold
+
+
+# -- a stopped sweep: the trial workers' shutdown is not printed, a caller's Ray gets it back ---
+
+
+def test_worker_output_is_muted_on_a_stop_and_given_back():
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from tltune.raytune import cluster
+
+    printed = []
+    dispatcher.add_handler("ray_print_logs", printed.append)
+    try:
+        cluster.mute_worker_output()
+        dispatcher.emit({"lines": ["Traceback (most recent call last):"]})
+        assert printed == []
+        cluster.unmute_worker_output()
+        dispatcher.emit({"lines": ["epoch 1"]})
+        assert printed == [{"lines": ["epoch 1"]}]
+        assert [name for name, _ in dispatcher.handlers].count("ray_print_logs") == 1
+    finally:
+        dispatcher.remove_handler("ray_print_logs")

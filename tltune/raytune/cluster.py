@@ -79,8 +79,35 @@ def connect(address: str | None, py_modules: tuple[str, ...] = ()) -> None:
         raise UserError(f"cannot connect to the Ray cluster at {address} ({exc}): check the address, or leave --address out to start a local Ray") from None
 
 
-def disconnect() -> None:
+def disconnect(stopped: bool = False) -> None:
+    """Shut this driver's Ray down; ``stopped``: the user stopped the sweep, so what the trial
+    workers print from now on is their shutdown and is not shown."""
+    if stopped:
+        mute_worker_output()
     ray.shutdown()
+    _muted_handlers.clear()  # ray.shutdown removed the printer; the next ray.init adds its own
+
+
+_muted_handlers: list = []  # the driver's worker-output printer while muted, to give a caller's Ray back
+
+
+def mute_worker_output() -> None:
+    """Stop printing the trial workers' output on this driver. Once a sweep is stopped, Ray ends
+    the workers with SIGTERM, and one caught in a weakref callback prints a Python traceback
+    ("Exception ignored in ... SystemExit") that would end the user's terminal."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printers = [pair for pair in dispatcher.handlers if pair[0] == "ray_print_logs"]  # added by ray.init(log_to_driver=True)
+    _muted_handlers.extend(printers)
+    dispatcher.remove_handler("ray_print_logs")
+
+
+def unmute_worker_output() -> None:
+    """Print the workers' output again (a sweep on the caller's Ray gives it back as it was)."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    while _muted_handlers:
+        dispatcher.add_handler(*_muted_handlers.pop())
 
 
 def alive_nodes() -> list[NodeShape]:

@@ -267,8 +267,14 @@ def fit(tune_dir: str, trainable, make_tuner) -> tune.ResultGrid:
         trust.sign(tune_dir, {"tuner.pkl": storage.read_bytes(storage.join(tune_dir, "tuner.pkl"))})
     # A signal makes Tune stop its trials and save its state one last time (Tune's own
     # SIGUSR1 handler), then Interrupted is raised: no summary, the experiment stays resumable.
-    with signals.graceful(lambda: os.kill(os.getpid(), signal.SIGUSR1)), signing_saved_state(tune_dir), stopping_when_full(tune_dir):
+    with signals.graceful(stop_tune), signing_saved_state(tune_dir), stopping_when_full(tune_dir):
         return tuner.fit()
+
+
+def stop_tune() -> None:
+    """The first stop signal: Tune stops its trials (its own SIGUSR1 handler), whose workers end quietly."""
+    cluster.mute_worker_output()
+    os.kill(os.getpid(), signal.SIGUSR1)
 
 
 def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs: dict, run_dir: str) -> dict:
@@ -635,6 +641,13 @@ def run_sweep(plan: SweepPlan) -> None:
                 print(f"error: {exc}", file=sys.stderr)
         if failures:
             raise TrialsFailed("; ".join(failures))
+    except signals.Interrupted:
+        if own_ray:
+            cluster.disconnect(stopped=True)
+            own_ray = False
+        raise
     finally:
         if own_ray:
             cluster.disconnect()
+        elif ray.is_initialized():
+            cluster.unmute_worker_output()
