@@ -44,6 +44,12 @@ def test_resume_after_kill_9(tmp_path, real_data_root):
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     time.sleep(2)  # let Ray's reaper take down what the driver started
+    # storage lost a part-way trial's results after its first epoch (a driver killed mid-upload):
+    # the resume rebuilds them from the checkpoint it goes on from
+    lost = max((t for t, r in trial_rows(exp_dir).items() if 2 <= len(r) < 4), key=lambda t: len(trial_rows(exp_dir)[t]), default=None)
+    if lost:
+        result = exp_dir / lost / "result.json"
+        result.write_text(result.read_text().splitlines(keepends=True)[0])
     before = trial_rows(exp_dir)
     assert not (exp_dir / "tltune_best.json").exists()
 
@@ -60,6 +66,9 @@ def test_resume_after_kill_9(tmp_path, real_data_root):
         assert epochs == [1, 2, 3, 4], f"{trial}: each epoch once, none repeated after the resume: {epochs}"
         if len(before.get(trial, [])) == 4:
             assert rows == before[trial], "a finished trial keeps its results untouched"
+    rebuilt = [r["training_iteration"] for r in after.get(lost, []) if r.get("rebuilt_from_checkpoint")]
+    print(f"lost the results of {lost} after epoch 1; rebuilt: {rebuilt}")  # [2, 3] here: its state named epoch 3's checkpoint
+    assert rebuilt == list(range(2, 2 + len(rebuilt))), "the epochs between what storage kept and the checkpoint"
     part_way = [t for t, r in before.items() if 1 <= len(r) < 4]
     assert part_way and all(after[t][: len(before[t])] == before[t] for t in part_way), "unfinished trials continue"
     summary = json.loads((exp_dir / "tltune_best.json").read_text())
@@ -100,3 +109,46 @@ def test_a_restored_trial_takes_its_results_back_only_up_to_its_checkpoint(tmp_p
     local.mkdir(parents=True)
     getattr(callbacks, logger)()._restore_from_remote(name, trial)
     assert (local / name).read_text() == "".join(rows[: 2 if name == "progress.csv" else 1])
+
+
+@pytest.mark.parametrize("name", ["result.json", "progress.csv"])
+def test_a_restored_trial_whose_results_storage_lost_rebuilds_them_from_its_checkpoint(tmp_path, name):
+    """Killed after the state naming the trial's epoch-3 checkpoint reached storage but before
+    its results of epochs 2 and 3 did (the driver uploads file by file): the restored results
+    hold epochs 1 to 3 again, 2 and 3 rebuilt from the reports the checkpoint keeps, so that the
+    resumed trial's epoch 4 follows them (CI saw ``[3, 4]``)."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+    from ray import tune
+
+    from tltune.raytune import callbacks
+    from tltune.raytune.trainable import read_reported, write_reported
+
+    remote, local, saved = tmp_path / "bucket" / "trial", tmp_path / "staging" / "trial", tmp_path / "checkpoint"
+    for directory in (remote, local, saved):
+        directory.mkdir(parents=True)
+    reported = [{"epoch": i, "val_acc": i / 10} for i in (1, 2, 3)]
+    write_reported(str(saved), reported)
+    assert read_reported(str(saved)) == reported
+    if name == "result.json":
+        (remote / name).write_text(json.dumps({"training_iteration": 1, "epoch": 1, "val_acc": 0.1, "trial_id": "t1"}) + "\n")
+    else:
+        (remote / name).write_text("epoch,val_acc,training_iteration,trial_id\n1,0.1,1,t1\n")
+    trial = SimpleNamespace(
+        local_path=str(local), trial_id="t1", checkpoint=object(),
+        latest_checkpoint_result=SimpleNamespace(
+            metrics={**reported[2], "training_iteration": 3, "trial_id": "t1", "config": {"lr": 0.1}},
+            checkpoint=tune.Checkpoint.from_directory(str(saved)),
+        ),
+        storage=SimpleNamespace(trial_fs_path=str(remote), storage_filesystem=pafs.LocalFileSystem()),
+    )  # fmt: skip
+    logger = callbacks.JsonResults() if name == "result.json" else callbacks.CsvResults()
+    logger._restore_from_remote(name, trial)
+    text = (local / name).read_text()
+    if name == "result.json":
+        rows = [json.loads(line) for line in text.splitlines()]
+        assert [(r["training_iteration"], r["epoch"], r["val_acc"]) for r in rows] == [(1, 1, 0.1), (2, 2, 0.2), (3, 3, 0.3)]
+        assert [r.get("rebuilt_from_checkpoint", False) for r in rows] == [False, True, True]
+    else:
+        assert text == "epoch,val_acc,training_iteration,trial_id\n1,0.1,1,t1\n2,0.2,2,t1\n3,0.3,3,t1\n"

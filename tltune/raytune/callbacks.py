@@ -11,6 +11,7 @@ experiment of the run: :func:`write_run_hparams`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 from ray import tune
 from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+from ray.tune.utils import flatten_dict
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
@@ -30,6 +32,7 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tltune import storage
+from tltune.raytune.trainable import REPORTED_FILE
 from tltune.records import is_finite_number
 
 # The root's summary is the one events file of the run root ending in this.
@@ -298,21 +301,58 @@ def _short(value):
 
 
 class _FromCheckpoint:
-    """Tune's result loggers, whose files a restored trial takes back only up to the checkpoint
-    it goes on from. A driver killed after uploading a trial's results but before the
-    experiment state that records its newer checkpoint left them an epoch ahead, and the
-    resumed trial reported that epoch again (``[1, 2, 2, 3, 4]``): the rows past the
-    checkpoint are work that was lost, and are dropped (with a row a kill cut short)."""
+    """Tune's result loggers, whose files a restored trial takes back exactly up to the checkpoint
+    it goes on from. The driver uploads its staging directory file by file, so a driver killed
+    mid-upload can leave storage with a trial's results ahead of the experiment state (the rows
+    past the checkpoint are work that was lost: dropped, with a row the kill cut short, or the
+    resumed trial reports them again: ``[1, 2, 2, 3, 4]``) or behind it (the rows up to the
+    checkpoint are rebuilt from the reports the checkpoint keeps, marked
+    ``rebuilt_from_checkpoint``, or the trial's first epochs are missing: ``[3, 4]``)."""
 
     def _restore_from_remote(self, file_name: str, trial) -> None:
         super()._restore_from_remote(file_name, trial)
         checkpointed = trial.latest_checkpoint_result
-        path = Path(trial.local_path, file_name)
-        if checkpointed is None or not path.is_file():
+        if checkpointed is None or not isinstance(checkpointed.metrics.get("training_iteration"), int):
             return
-        done = checkpointed.metrics.get("training_iteration")
-        if isinstance(done, int):
-            path.write_text(rows_up_to(path.read_text(), done, csv_rows=file_name.endswith(".csv")))
+        done = checkpointed.metrics["training_iteration"]
+        path = Path(trial.local_path, file_name)
+        csv_rows = file_name.endswith(".csv")
+        text = rows_up_to(path.read_text(), done, csv_rows) if path.is_file() else ""
+        kept = len(text.splitlines()) - (1 if csv_rows and text else 0)
+        if kept < done:
+            rows = rebuilt_rows(checkpointed, trial.trial_id, first=kept + 1)
+            text += csv_lines(text, rows) if csv_rows else "".join(json.dumps(row, default=str) + "\n" for row in rows)
+        if text or path.is_file():
+            path.write_text(text)
+
+
+def rebuilt_rows(checkpointed, trial_id: str, first: int) -> list[dict]:
+    """The results of reports ``first`` to the checkpoint's, from the reports the checkpoint
+    keeps; the checkpoint's own report is Tune's whole row. [] where the checkpoint keeps none."""
+    checkpoint = checkpointed.checkpoint
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{REPORTED_FILE}") as stream:
+            reported = [json.loads(line) for line in stream.read().decode().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+    done = checkpointed.metrics["training_iteration"]
+    if len(reported) < done:
+        return []
+    rows = [{**reported[i - 1], "training_iteration": i, "trial_id": trial_id} for i in range(first, done)]
+    return [{**row, "rebuilt_from_checkpoint": True} for row in rows + [dict(checkpointed.metrics)]]
+
+
+def csv_lines(text: str, rows: list[dict]) -> str:
+    """``rows`` as lines of a ``progress.csv`` whose header ``text`` holds (none without a header:
+    Tune writes one from the next live row's keys)."""
+    header = next(csv.reader(text.splitlines()[:1]), [])
+    if not header:
+        return ""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, header, extrasaction="ignore")
+    for row in rows:
+        writer.writerow(flatten_dict({k: v for k, v in row.items() if k != "config"}, delimiter="/"))
+    return out.getvalue()
 
 
 def rows_up_to(text: str, epochs: int, csv_rows: bool) -> str:

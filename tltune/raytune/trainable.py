@@ -10,6 +10,7 @@ The driver puts each dataset in Ray's object store once; every trial reads it fr
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import os
 import tempfile
@@ -38,6 +39,26 @@ from tltune.train import (
     setup_model,
     train_one_epoch,
 )
+
+
+# Each checkpoint's record of what the trial reported, one JSON line per report: a driver killed
+# mid-upload can leave storage with the state naming a checkpoint but without the results of
+# the epochs before it, and a restored trial's results are rebuilt from here (callbacks.py).
+REPORTED_FILE = "reported.jsonl"
+
+
+def write_reported(directory: str, reported: list[dict]) -> None:
+    with open(os.path.join(directory, REPORTED_FILE), "w") as f:
+        f.writelines(json.dumps(row, default=str) + "\n" for row in reported)
+
+
+def read_reported(directory: str) -> list[dict]:
+    """The reports :func:`write_reported` kept in a checkpoint ([] for checkpoints from before it)."""
+    try:
+        with open(os.path.join(directory, REPORTED_FILE)) as f:
+            return [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []
 
 
 def trial_device() -> torch.device:
@@ -121,11 +142,12 @@ def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: 
         torch._dynamo.reset()
     runtime.prepare(model, transform)
     optimizer = build_optimizer(config.optimizer, model, config.lr, config.weight_decay)
-    epochs_done = 0
+    epochs_done, reported = 0, []
     checkpoint = tune.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             epochs_done = load_checkpoint(directory, model, optimizer, runtime.scaler)
+            reported = read_reported(directory)[:epochs_done]
     train_x, train_y = as_tensors(splits.train, device)
     val_x, val_y = as_tensors(splits.val, device)
     schedule = LRSchedule.of(config, len(train_y))  # recomputed from the epoch after a resume
@@ -168,12 +190,14 @@ def _train(config: TrialConfig, inputs: dict, device: torch.device, started_at: 
             "last_checkpoint_s": last_save_s,  # what the last save cost (saving and persisting to the run's storage)
         }
         trained_s += train_s
+        reported.append(metrics)
         if not policy.due(epoch, last_epoch, trained_s, last_save_s, now=metrics["reported_at"]):  # the budget's stopper reads it too
             tune.report(metrics)
             continue
         saving = time.perf_counter()
         with tempfile.TemporaryDirectory() as directory:
             save_checkpoint(directory, model, optimizer, epoch, config, runtime.scaler)
+            write_reported(directory, reported)
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
         trained_s, last_save_s = 0.0, time.perf_counter() - saving
 
