@@ -32,7 +32,7 @@ from tensorboard.plugins.hparams import summary_v2 as hp
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 from tltune import storage
-from tltune.raytune.trainable import REPORTED_FILE
+from tltune.raytune.trainable import REPORTED_FILE, reported_rows
 from tltune.records import is_finite_number
 
 # The root's summary is the one events file of the run root ending in this.
@@ -332,7 +332,7 @@ def rebuilt_rows(checkpointed, trial_id: str, first: int) -> list[dict]:
     checkpoint = checkpointed.checkpoint
     try:
         with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{REPORTED_FILE}") as stream:
-            reported = [json.loads(line) for line in stream.read().decode().splitlines() if line.strip()]
+            reported = reported_rows(stream.read().decode())
     except (OSError, ValueError):
         return []
     done = checkpointed.metrics["training_iteration"]

@@ -56,9 +56,14 @@ def read_reported(directory: str) -> list[dict]:
     """The reports :func:`write_reported` kept in a checkpoint ([] for checkpoints from before it)."""
     try:
         with open(os.path.join(directory, REPORTED_FILE)) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            return reported_rows(f.read())
     except (OSError, ValueError):
         return []
+
+
+def reported_rows(text: str) -> list[dict]:
+    """The reports in a :data:`REPORTED_FILE`'s text (a damaged one raises ValueError)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def trial_device() -> torch.device:
