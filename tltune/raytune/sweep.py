@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.execution.tune_controller import TuneController
@@ -180,10 +181,11 @@ def run_config(experiment: str, name: str, storage_path: str, settings: Experime
         name=name,
         storage_path=storage_path,
         callbacks=tune_callbacks(experiment, name, exp_dir, settings, run_root_up),
-        # On cloud storage Ray uploads its experiment state only every sync_period but
-        # deletes superseded checkpoints at once: after a kill -9 the state in the bucket
-        # can name a checkpoint already gone, so there every checkpoint is kept.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=None if remote else 1),
+        # Ray saves its experiment state only now and then (on a bucket every sync_period) but
+        # deletes superseded checkpoints at once: after a kill -9 the saved state can name a
+        # checkpoint already gone. Every checkpoint is kept until the experiment has finished
+        # (keep_only_latest_checkpoints).
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
         sync_config=tune.SyncConfig(sync_period=5) if remote else None,
         # a trial whose node dies goes on from its last checkpoint elsewhere
         failure_config=tune.FailureConfig(max_failures=settings.max_failures),
@@ -268,7 +270,26 @@ def fit(tune_dir: str, trainable, make_tuner) -> tune.ResultGrid:
     # A signal makes Tune stop its trials and save its state one last time (Tune's own
     # SIGUSR1 handler), then Interrupted is raised: no summary, the experiment stays resumable.
     with signals.graceful(stop_tune), signing_saved_state(tune_dir), stopping_when_full(tune_dir):
-        return tuner.fit()
+        results = tuner.fit()
+    keep_only_latest_checkpoints(results)
+    return results
+
+
+def keep_only_latest_checkpoints(results: tune.ResultGrid) -> None:
+    """Once an experiment has finished (nothing of it is resumed from an older checkpoint),
+    each trial keeps only its latest checkpoint, the one its test accuracy and a longer time
+    budget's resume use. A checkpoint that cannot be deleted costs space, never results."""
+    for result in results:
+        latest = result.checkpoint
+        if latest is None:
+            continue
+        latest_path = latest.path.rstrip("/")
+        try:
+            for info in latest.filesystem.get_file_info(pafs.FileSelector(latest_path.rpartition("/")[0])):
+                if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_") and info.path.rstrip("/") != latest_path:
+                    latest.filesystem.delete_dir(info.path)
+        except OSError:
+            pass
 
 
 def stop_tune() -> None:
@@ -607,6 +628,7 @@ def run_sweep(plan: SweepPlan) -> None:
     if own_ray:
         cluster.connect(plan.address, plan.py_modules)
     signals.install()  # again: Ray's core worker replaced the SIGTERM handler
+    stopped = False  # by the user: the trial workers' shutdown is not printed
     try:
         settings = {}
         for experiment in plan.experiments:
@@ -642,12 +664,10 @@ def run_sweep(plan: SweepPlan) -> None:
         if failures:
             raise TrialsFailed("; ".join(failures))
     except signals.Interrupted:
-        if own_ray:
-            cluster.disconnect(stopped=True)
-            own_ray = False
+        stopped = True
         raise
     finally:
         if own_ray:
-            cluster.disconnect()
+            cluster.disconnect(stopped=stopped)
         elif ray.is_initialized():
             cluster.unmute_worker_output()
