@@ -1,8 +1,11 @@
 """Dataset and feature caches: a damaged cache file is discarded and rebuilt with one warning
 line, never used or unpickled; a write interrupted half-way leaves no file under the final name."""
 
+import contextlib
 import json
 import os
+import signal
+import time
 import zipfile
 
 import numpy as np
@@ -10,7 +13,9 @@ import pytest
 import torch
 
 from conftest import write_class_folders
+from tltune import signals
 from tltune.config import ModelSpec
+from tltune.errors import UserError
 from tltune.data import Dataset, ImageArrays, load_dataset, make_splits
 from tltune.features import feature_splits
 
@@ -99,6 +104,44 @@ def test_damaged_dataset_cache_is_rebuilt_with_one_warning(cached_pets, capsys, 
         assert np.array_equal(getattr(again, split).labels, getattr(dataset, split).labels)
     load_dataset("pets", root)
     assert capsys.readouterr().err == "", "the rebuilt cache is whole"
+
+
+def load_losing_a_sigterm(*args, **kwargs):
+    """``np.load`` as CI saw it once: a SIGTERM arrived while it ran, and numpy's C code replaced
+    the handler's Interrupted with an error of its own."""
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(1)  # the handler raises here
+    except signals.Interrupted:
+        pass
+    raise TypeError("expected str, bytes or os.PathLike object, not BufferedReader")
+
+
+def test_a_stop_whose_exception_numpy_replaced_stops_the_load_and_keeps_the_cache(cached_pets, capsys, monkeypatch):
+    root, folder, dataset = cached_pets
+    capsys.readouterr()
+    monkeypatch.setattr(np, "load", load_losing_a_sigterm)
+    with signals.installed(), pytest.raises(signals.Interrupted, match="SIGTERM"):
+        load_dataset("pets", root)
+    assert capsys.readouterr().err == "", "a stop is not damage"
+    assert (folder / "meta.json").is_file() and (folder / "train_images.npy").is_file()
+
+
+def test_a_stop_whose_exception_was_lost_ends_the_command_as_a_stop(cached_pets, command, monkeypatch, tmp_path):
+    """The lost stop surfaces as the error it became (here: a dataset called corrupt), and the
+    command still ends as a SIGTERM: 143, one line, nothing written."""
+    root, _, _ = cached_pets
+
+    def corrupt(*args, **kwargs):
+        with contextlib.suppress(TypeError):
+            load_losing_a_sigterm()
+        raise UserError("dataset 'pets' is incomplete or corrupt")
+
+    monkeypatch.setattr("tltune.data.load_dataset", corrupt)
+    code, _, err = command("sweep", "cifar10", "--data-root", str(root), "--storage-path", str(tmp_path / "runs"), "--name", "run")
+    assert code == 128 + signal.SIGTERM, err
+    assert err.strip().splitlines()[-1] == "interrupted (SIGTERM) before the run started: nothing was written", err
+    assert not (tmp_path / "runs" / "run").exists()
 
 
 def test_dataset_cache_left_by_a_crash_is_not_picked_up(cached_pets, capsys):

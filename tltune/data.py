@@ -46,6 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tltune import signals
 from tltune.catalog import DATASET_SHAPES
 from tltune.errors import UserError
 
@@ -621,6 +622,7 @@ def load_dataset(name: str, data_root: str | Path | None = None, use_cache: bool
             try:
                 return _load_cache(key)
             except DamagedCache as exc:
+                signals.raise_if_stopped()  # the error may be a stop signal's, replaced by numpy: the cache is fine
                 warn(f"dataset cache {exc.path} was damaged ({exc}); rebuilding it")
                 shutil.rmtree(key, ignore_errors=True)
     dataset = load_class_folders(name, source) if kind == "folder" else load_torchvision(name, root, source)

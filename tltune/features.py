@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from tltune import signals
 from tltune.config import ModelSpec
 from tltune.data import DamagedCache, ImageArrays, Splits, as_tensors, atomic_write, cache_dir, iterate_batches, to_device, warn
 from tltune.train import Runtime, setup_image_model
@@ -100,6 +101,7 @@ def feature_splits(splits: Splits, spec: ModelSpec, pretrained_state: dict | Non
         try:
             features = load_feature_cache(path, splits)
         except DamagedCache as exc:
+            signals.raise_if_stopped()  # the error may be a stop signal's, replaced by numpy: the cache is fine
             warn(f"feature cache {exc.path} was damaged ({exc}); rebuilding it")
             path.unlink(missing_ok=True)
     if features is None:

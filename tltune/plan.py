@@ -574,10 +574,15 @@ def _sweep(experiments, options: SweepOptions, run_all: bool, argv) -> SweepOutc
 def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: bool, address: str | None, argv) -> SweepOutcome:
     outcome = SweepOutcome(run_dir)
     try:
-        chosen, splits, weights, states = prepare_inputs(chosen, settings, options, run_dir, run_all, outcome.skipped)
+        try:
+            chosen, splits, weights, states = prepare_inputs(chosen, settings, options, run_dir, run_all, outcome.skipped)
+        except UserError:
+            signals.raise_if_stopped()  # the error may be a stop signal's, replaced by C code (see tltune.signals)
+            raise
         if not chosen:
             print("nothing to run")
             return SweepOutcome(None, outcome.skipped)
+        signals.raise_if_stopped()
         plan = SweepPlan(
             experiments=chosen,
             settings=settings,

@@ -45,9 +45,12 @@ def _handle(signum: int, frame) -> None:
     raise Interrupted(signum)
 
 
-def install() -> None:
-    """Route SIGINT, SIGTERM and SIGHUP to :class:`Interrupted` (again after a library replaced them:
-    Ray's core worker installs its own SIGTERM handler, which prints a C++ stack dump)."""
+def install(keep_received: bool = False) -> None:
+    """Route SIGINT, SIGTERM and SIGHUP to :class:`Interrupted`, forgetting signals of an earlier
+    run in this process unless ``keep_received`` (installing again after a library replaced
+    them: Ray's core worker installs its own SIGTERM handler, which prints a C++ stack dump)."""
+    if not keep_received:
+        _received.clear()
     for signum in STOP_SIGNALS:
         signal.signal(signum, _handle)
 
@@ -60,6 +63,7 @@ def installed() -> Iterator[None]:
     try:
         yield
     finally:
+        _received.clear()  # what the block received ended it; it must not stop the caller's later work
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
@@ -76,4 +80,12 @@ def graceful(stop: Callable[[], None]) -> Iterator[None]:
     finally:
         _graceful_stop = None
     if len(_received) > received:
+        raise Interrupted(_received[-1])
+
+
+def raise_if_stopped() -> None:
+    """Raise :class:`Interrupted` for a signal received outside a graceful phase (its own
+    exception may have been lost, see above); nothing when none was, or when this module's
+    handlers are not installed (the signals then belonged to a run that has ended)."""
+    if _received and _graceful_stop is None and signal.getsignal(signal.SIGTERM) is _handle:
         raise Interrupted(_received[-1])

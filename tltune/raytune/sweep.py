@@ -627,7 +627,8 @@ def run_sweep(plan: SweepPlan) -> None:
     own_ray = not ray.is_initialized()  # tltune.run after the caller's own ray.init(): sweep on the caller's Ray, leave it running
     if own_ray:
         cluster.connect(plan.address, plan.py_modules)
-    signals.install()  # again: Ray's core worker replaced the SIGTERM handler
+    signals.install(keep_received=True)  # again: Ray's core worker replaced the SIGTERM handler
+    signals.raise_if_stopped()
     stopped = False  # by the user: the trial workers' shutdown is not printed
     try:
         settings = {}
@@ -642,6 +643,7 @@ def run_sweep(plan: SweepPlan) -> None:
         print(f"results: {plan.run_dir}")
         failures = []
         for experiment in plan.experiments:
+            signals.raise_if_stopped()
             s = settings[experiment.name]
             weights = plan.weights.get(experiment.name, {})
             pretrained = {model: state_refs[(model, source)] for model, source in weights.items()}
