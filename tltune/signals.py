@@ -63,7 +63,6 @@ def installed() -> Iterator[None]:
     try:
         yield
     finally:
-        _received.clear()  # what the block received ended it; it must not stop the caller's later work
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
