@@ -135,7 +135,9 @@ def test_a_time_limit_shorter_than_the_sweep_costs_nothing(sbatch, real_data_roo
     )  # fmt: skip
     epochs = assert_done_once(job, tmp_path / f"mnist-slurm-{job.job_id}" / "mnist-cnn", trials=6)
     assert job.log.count("tltune-slurm: requeueing job") == job.restarts, "the job requeued itself each time"
-    assert job.log.count("(job RUNNING): stopping the sweep") == job.restarts, "each notice reached the sweep"
+    # each notice reached the sweep; the last start's notice may come as its sweep finishes (exit 0)
+    # or, logged apart, once it has ended (stop 24's CI run: at 68 s, with Ray stopping)
+    assert job.restarts <= job.log.count("(job RUNNING): stopping the sweep") <= job.restarts + 1, job.log[-6000:]
     assert "continue with --resume" in job.log and "DUE TO TIME LIMIT" not in job.log, "stopped before the limit"
     assert all(seen == [1, 2, 3] for seen in epochs.values()), epochs
     # each start of the job: its own Ray with token authentication from a plain shell, and at the
