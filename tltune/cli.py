@@ -44,13 +44,23 @@ def main(experiments: list[str | Experiment], description: str, argv: list[str] 
         print(f"error: {full}{resume}", file=sys.stderr)
         return 1
     except TrialsFailed as exc:
-        print_report(exc.run_dir)
-        print(f"error: {exc}", file=sys.stderr)
+        return report(exc.run_dir, {}, failed=exc)
+    return report(outcome.run_dir, outcome.skipped)
+
+
+def report(run_dir: str | None, skipped: dict[str, str], failed: TrialsFailed | None = None) -> int:
+    """The end of a sweep that ran: its table, what was not run, and the exit code."""
+    try:
+        with signals.finishing():  # the results are written: a first stop signal lets the table print
+            if run_dir:
+                print_report(run_dir)
+            for name, why in skipped.items():
+                print(f"Not run: {name} ({why})")
+    except signals.Interrupted as stop:  # a second one
+        return stop.exit_code
+    if failed:
+        print(f"error: {failed}", file=sys.stderr)
         return 1
-    if outcome.run_dir:
-        print_report(outcome.run_dir)
-    for name, why in outcome.skipped.items():
-        print(f"Not run: {name} ({why})")
     return 0
 
 

@@ -82,6 +82,23 @@ def graceful(stop: Callable[[], None]) -> Iterator[None]:
         raise Interrupted(_received[-1])
 
 
+@contextlib.contextmanager
+def finishing() -> Iterator[None]:
+    """For the end of work whose results are written (trackers told, Ray stopping, the table
+    printed), which ends by itself within seconds: the run's first signal is only recorded (a
+    later :func:`raise_if_stopped` raises it: the next experiment does not start), a second raises."""
+    global _graceful_stop
+    _graceful_stop = None if _received else _record_only
+    try:
+        yield
+    finally:
+        _graceful_stop = None
+
+
+def _record_only() -> None:
+    pass
+
+
 def raise_if_stopped() -> None:
     """Raise :class:`Interrupted` for a signal received outside a graceful phase (its own
     exception may have been lost, see above); nothing when none was, or when this module's

@@ -360,8 +360,9 @@ def run_experiment(experiment: Experiment, settings: ExperimentSettings, inputs:
         search_epochs = sum(r.metrics.get("training_iteration", 0) for r in results)
         summary.update(epochs_spent=search_epochs + summary.get("repeats", {}).get("epochs_spent", 0), wall_s=round(clock.spent_s(), 1))
         storage.write_text(storage.join(exp_dir, SUMMARY_FILE), ExperimentSummary(**summary).to_json())
-        keep_study(exp_dir, settings.space)  # again, with the summary: the rebuild tells ASHA's stops from interruptions
-        record_outcome(settings.log_to, experiment.name, exp_dir, summary)
+        with signals.finishing():  # the experiment is finished: a stop now keeps the next one from starting
+            keep_study(exp_dir, settings.space)  # again, with the summary: the rebuild tells ASHA's stops from interruptions
+            record_outcome(settings.log_to, experiment.name, exp_dir, summary)
     return summary
 
 
@@ -669,7 +670,8 @@ def run_sweep(plan: SweepPlan) -> None:
         stopped = True
         raise
     finally:
-        if own_ray:
-            cluster.disconnect(stopped=stopped)
-        elif ray.is_initialized():
-            cluster.unmute_worker_output()
+        with contextlib.nullcontext() if stopped else signals.finishing():  # a finished run stays finished
+            if own_ray:
+                cluster.disconnect(stopped=stopped)
+            elif ray.is_initialized():
+                cluster.unmute_worker_output()

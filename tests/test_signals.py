@@ -1,0 +1,77 @@
+"""A stop signal once a run's results are written: the run stays finished. The first signal lets
+the end (trackers, Ray stopping, the table) finish and the command exits 0; a second ends it at
+once with 128 + signal and one line, never a traceback. A Slurm notice can come just then."""
+
+import os
+import signal
+import time
+
+import pytest
+
+from tltune import cli, signals
+from tltune.plan import SweepOutcome
+
+
+def sigterm_to_self():
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # a handler that raises does so here
+    except signals.Interrupted:
+        raise AssertionError("the signal raised inside finishing()") from None
+
+
+def test_finishing_records_the_first_signal_and_raises_on_the_second():
+    with signals.installed():
+        with signals.finishing():
+            sigterm_to_self()
+        with pytest.raises(signals.Interrupted, match="SIGTERM"):  # the next experiment does not start
+            signals.raise_if_stopped()
+    with signals.installed(), signals.finishing():
+        sigterm_to_self()
+        with pytest.raises(signals.Interrupted, match="SIGINT"):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+
+
+def test_finishing_after_a_signal_of_the_run_raises_the_next_at_once():
+    with signals.installed():
+        with signals.finishing():
+            sigterm_to_self()
+        with signals.finishing(), pytest.raises(signals.Interrupted, match="SIGTERM"):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def finished_sweep(monkeypatch, tmp_path):
+    """``tltune sweep`` whose sweep has finished (a stand-in for tltune.plan.sweep), and the
+    report it prints: ``signals`` stop signals arrive while the report prints."""
+    printed = []
+    monkeypatch.setattr("tltune.plan.sweep", lambda *args, **kwargs: SweepOutcome(str(tmp_path), {"cifar10-x": "no weights"}))
+
+    def run(*signums: int) -> int:
+        def report(run_dir):
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+                time.sleep(0.2)
+            printed.append(run_dir)
+
+        monkeypatch.setattr(cli, "print_report", report)
+        return cli.main(["mnist-cnn"], "test", ["--storage-path", str(tmp_path)])
+
+    return run, printed
+
+
+def test_a_signal_while_the_table_prints_keeps_the_run_finished(finished_sweep, capsys):
+    run, printed = finished_sweep
+    with signals.installed():
+        assert run(signal.SIGTERM) == 0
+    assert printed and "Not run: cifar10-x (no weights)" in capsys.readouterr().out
+
+
+def test_a_second_signal_ends_the_report_with_its_exit_code_and_no_traceback(finished_sweep, capsys):
+    run, printed = finished_sweep
+    with signals.installed():
+        assert run(signal.SIGTERM, signal.SIGINT) == 128 + signal.SIGINT
+    out = capsys.readouterr()
+    assert not printed and "Traceback" not in out.err + out.out
