@@ -28,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from ray.tune import Callback
 
 from tltune import storage
+from tltune.errors import is_storage_full
 from tltune.raytune import budget
 from tltune.results import INTERRUPTED, OPTUNA_JOURNAL, Trial
 from tltune.studies import (
@@ -69,6 +70,8 @@ def _by_product(method):
             method(self, *args, **kwargs)
         except Exception as exc:  # noqa: BLE001  the study is a by-product
             self._broken = True
+            if is_storage_full(exc):  # the sweep stops with its own line for that
+                return
             print(f"warning: the live Optuna study of {self.exp_dir} stopped ({type(exc).__name__}: {exc}); "
                   "it is made whole from the results when the experiment stops", file=sys.stderr)  # fmt: skip
 

@@ -27,7 +27,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from tltune import signals, storage, trust
-from tltune.errors import TrialsFailed, UserError
+from tltune.errors import TrialsFailed, UserError, is_storage_full
 from tltune.catalog import PRETRAINED_MODES
 from tltune.config import factory_params
 from tltune.experiments import Choice, Experiment, IntRange, LogUniform, Uniform
@@ -576,7 +576,8 @@ def keep_study(exp_dir: str, space: dict) -> None:
     try:
         write_study(exp_dir, space)
     except Exception as exc:  # noqa: BLE001  the study is a by-product
-        print(f"warning: the Optuna study of {exp_dir} was not written: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if not is_storage_full(exc):  # a full disk ends the sweep with its own line; the resume writes the study
+            print(f"warning: the Optuna study of {exp_dir} was not written: {type(exc).__name__}: {exc}", file=sys.stderr)
 
 
 def result_grid(exp_dir: str) -> tune.ResultGrid:
