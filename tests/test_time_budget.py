@@ -7,11 +7,14 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from tltune.options import SweepOptions
+from tltune.raytune import budget
+from tltune.raytune.budget import TimeBudgetStopper
 from tltune.errors import UserError
 from tltune.specs import duration_text, parse_duration
 
@@ -25,6 +28,22 @@ def test_durations_read_and_written():
             SweepOptions(time_budget=bad)
 
 
+def test_the_budget_stops_a_trial_at_an_epoch_after_the_deadline_but_not_its_last(tmp_path):
+    stopper = TimeBudgetStopper(str(tmp_path))
+    budget.start(str(tmp_path), budget_s=10, spent_s=20)  # over 10 s ago
+
+    def report(epoch: int, **config) -> dict:
+        return {"epoch": epoch, "reported_at": time.time(), "config": {"epochs": 5, "stop_epoch": None, **config}}
+
+    assert stopper("a", report(2)) and budget.stopped_trials(str(tmp_path)) == {"a"}
+    assert not stopper("b", report(5)), "its last epoch: completed, not stopped"
+    assert not stopper("c", report(3, stop_epoch=3)), "a repeat's last epoch"
+    assert not stopper("d", {**report(2), "done": True})
+    assert budget.stopped_trials(str(tmp_path)) == {"a"}
+    budget.start(str(tmp_path), budget_s=None, spent_s=0)
+    assert not stopper("e", report(1)), "no budget"
+
+
 def tltune(*args, cwd):
     return subprocess.run([sys.executable, "-m", "tltune", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
@@ -32,8 +51,10 @@ def tltune(*args, cwd):
 @pytest.mark.slow
 def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp_path):
     common = ["--train-subset", "3000", "--test-subset", "300", "--data-root", str(real_data_root), "--repeats", "1"]
-    first = tltune("sweep", "mnist", "--experiments", "mnist-cnn", "--num-samples", "12", "--epochs-range", "4", "6",
-                   "--grace-period", "6", "--max-concurrent-trials", "1", "--time-budget", "25s", "--checkpoint-every", "100", "--storage-path", str(tmp_path),
+    # the searched trials plan more epochs than the budget allows: it stops one part-way, never at
+    # its last epoch (a trial there completes), wherever the deadline falls on a faster or slower machine
+    first = tltune("sweep", "mnist", "--experiments", "mnist-cnn", "--num-samples", "12", "--epochs-range", "100", "100", "--max-epochs", "100",
+                   "--grace-period", "100", "--max-concurrent-trials", "1", "--time-budget", "25s", "--checkpoint-every", "1000", "--storage-path", str(tmp_path),
                    "--name", "budget", *common, cwd=tmp_path)  # fmt: skip
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_dir = tmp_path / "budget"
@@ -44,8 +65,8 @@ def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp
     trials = list(csv.DictReader(io.StringIO(tltune("best", str(run_dir), "--trials", cwd=tmp_path).stdout)))
     stopped = [t for t in trials if t["stop_reason"].startswith("stopped by the time budget at epoch")]
     assert [t["trial"] for t in stopped] == budget["stopped_trials"] and stopped, "the running trial stopped at its next epoch"
-    assert not any(t["stop_reason"].startswith("stopped by ASHA") for t in trials), "a grace period of 6: ASHA stops none"
-    for t in stopped:  # checkpoints only where a trial may end (--checkpoint-every 100): the budget's stop is one
+    assert not any(t["stop_reason"].startswith("stopped by ASHA") for t in trials), "a grace period of 100: ASHA stops none"
+    for t in stopped:  # checkpoints only where a trial may end (--checkpoint-every 1000): the budget's stop is one
         (trial_dir,) = [d for d in (run_dir / "mnist-cnn").iterdir() if d.name.startswith(t["trial"])]
         latest = max(trial_dir.glob("checkpoint_*"))
         assert t["stop_reason"].startswith(f"stopped by the time budget at epoch {torch.load(latest / 'model.pt', weights_only=True)['epoch']}")

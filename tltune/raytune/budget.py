@@ -50,7 +50,11 @@ class TimeBudgetStopper(tune.Stopper):
         self.exp_dir = exp_dir
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        if not is_over(self.exp_dir, at=result.get("reported_at")) or result.get("done"):
+        config = result.get("config") or {}
+        last_epoch = config.get("stop_epoch") or config.get("epochs")
+        if result.get("done") or (isinstance(last_epoch, int) and result.get("epoch", 0) >= last_epoch):
+            return False  # it ends here anyway: completed, not stopped (Tune marks the last report done only later)
+        if not is_over(self.exp_dir, at=result.get("reported_at")):
             return False
         _stopped.setdefault(self.exp_dir, set()).add(trial_id)
         return True
