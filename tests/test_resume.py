@@ -41,6 +41,9 @@ def test_resume_after_kill_9(tmp_path, real_data_root):
         time.sleep(0.2)
     else:
         raise AssertionError("the sweep never got part-way")
+    # Tune copies its state and results to storage every 10 s or more, file by file, in
+    # milliseconds: a second later the copy seen is whole (the state names those rows' checkpoints)
+    time.sleep(1)
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     time.sleep(2)  # let Ray's reaper take down what the driver started

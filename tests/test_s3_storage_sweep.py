@@ -31,6 +31,19 @@ def trial_rows(exp_dir: str) -> dict[str, list[dict]]:
     return rows
 
 
+def state_came_with_results(exp_dir: str) -> bool:
+    """The bucket's newest experiment state came in the upload that brought the newest results.
+    Tune uploads both, file by file, at its state saves (10 s apart or more). A kill between the
+    results and the state of one upload would leave a state that names none of their checkpoints,
+    and the trials would start again."""
+    try:
+        states = [storage.mtime(storage.join(exp_dir, n)) for n in storage.list_dir(exp_dir) if n.startswith("experiment_state-")]
+        results = [storage.mtime(path) for path in storage.find(exp_dir, "result.json")]
+    except FileNotFoundError:  # replaced while listed
+        return False
+    return bool(states and results) and max(states) >= max(results) - 5
+
+
 @pytest.mark.slow
 def test_sweep_to_a_bucket_survives_kill_9_and_is_analysed_there(s3, real_data_root, tmp_path):
     run_dir = storage.join(s3.root, "run")
@@ -44,7 +57,7 @@ def test_sweep_to_a_bucket_survives_kill_9_and_is_analysed_there(s3, real_data_r
     deadline = time.time() + 300
     while time.time() < deadline:  # what the bucket holds (Ray uploads every few seconds): a trial part-way
         rows = trial_rows(exp_dir)
-        if any(1 <= len(r) < 4 for r in rows.values()):
+        if any(1 <= len(r) < 4 for r in rows.values()) and state_came_with_results(exp_dir):
             break
         assert driver.poll() is None, "the sweep ended before it could be killed"
         time.sleep(1)
