@@ -518,13 +518,19 @@ BUDGET_STOP = "stopped by the time budget"  # followed by " at epoch N" too
 TRIAL_COLUMNS = ("epochs_run", "stop_reason", "best_val_acc", "last_val_acc", "test_acc", "wall_s", "cpu_s", "gpu_s", "precision_used")
 
 
+def planned_epochs(config: dict) -> int | None:
+    """The epochs a trial of ``config`` trains when nothing stops it: its ``epochs``, or a repeat's ``stop_epoch``."""
+    planned = config.get("stop_epoch") or config.get("epochs")
+    return planned if isinstance(planned, int) else None
+
+
 def stop_reason(trial: Trial, exp: ExperimentResult) -> str:
     """Why ``trial`` ended: ``completed`` (its config's epochs), ``diverged``, ``error``,
     ``stopped by ASHA at epoch N``, or ``interrupted at epoch N`` (the experiment never finished)."""
-    planned = trial.config.get("stop_epoch") or trial.config.get("epochs")
+    planned = planned_epochs(trial.config)
     if trial.diverged:
         return DIVERGED
-    if isinstance(planned, int) and trial.epochs_run >= planned:
+    if planned is not None and trial.epochs_run >= planned:
         return COMPLETED  # maybe after a failure it recovered from
     # With tltune_best.json no trial failed for good (else tltune_failed.json is written): an
     # error.txt there is a failure Tune retried from a checkpoint.

@@ -44,6 +44,7 @@ from tltune.results import (
     ExperimentResult,
     Trial,
     load_experiment,
+    planned_epochs,
     stop_kind,
     stop_reason,
     val_acc_of,
@@ -141,11 +142,6 @@ def local_journal(target: str) -> Iterator[Path]:
         after = path.read_bytes()
         if after != before:
             storage.write_text(target, after.decode("utf-8"))
-
-
-def planned_epochs(config: dict) -> int | None:
-    planned = config.get("stop_epoch") or config.get("epochs")
-    return planned if isinstance(planned, int) else None
 
 
 def ended_state(trial: Trial, failed: bool, budget_stopped: bool = False) -> tuple[TrialState, str]:

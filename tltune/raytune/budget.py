@@ -11,6 +11,8 @@ import time
 
 from ray import tune
 
+from tltune.results import planned_epochs
+
 _deadlines: dict[str, float] = {}  # experiment folder -> time.time() at which its search stops
 _stopped: dict[str, set[str]] = {}  # experiment folder -> ids of the trials the budget stopped
 
@@ -50,9 +52,8 @@ class TimeBudgetStopper(tune.Stopper):
         self.exp_dir = exp_dir
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        config = result.get("config") or {}
-        last_epoch = config.get("stop_epoch") or config.get("epochs")
-        if result.get("done") or (isinstance(last_epoch, int) and result.get("epoch", 0) >= last_epoch):
+        last_epoch = planned_epochs(result.get("config") or {})
+        if result.get("done") or (last_epoch is not None and result.get("epoch", 0) >= last_epoch):
             return False  # it ends here anyway: completed, not stopped (Tune marks the last report done only later)
         if not is_over(self.exp_dir, at=result.get("reported_at")):
             return False

@@ -37,7 +37,7 @@ from typing import Any
 from ray import tune
 
 from tltune.records import is_finite_number
-from tltune.results import ASHA_STOP, COMPLETED, DIVERGED, ERROR, INTERRUPTED, stop_kind
+from tltune.results import ASHA_STOP, COMPLETED, DIVERGED, ERROR, INTERRUPTED, planned_epochs, stop_kind
 from tltune.trackers import mlflow_tracking_uri, wandb_dir, wandb_mode, wandb_project
 
 # The per-epoch metrics a run gets (the trainable's report; Ray's bookkeeping left out but one).
@@ -102,8 +102,8 @@ def end_state(trial, failed: bool) -> str:
     if last.get("diverged"):
         return DIVERGED
     epochs = last.get("training_iteration") or 0
-    planned = trial.config.get("stop_epoch") or trial.config.get("epochs")
-    if isinstance(planned, int) and epochs >= planned:
+    planned = planned_epochs(trial.config)
+    if planned is not None and epochs >= planned:
         return COMPLETED
     return f"{ASHA_STOP} at epoch {epochs}"
 
