@@ -64,6 +64,23 @@ def test_an_upload_that_hits_a_full_disk_leaves_the_last_whole_copy(tmp_path, mo
     assert "No space left" in watch.first
 
 
+def test_after_a_full_disk_rays_follow_up_warnings_stay_quiet():
+    """The sweep ends with its one line: Tune's "Trials did not complete" and the analysis's
+    "Failed to fetch metrics" for trials whose results never reached the disk are dropped."""
+    import logging
+
+    watch = FullStorageWatch()
+
+    def record(name, message, exc=None):
+        return logging.LogRecord(name, logging.WARNING, __file__, 1, message, None, (type(exc), exc, None) if exc else None)
+
+    analysis = record("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics for 2 trial(s)")
+    assert watch.filter(analysis), "kept while storage has room"
+    assert not watch.filter(record("ray.tune.execution.tune_controller", "Trial errored", enospc()))
+    assert not watch.filter(analysis) and not watch.filter(record("ray.tune.tune", "Trials did not complete"))
+    assert watch.filter(record("ray.tune.execution.tune_controller", "Trial errored", ValueError("nan")))
+
+
 def test_a_line_after_a_cut_append_is_whole(tmp_path):
     """A signature appended after one a full disk cut short still counts (and so do the others)."""
     signatures = tmp_path / trust.SIGNATURES_FILE

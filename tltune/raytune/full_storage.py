@@ -29,8 +29,16 @@ from tltune import storage
 from tltune.errors import StorageFull, is_storage_full
 
 # Ray's loggers that print a full-storage error with its traceback (a trial's, the upload's, an
-# unfetched task error's), and Tune's "Trials did not complete" after such a stop
-RAY_LOGGERS = ("ray.tune.execution.tune_controller", "ray.train._internal.syncer", "ray._private.worker", "ray.tune.tune")
+# unfetched task error's), and, after such a stop, Tune's "Trials did not complete" and the
+# analysis's "Failed to fetch metrics" for trials whose results never reached the disk
+RAY_LOGGERS = (
+    "ray.tune.execution.tune_controller",
+    "ray.train._internal.syncer",
+    "ray._private.worker",
+    "ray.tune.tune",
+    "ray.tune.analysis.experiment_analysis",
+)
+AFTER_THE_STOP = ("ray.tune.tune", "ray.tune.analysis.experiment_analysis")  # quiet once storage is full
 
 
 class FullStorageWatch(logging.Filter):
@@ -54,7 +62,7 @@ class FullStorageWatch(logging.Filter):
         error = record.exc_info[1] if record.exc_info else Exception(record.getMessage())
         if self.saw(error):
             return False
-        return not (self.first is not None and record.name == "ray.tune.tune")
+        return not (self.first is not None and record.name in AFTER_THE_STOP)
 
 
 def upload_whole(local_path: str, fs: pafs.FileSystem, fs_path: str, exclude=None, *, ray_upload, watch: FullStorageWatch) -> None:

@@ -260,7 +260,8 @@ def fit(tune_dir: str, trainable, make_tuner) -> tune.ResultGrid:
         print(f"resuming {tune_dir}")
         trust.signed_state_files(tune_dir)  # checked before (cli), again just before Ray unpickles
         try:  # keeps the searcher's and ASHA's state; unfinished trials go on from their checkpoints
-            tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
+            with quiet_logger("ray.tune.analysis.experiment_analysis"):  # "Failed to fetch metrics": trials stopped before epoch 1
+                tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
         except (ValueError, RuntimeError, OSError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"cannot resume {tune_dir} ({first_line}): start a new run instead") from None
@@ -273,6 +274,17 @@ def fit(tune_dir: str, trainable, make_tuner) -> tune.ResultGrid:
         results = tuner.fit()
     keep_only_latest_checkpoints(results)
     return results
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def keep_only_latest_checkpoints(results: tune.ResultGrid) -> None:
