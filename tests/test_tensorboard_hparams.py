@@ -21,7 +21,7 @@ from conftest import MNIST_RUN_EXPERIMENTS, MNIST_RUN_SAMPLES
 from s3server import s3, s3_server  # noqa: F401  (fixtures)
 from tltune import storage
 from tltune.experiments import CNN_SEARCH_SPACE, Choice, IntRange, LogUniform
-from tltune.raytune.callbacks import RUN_HPARAMS_SUFFIX, TensorBoardCallback, read_run_hparams, write_run_hparams
+from tltune.raytune.callbacks import RUN_HPARAMS_SUFFIX, TensorBoardCallback, progress_line, read_run_hparams, write_run_hparams
 
 EXPERIMENTS = MNIST_RUN_EXPERIMENTS  # the CNN searches activation, AlexNet has none
 ALL_STATUSES = [api_pb2.STATUS_UNKNOWN, api_pb2.STATUS_SUCCESS, api_pb2.STATUS_FAILURE, api_pb2.STATUS_RUNNING]
@@ -190,3 +190,15 @@ def test_learning_rate_and_throughput_per_epoch_as_scalars(sweep):
         assert all(d.value == pytest.approx(config["lr"], rel=1e-6) for d in lr), "the optimizer trained with the config's rate"
         throughput = backend.scalars(name, "train_images_per_s")
         assert [d.step for d in throughput] == list(range(1, epochs + 1)) and all(d.value > 0 for d in throughput)
+
+
+def test_a_trials_progress_line_names_every_value_its_searcher_chose():
+    result = {"epoch": 1, "train_loss": 1.0962, "val_acc": 0.4222}
+    factory = SimpleNamespace(trial_id="4a38ac0d", evaluated_params={"optimizer": "adam", "lr": 0.006434, "epochs": 2, "dropout": 0.21234, "hidden": 16},
+                              config={"optimizer": "adam", "lr": 0.006434, "epochs": 2, "dropout": 0.21234, "hidden": 16, "batch_size": 64})  # fmt: skip
+    assert progress_line(factory, result) == "  4a38ac0d (optimizer=adam, lr=0.00643, dropout=0.212, hidden=16) epoch 1/2: train_loss 1.096  val_acc 42.22%"
+    seed = SimpleNamespace(trial_id="af93b9ec", evaluated_params={}, config={"optimizer": "adamw", "activation": "relu", "lr": 0.00294, "epochs": 4, "model": "cnn"})
+    assert progress_line(seed, result).startswith("  af93b9ec (optimizer=adamw, activation=relu, lr=0.00294) epoch 1/4")
+    backbones = SimpleNamespace(trial_id="1", evaluated_params={"lr": 0.1, "model": "resnet18", "mode": "finetune"},
+                                config={"model": "resnet18", "mode": "finetune", "optimizer": "sgd", "lr": 0.1, "epochs": 3})  # fmt: skip
+    assert "(model=resnet18, mode=finetune, optimizer=sgd, lr=0.1)" in progress_line(backbones, result)

@@ -119,14 +119,7 @@ class TensorBoardCallback(tune.Callback):
         writer.flush()
         self._upload(trial)
         if self._print_progress:
-            searched = getattr(trial, "evaluated_params", None) or {}  # the model and mode only where searched
-            shown = [k for k in ("model", "mode") if k in searched] + ["optimizer", "activation", "lr"]
-            varied = ", ".join(f"{k}={_short(trial.config[k])}" for k in shown if k in trial.config)
-            print(
-                f"  {trial.trial_id} ({varied}) epoch {step}/{trial.config['epochs']}: "
-                f"train_loss {result['train_loss']:.3f}  val_acc {100 * result['val_acc']:.2f}%",
-                flush=True,
-            )
+            print(progress_line(trial, result), flush=True)
 
     def _close(self, trial, status: int | None):
         """Write the trial's final metrics and, given a ``status``, its HParams session end; then close.
@@ -296,8 +289,19 @@ def _plain(value):
     return value if isinstance(value, (bool, int, float, str)) else None
 
 
+def progress_line(trial, result: dict) -> str:
+    """A trial's epoch as printed: its optimizer, activation and lr, and every other value its
+    searcher chose (the model and mode where searched, a factory's keywords...) but the epochs."""
+    searched = getattr(trial, "evaluated_params", None) or {}
+    shown = [k for k in ("model", "mode") if k in searched] + ["optimizer", "activation", "lr"]
+    shown += [k for k in searched if k not in shown and k != "epochs"]
+    varied = ", ".join(f"{k}={_short(trial.config[k])}" for k in shown if k in trial.config)
+    return (f"  {trial.trial_id} ({varied}) epoch {result['epoch']}/{trial.config['epochs']}: "
+            f"train_loss {result['train_loss']:.3f}  val_acc {100 * result['val_acc']:.2f}%")  # fmt: skip
+
+
 def _short(value):
-    return f"{value:.2e}" if isinstance(value, float) else value
+    return f"{value:.3g}" if isinstance(value, float) else value
 
 
 class _FromCheckpoint:
