@@ -4,6 +4,7 @@ through the ``tltune`` command on a tiny real class-folder dataset; the table, t
 Optuna journal and the report read it back with the new dimensions like any other."""
 
 import csv
+import dataclasses
 import io
 import json
 import subprocess
@@ -133,6 +134,63 @@ def test_tensorboard_hparams_has_the_new_dimensions(spec_run):
     assert {"model", "mode", "dropout"} <= set(infos)
     assert {v.string_value for v in infos["model"].domain_discrete.values} == {"resnet18", "mobilenet_v3_small", "mymodels:build"}
     assert (infos["dropout"].domain_interval.min_value, infos["dropout"].domain_interval.max_value) == (0.0, 0.5)
+
+
+def test_the_run_alone_is_enough_to_resume_it(spec_run, command, tmp_path, monkeypatch):
+    """``tltune sweep --resume RUN``: the run's signed record names what it swept (here the spec
+    file, by its absolute path), so a resume from any folder needs nothing else."""
+    run_dir, _ = spec_run
+    first = json.loads((run_dir / "runs.jsonl").read_text().splitlines()[0])
+    assert first["targets"] == [str(run_dir.parents[1] / "spec" / "pets.yaml")]
+    monkeypatch.chdir(tmp_path)
+    code, out, err = command("sweep", "--resume", str(run_dir))
+    assert code == 0, err
+    assert "tiny-backbones: finished" in out and "tiny-factory: finished" in out and "nothing to run" in out
+    import tltune  # the same from Python
+
+    with pytest.raises(tltune.UserError, match="every experiment of this run has finished"):
+        tltune.run(resume=str(run_dir))
+    with pytest.raises(tltune.UserError, match="name the experiments"):
+        tltune.run(num_samples=2)
+
+
+def test_what_a_run_swept_is_recorded_as_tltune_sweep_takes_it(tmp_path):
+    from tltune.experiments import EXPERIMENTS, FAMILIES
+    from tltune.plan import sweep_targets
+    from tltune.specs import load_spec_file
+
+    (tmp_path / "mymodels.py").write_text(FACTORY)
+    (tmp_path / "pets.yaml").write_text(spec_text(str(tmp_path)))
+    spec_experiments = load_spec_file(tmp_path / "pets.yaml")
+    mnist = [EXPERIMENTS[name] for name in FAMILIES["mnist"]]
+    assert sweep_targets(mnist + spec_experiments, run_all=False) == [*FAMILIES["mnist"], str(tmp_path / "pets.yaml")]
+    assert sweep_targets([EXPERIMENTS["mnist-cnn"]], run_all=True) == ["all"]
+    made_in_python = dataclasses.replace(EXPERIMENTS["mnist-cnn"], num_samples=3)
+    assert sweep_targets([EXPERIMENTS["svhn-cnn"], made_in_python], run_all=False) is None
+
+
+def test_a_bare_resume_says_what_it_needs(tmp_path, command):
+    from tltune import trust
+    from tltune.records import RunRecord
+
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def recorded(**fields) -> None:
+        (run / "runs.jsonl").write_text(json.dumps(trust.sign_record(RunRecord(started="now", options={}, **fields).to_dict())) + "\n")
+
+    code, _, err = command("sweep", "--resume", str(tmp_path))
+    assert code == 2 and err.startswith("error: ") and "not a tltune run directory" in err
+    recorded(targets=None)  # experiments made in Python
+    code, _, err = command("sweep", "--resume", str(run))
+    assert code == 2 and f"name it again, tltune sweep FAMILY|EXPERIMENT|SPEC.yaml --resume {run}" in err
+    recorded(targets=[str(tmp_path / "gone.yaml")])
+    code, _, err = command("sweep", f"--resume={run}")
+    assert code == 2 and f"swept the spec file {tmp_path / 'gone.yaml'}, which is not there any more" in err
+    first = json.loads((run / "runs.jsonl").read_text())
+    (run / "runs.jsonl").write_text(json.dumps({**first, "targets": ["mnist-cnn", "/tmp/someone-elses.yaml"]}) + "\n")
+    code, _, err = command("sweep", "--resume", str(run))
+    assert code == 2 and "refusing to resume" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.slow  # two more sweeps

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from tltune import signals, storage, trust
 from tltune.errors import TrialsFailed, UserError
-from tltune.experiments import EXPERIMENTS, Experiment
+from tltune.experiments import EXPERIMENTS, FAMILIES, Experiment
 from tltune.options import SweepOptions
-from tltune.plan import sweep
+from tltune.plan import recorded_targets, sweep
 from tltune.results import ExperimentResult, experiment_status, load_run, markdown_table, table_rows, trial_rows
 from tltune.specs import is_spec_path, load_spec_file
 
@@ -122,20 +122,27 @@ def load(run_dir: str | Path) -> Run:
     return Run(path, {e.name: ExperimentRun(e) for e in found})
 
 
-def run(experiments: str | Experiment | list[str | Experiment], **options) -> Run:
+def run(experiments: str | Experiment | list[str | Experiment] | None = None, **options) -> Run:
     """Sweep ``experiments`` (names, spec files ``*.yaml`` or :class:`Experiment` objects), one after another, into a
-    new run directory (or ``resume=RUN_DIR``), and return it loaded. ``options`` are the fields
+    new run directory (or ``resume=RUN_DIR``: without ``experiments``, those the run swept), and return it loaded. ``options`` are the fields
     of :class:`tltune.SweepOptions` (the command line's flags: ``num_samples=6`` is
     ``--num-samples 6``); a wrong name, type or value raises :class:`UserError`. A failed
     experiment does not raise: its ``status`` says why. It prints only a count of trials per
     state at most once a minute and the final table (``quiet=False``: all the command line prints)."""
     options.setdefault("quiet", True)
+    run_all = False
+    if experiments is None:
+        if not options.get("resume"):
+            raise UserError("tltune.run: name the experiments (names, spec files or Experiment objects), or resume=RUN_DIR")
+        experiments = recorded_targets(str(options["resume"]))
+        if experiments == ["all"]:  # sweeps/all.py's run: every seed experiment whose inputs are at hand
+            experiments, run_all = FAMILIES["all"], True
     chosen = [experiments] if isinstance(experiments, (str, Path, Experiment)) else list(experiments)
     chosen = [e for item in chosen for e in (load_spec_file(item) if isinstance(item, (str, Path)) and is_spec_path(str(item)) else [item])]
     checked = SweepOptions.from_keywords(**options)
     with signals.installed():
         try:
-            run_dir = sweep(chosen, checked, argv=[]).run_dir
+            run_dir = sweep(chosen, checked, run_all, argv=[]).run_dir
         except TrialsFailed as exc:
             run_dir = exc.run_dir
     if run_dir is None:

@@ -2,6 +2,7 @@
 
     tltune sweep cifar10 --quick            # a family of experiments (or experiment names)
     tltune sweep my.yaml                    # the experiments of a spec file
+    tltune sweep --resume RUN               # an interrupted run, as it was started
     tltune spec cifar10 > my.yaml           # a built-in spec file to copy and edit (tltune spec: their names)
     tltune list                             # every experiment, its family and reference accuracy
     tltune best RUN [--trials] [--csv | --json]
@@ -31,6 +32,14 @@ def sweep_main(argv: list[str]) -> int:
     targets = []
     while argv and not argv[0].startswith("-"):
         targets.append(argv.pop(0))
+    if not targets and not ("-h" in argv or "--help" in argv) and (resume := resume_flag(argv)):
+        try:  # the run says what it swept
+            from tltune.plan import recorded_targets
+
+            targets = recorded_targets(resume)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not targets:
         targets = ["--help"] if "-h" in argv or "--help" in argv else []
     if not targets or targets == ["--help"]:
@@ -58,6 +67,16 @@ def sweep_main(argv: list[str]) -> int:
             chosen[name] = experiment
     description = f"Sweep {' '.join(targets)}: {', '.join(chosen)}."
     return cli.main(list(chosen.values()), description, argv, run_all=targets == ["all"], prog=f"tltune sweep {' '.join(targets)}")
+
+
+def resume_flag(argv: list[str]) -> str | None:
+    """The run directory of ``--resume RUN`` (or ``--resume=RUN``) among a sweep's flags."""
+    for i, arg in enumerate(argv):
+        if arg == "--resume" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--resume="):
+            return arg.partition("=")[2]
+    return None
 
 
 def list_main(argv: list[str]) -> int:

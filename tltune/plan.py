@@ -553,6 +553,7 @@ def _sweep(experiments, options: SweepOptions, run_all: bool, argv) -> SweepOutc
     if address:
         check_reachable(address)
     settings = {e.name: experiment_settings(e, options) for e in chosen}
+    targets = sweep_targets(chosen, run_all)
     if options.resume:
         run_dir = options.resume
     else:
@@ -568,10 +569,53 @@ def _sweep(experiments, options: SweepOptions, run_all: bool, argv) -> SweepOutc
         if options.resume:  # before anything is unpickled, and before Ray starts
             for experiment in chosen:
                 trust.signed_state_files(storage.join(run_dir, experiment.name))
-        return _run_locked(chosen, settings, options, run_dir, run_all, address, argv)
+        return _run_locked(chosen, settings, options, run_dir, run_all, address, argv, targets)
 
 
-def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: bool, address: str | None, argv) -> SweepOutcome:
+def sweep_targets(chosen: list[Experiment], run_all: bool) -> list[str] | None:
+    """What a run sweeps, as ``tltune sweep`` takes it: ``["all"]``, else each built-in
+    experiment's name and each spec file's absolute path; None where an experiment was made in
+    Python (nothing names it)."""
+    if run_all:
+        return ["all"]
+    targets: list[str] = []
+    for experiment in chosen:
+        if experiment.spec_file is not None:
+            target = str(Path(experiment.spec_file).resolve())
+        elif EXPERIMENTS.get(experiment.name) == experiment:
+            target = experiment.name
+        else:
+            return None
+        if target not in targets:
+            targets.append(target)
+    return targets
+
+
+def recorded_targets(run_dir: str) -> list[str]:
+    """What ``run_dir`` swept (:func:`sweep_targets`), read from its signed first record, for
+    ``tltune sweep --resume RUN`` without a family, experiment or spec file."""
+    run_dir = storage.absolute(run_dir)
+    runs = storage.join(run_dir, RUNS_FILE)
+    if not storage.is_file(runs):
+        raise UserError(f"{run_dir} is not a tltune run directory (no runs.jsonl): pass a directory a sweep printed as 'results: ...'")
+    try:
+        first = json.loads(storage.read_text(runs).splitlines()[0])
+        targets = RunRecord.from_dict(first, runs).targets
+    except (ValueError, IndexError, AttributeError):
+        raise UserError(f"{runs} is damaged: cannot tell how the run was started") from None
+    signed = trust.check_record(first, runs)  # a spec file's path leads to code (its factories): only from a signed record
+    if not signed or not targets or not all(isinstance(t, str) for t in targets):
+        raise UserError(f"{run_dir} does not record what it swept (experiments made in Python, or a run from an older tltune): "
+                        f"name it again, tltune sweep FAMILY|EXPERIMENT|SPEC.yaml --resume {run_dir}")  # fmt: skip
+    for target in targets:
+        if target.startswith("/") and not Path(target).is_file():
+            raise UserError(f"{run_dir} swept the spec file {target}, which is not there any more: put it back, "
+                            f"or name the file it moved to, tltune sweep SPEC.yaml --resume {run_dir}")  # fmt: skip
+    return targets
+
+
+def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: bool, address: str | None, argv,
+                targets: list[str] | None = None) -> SweepOutcome:  # fmt: skip
     outcome = SweepOutcome(run_dir)
     try:
         try:
@@ -590,7 +634,8 @@ def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: 
             weights=weights,
             pretrained_states=states,
             run_dir=run_dir,
-            record=RunRecord(started=time.strftime("%Y-%m-%d %H:%M:%S"), argv=list(argv if argv is not None else sys.argv), options=options.record()),
+            record=RunRecord(started=time.strftime("%Y-%m-%d %H:%M:%S"), argv=list(argv if argv is not None else sys.argv), options=options.record(),
+                             targets=targets),  # fmt: skip
             source_run=options.source_run,
             address=address,
             cpus_per_trial=options.cpus_per_trial,

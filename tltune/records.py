@@ -104,6 +104,9 @@ class RunRecord(Record):
     started: str = ""
     argv: list = field(default_factory=list)
     options: dict | None = None
+    # what was swept, so that ``tltune sweep --resume RUN`` needs nothing else: built-in
+    # experiment names or "all", and spec files' absolute paths; None: experiments made in Python
+    targets: list | None = None
     args: dict | None = None  # runs before SweepOptions
     hmac: str | None = None  # tltune.trust.sign_record: over every other key; None before schema 2
 
