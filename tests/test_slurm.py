@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, write_class_folders
 
 pytestmark = pytest.mark.slow
 
@@ -95,6 +95,23 @@ def test_the_job_exits_with_the_sweeps_exit_code(sbatch, tmp_path):
     rc, job_id, log, restarts = sbatch("--experiments", "cifar10-cnn-search", "--num-samples", "0", "--storage-path", str(tmp_path))
     assert rc == 2 and "error: " in log and restarts == 0, log[-3000:]
     assert not ray_processes(job_id)
+
+
+def test_a_spec_file_runs_as_a_job(sbatch, tmp_path):
+    """SWEEP=my.yaml: the job runs `tltune sweep my.yaml`, the user's factory found beside the file."""
+    data = write_class_folders(tmp_path / "pets", per_class=8, size=(16, 16))
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "tinynet.py").write_text("import torch.nn as nn\n\n\ndef build(num_classes, hidden=8):\n"
+                                        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n")  # fmt: skip
+    spec = project / "tiny.yaml"
+    spec.write_text(f"experiments:\n  - name: tiny\n    dataset: {data}\n    model: tinynet:build\n    mode: scratch\n"
+                    "    reference: {optimizer: adam, lr: 0.001, epochs: 1}\n    space:\n      hidden: {choice: [8, 16]}\n"
+                    "    num_samples: 2\n    repeats: 1\n")  # fmt: skip
+    job = sbatch("--val-fraction", "0.25", "--storage-path", str(tmp_path), sweep=str(spec), minutes=8)
+    assert job.rc == 0 and job.restarts == 0 and f"running {spec} " in job.log, job.log[-4000:]
+    summary = json.loads((tmp_path / f"tiny-slurm-{job.job_id}" / "tiny" / "tltune_best.json").read_text())
+    assert summary["trials"] == 2 and summary["errored_trials"] == 0 and "test_acc" in summary, summary
 
 
 def epochs_of_trials(exp_dir: Path) -> dict[str, list[int]]:
