@@ -187,3 +187,19 @@ def test_finetune_and_feature_extraction_bars_beside_the_reference(tmp_path):
     assert bars["mnist-alexnet"] == {"finetune": (pytest.approx(96.0), 99.57), "feature_extract": (None, 97.52)}
     assert bars["mnist_to_svhn"] == {"feature_extract": (pytest.approx(60.0), None)}, "ours, with no reference to stand beside"
     assert bars["cifar10-alexnet"] == {"finetune": (None, 88.93), "feature_extract": (None, 84.43)}, "the reference, not run here"
+
+
+def test_a_report_of_ones_own_sweep_shows_ones_own_experiments(tmp_path):
+    """No seed experiment among the runs: no rows of the seed marked "not run", no MNIST -> SVHN
+    line, no seed assumptions, and no fine-tuning plot when nothing fine-tuned."""
+    from tltune.report import write_report
+
+    run = tmp_path / "run"
+    exp_dir = Path(write_experiment(str(run), "pets-mine", trials=(("t1", 1e-3, 0.5),)))
+    record = exp_dir / "tltune_experiment.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "mode": "scratch", "dataset": "pets", "label": "mine"}))
+    report = write_report([run], tmp_path / "out").read_text()
+    assert "not run" not in report and "MNIST -> SVHN" not in report and "## Assumptions" not in report
+    assert "| pets | mine |" in report
+    assert not (tmp_path / "out" / "finetune_vs_feature_extraction.png").exists()
+    assert finetune_vs_extract_bars(collect([run])) == {}

@@ -186,14 +186,20 @@ def _config_text(config: dict, searched) -> str:
     return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
 
 
+def seed_ran(found: dict[str, ExperimentResult]) -> bool:
+    """Whether any of the seed's experiments is among those found: only then does the report
+    list the seed's rows that did not run (a report of one's own sweep shows one's own)."""
+    return any(name in EXPERIMENTS for name in found)
+
+
 def reference_table(found: dict[str, ExperimentResult]) -> str:
     lines = [
         "| Dataset | Model type | lr | Epochs | Reference | Ours at the reference settings | Ours, best of the search | "
         "Best − reference | Difference to the seed | Trials | Epochs spent | Wall time | Our best configuration | Run |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    # the seed's rows (run or not), then the user's own experiments (spec files) that ran
-    for name in dict.fromkeys([*EXPERIMENTS, *found]):
+    # the seed's rows (run or not, where any of them ran), then the user's own experiments (spec files) that ran
+    for name in dict.fromkeys([*(EXPERIMENTS if seed_ran(found) else []), *found]):
         exp, declared = found.get(name), EXPERIMENTS.get(name)
         if declared is None:  # a user's experiment: what its record says
             record = exp.record
@@ -248,7 +254,7 @@ def transfer_gain(found: dict[str, ExperimentResult]) -> str:
         tested[name] = best.get("test_acc") if best else None
     control = tested["mnist_to_svhn-scratch"]
     if control is None:
-        return "MNIST -> SVHN: not run (needs SVHN; `python sweeps/mnist_to_svhn.py`)."
+        return "MNIST -> SVHN: not run (needs SVHN; `python sweeps/mnist_to_svhn.py`)." if seed_ran(found) else ""
     lines = [f"MNIST -> SVHN, SVHN test accuracy; the control (same CNN from scratch) reaches {_pct(control)}:"]
     for name, label in (("mnist_to_svhn-finetune", "fine-tuned"), ("mnist_to_svhn-feature_extract", "only last Linear trained")):
         if tested[name] is not None:
@@ -380,7 +386,7 @@ def finetune_vs_extract_bars(found: dict[str, ExperimentResult]) -> dict[str, di
     %: our best trial's test accuracy and the seed's, for every fine-tune and feature-extract
     experiment that ran or has a reference; ``None`` where there is none."""
     bars: dict[str, dict] = {}
-    for name in dict.fromkeys([*EXPERIMENTS, *found]):
+    for name in dict.fromkeys([*(EXPERIMENTS if seed_ran(found) else []), *found]):
         exp, declared = found.get(name), EXPERIMENTS.get(name)
         mode = exp.record.mode if exp else declared.mode
         if exp is not None and best_per_model_mode(exp):
@@ -399,10 +405,13 @@ def finetune_vs_extract_bars(found: dict[str, ExperimentResult]) -> dict[str, di
     return bars
 
 
-def plot_finetune_vs_extract(found, out: Path) -> Path:
+def plot_finetune_vs_extract(found, out: Path) -> Path | None:
+    """``None`` where no experiment fine-tuned or feature-extracted, nor has a reference that did."""
     import matplotlib.pyplot as plt
 
     bars = finetune_vs_extract_bars(found)
+    if not bars:
+        return None
     fig, ax = plt.subplots(figsize=(max(7, 2.2 * len(bars)), 4))
     width = 0.2
     colors = dict(zip(TRANSFER_MODES, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
@@ -610,6 +619,7 @@ def _write(paths: list[str | Path], runs: dict[str, dict[str, ExperimentResult]]
     out.mkdir(parents=True, exist_ok=True)
     compute_plot, cheapest = plot_accuracy_vs_compute(found, out)
     plots = [plot_learning_curves(found, out), plot_accuracy_vs_lr(found, out), plot_finetune_vs_extract(found, out), compute_plot]
+    plots = [p for p in plots if p is not None]
     write_trials_csv(trial_rows(list(found.values())), out / TRIALS_CSV)
     write_trials_csv(repeat_rows(list(found.values())), out / REPEATS_CSV)
     write_trials_csv(experiment_rows(list(found.values())), out / EXPERIMENTS_CSV)
@@ -632,13 +642,12 @@ def _write(paths: list[str | Path], runs: dict[str, dict[str, ExperimentResult]]
         f"the reference and the best configuration per seed: [{REPEATS_CSV}]({REPEATS_CSV}); "
         f"per experiment, what it spent and its accuracies over seeds: [{EXPERIMENTS_CSV}]({EXPERIMENTS_CSV}).",
         *(runs_side_by_side(runs, out) if len(runs) > 1 else []),
-        "## Assumptions",
-        assumptions_table(),
+        *(["## Assumptions", assumptions_table()] if seed_ran(found) else []),  # the seed's gaps, as we filled them
         "## Per experiment: top trials (by final validation accuracy), learning curves, Optuna study",
     ]
     for exp in found.values():
         parts += experiment_section(exp, out)
     parts += ["## Plots", *(f"![{p.stem}]({p.name})" for p in plots)]
     report = out / "report.md"
-    report.write_text("\n\n".join(parts) + "\n")
+    report.write_text("\n\n".join(part for part in parts if part) + "\n")
     return report
