@@ -185,6 +185,10 @@ def linearless(num_classes):
 
 
 not_callable = 3
+
+
+def anything(num_classes, **params):
+    return hidden(num_classes)
 '''
 
 
@@ -241,3 +245,21 @@ def test_factory_errors(factories):
     with pytest.raises(UserError, match="is not callable"):
         load_factory("tlt_test_factories:not_callable")
     assert load_factory("tlt_test_factories:hidden") is factories.hidden
+
+
+def test_a_keyword_the_factory_does_not_take_is_refused_by_name(factories):
+    """Before any data loads: the spec's keyword against the factory's signature."""
+    from tltune.experiments import validate
+    from tltune.specs import load_spec
+
+    def spec(model: str, keyword: str) -> str:
+        return (f"experiments:\n  - name: mine\n    dataset: cifar10\n    model: \"{model}\"\n    mode: scratch\n"
+                f"    space:\n      {keyword}: {{uniform: [0.0, 0.5]}}\n")  # fmt: skip
+
+    (mine,) = load_spec(spec("tlt_test_factories:hidden", "dropuot"))
+    with pytest.raises(UserError, match=r"^experiment mine: dropuot is no keyword of the factory tlt_test_factories:hidden: "
+                                        r"did you mean dropout\? it takes dropout$"):  # fmt: skip
+        validate(mine)
+    for model, keyword in (("tlt_test_factories:hidden", "dropout"), ("tlt_test_factories:anything", "whatever")):
+        (fine,) = load_spec(spec(model, keyword))
+        validate(fine)

@@ -79,7 +79,7 @@ def validate(experiment: Experiment, declared: dict[str, Experiment] | None = No
     Model names are checked against torchvision's registry, and a user factory is imported:
     call this only once torch may load."""
     from tltune.config import TRIAL_CONFIG_KEYS
-    from tltune.models import check_model_name, is_factory
+    from tltune.models import check_factory_keywords, check_model_name, is_factory
 
     e = experiment
     where = f"{e.spec_file}: experiment {e.name}" if e.spec_file else f"experiment {e.name}"
@@ -103,6 +103,9 @@ def validate(experiment: Experiment, declared: dict[str, Experiment] | None = No
     if keywords and not any(is_factory(m) for m in e.models()):
         raise UserError(f"{where}: {', '.join(keywords)} is no hyperparameter tltune knows, and only a user factory "
                         "('package.module:function') takes keyword arguments")  # fmt: skip
+    for model in e.models():
+        if is_factory(model):
+            check_factory_keywords(model, keywords, where)
     check_settings({k: v for k, v in e.reference.items() if k not in ("model", "mode")}, where=where)
     for name, domain in e.space.items():
         if isinstance(domain, Choice) and name not in ("model", "mode"):

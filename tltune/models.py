@@ -193,6 +193,26 @@ def check_model_name(name: str, where: str = "") -> None:
         raise UserError(f"{where}: {exc}" if where else str(exc)) from None
 
 
+def check_factory_keywords(name: str, keywords: list[str], where: str) -> None:
+    """A spec's keyword for a factory (in its reference or space) that the factory does not
+    take is refused now, by name, rather than once the data has loaded (a ``**kwargs`` factory
+    takes any)."""
+    import inspect
+
+    try:
+        parameters = list(inspect.signature(load_factory(name)).parameters.values())
+    except (TypeError, ValueError):  # no signature to read (a builtin or C callable): the call will tell
+        return
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return
+    takes = [p.name for p in parameters[1:] if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # the first: num_classes
+    for keyword in keywords:
+        if keyword not in takes:
+            close = difflib.get_close_matches(keyword, takes, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"{where}: {keyword} is no keyword of the factory {name}: {hint}it takes {', '.join(takes) or 'none besides num_classes'}")
+
+
 def uses_imagenet_weights(model: str) -> bool:
     """Whether ``weights: imagenet`` applies to ``model``: AlexNet and torchvision models."""
     return model_kind(model) in ("alexnet", "torchvision")
