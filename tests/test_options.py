@@ -6,6 +6,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,21 @@ def test_more_than_one_gpu_per_trial_is_refused():
     with pytest.raises(UserError, match=r"--gpus-per-trial 2: a trial trains on one GPU"):
         SweepOptions(gpus_per_trial=2)
     assert SweepOptions(gpus_per_trial=1).gpus_per_trial == 1.0 and SweepOptions(gpus_per_trial=0.25).gpus_per_trial == 0.25
+
+
+def test_a_run_records_its_local_paths_absolute(tmp_path, monkeypatch):
+    """So that a resume from another folder finds the same data, weights and runs."""
+    from tltune.options import SweepOptions
+    from tltune.plan import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TLTUNE_DATA_ROOT", raising=False)
+    (tmp_path / "w.pt").write_bytes(b"weights")
+    (tmp_path / "pets").mkdir()
+    local = with_absolute_paths(SweepOptions(weights="w.pt", dataset="./pets", source_run="runs/a", warm_start="~/b"))
+    assert (local.data_root, local.weights, local.dataset) == (str(tmp_path / "data"), str(tmp_path / "w.pt"), str(tmp_path / "pets"))
+    assert (local.source_run, local.warm_start, local.storage_path) == (str(tmp_path / "runs" / "a"), str(Path.home() / "b"), str(tmp_path / "results"))
+    names = with_absolute_paths(SweepOptions(weights="imagenet", dataset="mnist", storage_path="s3://bucket/x"))
+    assert (names.weights, names.dataset, names.storage_path) == ("imagenet", "mnist", "s3://bucket/x")
+    monkeypatch.setenv("TLTUNE_DATA_ROOT", str(tmp_path / "elsewhere"))
+    assert with_absolute_paths(SweepOptions()).data_root == str(tmp_path / "elsewhere")

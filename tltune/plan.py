@@ -437,6 +437,30 @@ def reopen_budget_ended(exp_dir: str, budget: dict) -> None:
             storage.write_bytes(path, data)
 
 
+def with_absolute_paths(options: SweepOptions) -> SweepOptions:
+    """``options`` with each local path absolute, as a run records them, so that a resume from
+    another folder finds the same data root (``./data`` or ``$TLTUNE_DATA_ROOT`` included),
+    dataset folder, weights file and runs."""
+    from tltune.data import resolve_data_root
+
+    def local_file(value: str | None) -> str | None:  # a path; names (imagenet, mnist, a folder under the data root) stay
+        if not value:
+            return value
+        path = Path(value).expanduser()
+        is_path = os.sep in value or value.startswith((".", "~")) or path.is_file()
+        return str(path.resolve()) if is_path and path.exists() else value
+
+    return replace(
+        options,
+        data_root=str(resolve_data_root(options.data_root)),
+        dataset=local_file(options.dataset),
+        weights=local_file(options.weights),
+        source_run=storage.absolute(options.source_run) if options.source_run else None,
+        warm_start=storage.absolute(options.warm_start) if options.warm_start else None,
+        storage_path=storage.absolute(options.storage_path),
+    )
+
+
 def resumed_options(options: SweepOptions) -> SweepOptions:
     """The options a run directory was started with (read back through SweepOptions, so they
     are checked like fresh ones), so a resume continues the same sweep; where Ray runs
@@ -464,7 +488,8 @@ def resumed_options(options: SweepOptions) -> SweepOptions:
               + "".join(f"; {name} {value}" for name, value in pointing.items()), file=sys.stderr)  # fmt: skip
     if options.time_budget and started.time_budget and parse_duration(options.time_budget, "--time-budget") <= parse_duration(started.time_budget, "--time-budget"):
         raise UserError(f"--resume with --time-budget {options.time_budget}: the run had {started.time_budget} already; pass a larger one to go on")
-    changed = [k for k, v in options.changed().items() if k not in RESUME_MAY_CHANGE and v != getattr(started, k)]
+    given, recorded = with_absolute_paths(options), with_absolute_paths(started)  # --data-root data is the run's /home/me/data
+    changed = [k for k in options.changed() if k not in RESUME_MAY_CHANGE and getattr(given, k) != getattr(recorded, k)]
     if changed:
         raise UserError(f"--resume continues {run_dir} with the settings it was started with: drop {', '.join(map(flag, changed))} "
                         f"(only {', '.join(map(flag, RESUME_MAY_CHANGE[1:]))} may change)")  # fmt: skip
@@ -537,8 +562,7 @@ def sweep(experiments: list[str | Experiment], options: SweepOptions, run_all: b
 
     Raises :class:`UserError` (nothing ran), :class:`TrialsFailed` and
     :class:`signals.Interrupted`, both with ``run_dir`` (``None``: nothing was written)."""
-    if options.resume:
-        options = resumed_options(options)
+    options = resumed_options(options) if options.resume else with_absolute_paths(options)
     with console.quiet(options.quiet):
         return _sweep(experiments, options, run_all, argv)
 
