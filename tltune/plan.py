@@ -461,23 +461,31 @@ def with_absolute_paths(options: SweepOptions) -> SweepOptions:
     )
 
 
+def first_run_record(run_dir: str) -> tuple[RunRecord, bool]:
+    """How ``run_dir`` was started (the first line of its runs.jsonl), and whether that line is
+    signed (False: a run from before lines were signed). UserError for no run, a damaged line,
+    or a signature that does not match (a record someone else wrote or edited)."""
+    runs = storage.join(run_dir, RUNS_FILE)
+    if not storage.is_file(runs):
+        raise UserError(f"{run_dir} is not a tltune run directory (no runs.jsonl): pass a directory a sweep printed as 'results: ...'")
+    try:
+        first = json.loads(storage.read_text(runs).splitlines()[0])
+        record = RunRecord.from_dict(first, runs)
+    except (ValueError, IndexError, AttributeError):
+        record = None
+    if record is None or record.saved_options() is None:
+        raise UserError(f"{runs} is damaged: cannot tell how the run was started")
+    return record, trust.check_record(first, runs)
+
+
 def resumed_options(options: SweepOptions) -> SweepOptions:
     """The options a run directory was started with (read back through SweepOptions, so they
     are checked like fresh ones), so a resume continues the same sweep; where Ray runs
     (--address) may change."""
     run_dir = storage.absolute(options.resume)
     storage.check_writable(run_dir)
-    runs = storage.join(run_dir, RUNS_FILE)
-    if not storage.is_file(runs):
-        raise UserError(f"{run_dir} is not a tltune run directory (no runs.jsonl): pass a directory a sweep printed as 'results: ...'")
-    try:
-        first = json.loads(storage.read_text(runs).splitlines()[0])
-        saved = RunRecord.from_dict(first, runs).saved_options()
-    except (ValueError, IndexError, AttributeError):
-        saved = None
-    if saved is None:
-        raise UserError(f"{runs} is damaged: cannot tell how the run was started")
-    signed = trust.check_record(first, runs)  # a record someone else wrote or edited: refused here
+    record, signed = first_run_record(run_dir)
+    runs, saved = storage.join(run_dir, RUNS_FILE), record.saved_options()
     try:
         started = SweepOptions.from_record(saved)
     except UserError as exc:
@@ -619,15 +627,8 @@ def recorded_targets(run_dir: str) -> list[str]:
     """What ``run_dir`` swept (:func:`sweep_targets`), read from its signed first record, for
     ``tltune sweep --resume RUN`` without a family, experiment or spec file."""
     run_dir = storage.absolute(run_dir)
-    runs = storage.join(run_dir, RUNS_FILE)
-    if not storage.is_file(runs):
-        raise UserError(f"{run_dir} is not a tltune run directory (no runs.jsonl): pass a directory a sweep printed as 'results: ...'")
-    try:
-        first = json.loads(storage.read_text(runs).splitlines()[0])
-        targets = RunRecord.from_dict(first, runs).targets
-    except (ValueError, IndexError, AttributeError):
-        raise UserError(f"{runs} is damaged: cannot tell how the run was started") from None
-    signed = trust.check_record(first, runs)  # a spec file's path leads to code (its factories): only from a signed record
+    record, signed = first_run_record(run_dir)
+    targets = record.targets  # a spec file's path leads to code (its factories): followed only from a signed record
     if not signed or not targets or not all(isinstance(t, str) for t in targets):
         raise UserError(f"{run_dir} does not record what it swept (experiments made in Python, or a run from an older tltune): "
                         f"name it again, tltune sweep FAMILY|EXPERIMENT|SPEC.yaml --resume {run_dir}")  # fmt: skip
