@@ -44,6 +44,34 @@ def write_class_folders(root: Path, classes=("cat", "dog"), per_class=6, size=(1
     return root
 
 
+def write_slow_spec(folder: Path, name: str, *, epochs: int, num_samples: int, seconds_per_batch: float,
+                    dataset: str = "mnist", in_features: int = 28 * 28) -> Path:
+    """A spec file (folder/slow.yaml) of one experiment whose model, the user factory
+    folder/slownet.py, sleeps ``seconds_per_batch`` in each training step: its epochs take at
+    least that long per batch on any machine, at no CPU cost, so a test can stop, kill or requeue
+    a sweep part-way however fast the machine trains. The search varies ``hidden`` and ``lr``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "slownet.py").write_text(
+        "import time\n\nimport torch.nn as nn\n\n\n"
+        "class SlowNet(nn.Module):\n"
+        "    def __init__(self, num_classes, hidden):\n"
+        "        super().__init__()\n"
+        f"        self.net = nn.Sequential(nn.Flatten(), nn.Linear({in_features}, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n\n"
+        "    def forward(self, x):\n"
+        "        if self.training:\n"
+        f"            time.sleep({seconds_per_batch})\n"
+        "        return self.net(x)\n\n\n"
+        "def build(num_classes, hidden=16):\n"
+        "    return SlowNet(num_classes, hidden)\n"
+    )  # fmt: skip
+    spec = folder / "slow.yaml"
+    spec.write_text(f"experiments:\n  - name: {name}\n    dataset: {dataset}\n    model: slownet:build\n    mode: scratch\n"
+                    f"    reference: {{optimizer: adam, lr: 0.001, epochs: {epochs}, hidden: 16}}\n"
+                    "    space:\n      hidden: {choice: [8, 16, 32]}\n      lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+                    f"    num_samples: {num_samples}\n    repeats: 1\n")  # fmt: skip
+    return spec
+
+
 def write_svhn_mat(path: Path, n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """An SVHN ``*_32x32.mat`` in the real format: X (32, 32, 3, N) uint8, y (N, 1) with 10 for digit 0."""
     import scipy.io

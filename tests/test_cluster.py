@@ -10,7 +10,7 @@ import time
 import pytest
 from ray.cluster_utils import Cluster
 
-from conftest import ROOT
+from conftest import ROOT, write_slow_spec
 
 pytestmark = pytest.mark.slow
 OBJECT_STORE = 300 * 1024**2  # Cluster's default of 150 MiB per node is tight for datasets
@@ -73,20 +73,27 @@ def test_trials_fill_every_gpu_at_once_and_share_one_only_by_fraction(cluster, r
 
 
 def test_a_trial_whose_node_dies_goes_on_from_its_checkpoint(cluster, real_data_root, tmp_path):
+    """The model sleeps in each training step (5 s an epoch, 30 s a trial, however fast the
+    machine): a trial is still part-way when Tune's copy of its results (which lags by up to
+    10 s) shows it, so the node dies under it on any machine."""
     cluster, workers = cluster
-    argv = sweep_argv(cluster, real_data_root, tmp_path, "failover", "--num-samples", "4", "--epochs-range", "5", "5", "--max-epochs", "5",
-                      "--grace-period", "5", "--cpus-per-trial", "1", "--gpus-per-trial", "0", "--train-subset", "1500")  # fmt: skip
-    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    epochs = 6
+    spec = write_slow_spec(tmp_path / "project", "failover", epochs=epochs, num_samples=4, seconds_per_batch=0.5)
+    argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--train-subset", "600", "--test-subset", "200",
+            "--grace-period", str(epochs), "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "failover",
+            "--address", cluster.address, "--cpus-per-trial", "1", "--gpus-per-trial", "0"]  # fmt: skip
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
     output = []
     reader = threading.Thread(target=lambda: output.extend(driver.stdout), daemon=True)
     reader.start()
-    exp_dir = tmp_path / "failover" / "cifar10-cnn-search"
+    exp_dir = tmp_path / "failover" / "failover"
     victim = workers[1]
     deadline = time.time() + 300
     while time.time() < deadline:  # a trial on the victim node is part-way, with a checkpoint
         rows = trials(exp_dir) if exp_dir.exists() else {}
-        if any(len(r) >= 2 and r[-1]["node_id"] == victim.node_id and r[-1]["epoch"] < 5 for r in rows.values()):
+        if any(len(r) >= 2 and r[-1]["node_id"] == victim.node_id and r[-1]["epoch"] < epochs for r in rows.values()):
             break
+        assert driver.poll() is None, "".join(output)[-4000:]
         time.sleep(0.2)
     else:
         raise AssertionError("no trial got part-way on the worker node")
@@ -96,7 +103,7 @@ def test_a_trial_whose_node_dies_goes_on_from_its_checkpoint(cluster, real_data_
     assert len(found) == 4
     moved = 0
     for name, rows in found.items():
-        assert [r["training_iteration"] for r in rows] == [1, 2, 3, 4, 5], f"{name}: every epoch once"
+        assert [r["training_iteration"] for r in rows] == list(range(1, epochs + 1)), f"{name}: every epoch once"
         moved += len({r["node_id"] for r in rows}) > 1
     assert moved >= 1, "a trial of the removed node finished on the other one"
     summary = json.loads((exp_dir / "tltune_best.json").read_text())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT
+from conftest import write_slow_spec
 
 pytestmark = pytest.mark.slow
 
@@ -65,11 +65,13 @@ def is_loopback(hex_address: str) -> bool:
 
 
 def test_a_local_sweep_listens_on_loopback_only(real_data_root, tmp_path):
-    argv = [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", "cifar10-cnn-search",
-            "--num-samples", "2", "--epochs-range", "3", "3", "--max-epochs", "3", "--train-subset", "2000", "--test-subset", "100",
-            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "loopback"]  # fmt: skip
+    """Its model sleeps in each training step (a trial takes 100 s or more on any machine): the
+    sweep still runs when its first results show, and the test stops it after looking."""
+    spec = write_slow_spec(tmp_path / "project", "loopback", epochs=20, num_samples=2, seconds_per_batch=0.5)
+    argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--train-subset", "600", "--test-subset", "100",
+            "--grace-period", "20", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "loopback"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     try:
         deadline = time.time() + 300
         seen: list[str] = []

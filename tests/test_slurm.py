@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import ROOT, write_class_folders
+from conftest import ROOT, write_class_folders, write_slow_spec
 
 pytestmark = pytest.mark.slow
 
@@ -140,17 +140,17 @@ def assert_done_once(job: Job, exp_dir: Path, trials: int) -> dict[str, list[int
 
 def test_a_time_limit_shorter_than_the_sweep_costs_nothing(sbatch, real_data_root, tmp_path):
     """--time=2 with Slurm's notice (SIGTERM 40-70 s before the limit: Slurm looks every 30 s), so
-    at most 80 s after the start (70 s into the sweep), for a sweep of 18 epochs of 12000 images:
-    about 105 s of training on 2 CPUs (18 epochs of 8000 took 71 s on CI, and once finished
-    before a notice sent 20-50 s before the limit came).
+    at most 80 s after the start, for a sweep of 18 epochs, 2 at once, whose model sleeps 10 s in
+    each epoch's training steps: 90 s or more however fast the machine (a sweep that trained
+    faster on a faster machine once finished before the notice came).
     The notice stops the sweep, which saves its state; the job requeues itself and resumes its run
     directory (named after the job: no --name) until the sweep is done."""
+    spec = write_slow_spec(tmp_path / "project", "timelimit", epochs=3, num_samples=6, seconds_per_batch=1.0)
     job = sbatch(
-        "--quick", "--experiments", "mnist-cnn", "--num-samples", "6", "--max-epochs", "3", "--epochs-range", "3", "3",
-        "--grace-period", "3", "--train-subset", "12000", "--data-root", str(real_data_root), "--storage-path", str(tmp_path),
-        sweep="mnist", options=("--time=2", "--signal=B:TERM@40"), minutes=15,
+        "--grace-period", "3", "--train-subset", "600", "--test-subset", "500", "--data-root", str(real_data_root),
+        "--storage-path", str(tmp_path), sweep=str(spec), options=("--time=2", "--signal=B:TERM@40"), minutes=15,
     )  # fmt: skip
-    epochs = assert_done_once(job, tmp_path / f"mnist-slurm-{job.job_id}" / "mnist-cnn", trials=6)
+    epochs = assert_done_once(job, tmp_path / f"slow-slurm-{job.job_id}" / "timelimit", trials=6)
     assert job.log.count("tltune-slurm: requeueing job") == job.restarts, "the job requeued itself each time"
     # each notice reached the sweep; the last start's notice may come as its sweep finishes (exit 0)
     # or, logged apart, once it has ended (stop 24's CI run: at 68 s, with Ray stopping)
@@ -171,7 +171,7 @@ def test_a_time_limit_shorter_than_the_sweep_costs_nothing(sbatch, real_data_roo
 def test_a_requeue_by_slurm_costs_nothing(sbatch, real_data_root, tmp_path):
     """`scontrol requeue` of the running job (as preemption with PreemptMode=REQUEUE does): Slurm
     ends every process of the job at once, then starts it again, and it resumes its run."""
-    exp_dir = tmp_path / "requeued" / "mnist-cnn"
+    exp_dir = tmp_path / "requeued" / "requeued"
     before = {}
 
     def requeue_part_way(job_id: str, state: dict) -> None:
@@ -183,10 +183,12 @@ def test_a_requeue_by_slurm_costs_nothing(sbatch, real_data_root, tmp_path):
             out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
             assert out.returncode == 0, out.stderr
 
+    # its model sleeps 10 s in each epoch's training steps: trials are part-way when Tune's copy
+    # of their results (up to 10 s behind) shows them, however fast the machine
+    spec = write_slow_spec(tmp_path / "project", "requeued", epochs=2, num_samples=3, seconds_per_batch=1.0)
     job = sbatch(
-        "--quick", "--experiments", "mnist-cnn", "--num-samples", "3", "--max-epochs", "2", "--epochs-range", "2", "2",
-        "--grace-period", "2", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "requeued",
-        sweep="mnist", minutes=8, while_running=requeue_part_way,
+        "--grace-period", "2", "--train-subset", "600", "--test-subset", "500", "--data-root", str(real_data_root),
+        "--storage-path", str(tmp_path), "--name", "requeued", sweep=str(spec), minutes=8, while_running=requeue_part_way,
     )  # fmt: skip
     assert before, "requeued while trials were part-way"
     assert job.restarts == 1 and "DUE TO JOB REQUEUE" in job.log, job.log[-6000:]
