@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -212,6 +213,35 @@ def test_plain_values_and_a_source_among_the_built_ins(tmp_path):
     path.write_text("experiments:\n  - {name: t, dataset: svhn, model: cnn, mode: finetune, source: mnist_to_svhn-source}\n")
     assert load_spec(path)[0].source == "mnist_to_svhn-source"
     assert math.isclose(specs.default_value(LogUniform(1e-5, 1e-1)), 1e-3)
+
+
+def test_paths_in_a_spec_are_taken_from_its_folder(tmp_path, monkeypatch):
+    """A dataset folder and a weights file named relative to the spec are found beside it, from
+    any folder (as its factories are); names stay names; one only the current folder has is
+    taken from there; an absolute path or ~ is kept."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    for folder in (project / "data" / "pets" / "train", project / "dogs" / "train", elsewhere / "old"):
+        folder.mkdir(parents=True)
+    (project / "r18.pt").write_bytes(b"")
+    spec = project / "sweep.yaml"
+    spec.write_text(
+        "experiments:\n"
+        "  - {name: a, dataset: ./data/pets, model: resnet18, weights: r18.pt}\n"
+        "  - {name: b, dataset: dogs, model: {choice: [resnet18, alexnet]}, weights: {resnet18: ../project/r18.pt, alexnet: IMAGENET1K_V1}}\n"
+        "  - {name: c, dataset: cats, model: alexnet, weights: imagenet}\n"
+        "  - {name: d, dataset: old, model: resnet18, weights: none}\n"
+        f"  - {{name: e, dataset: mnist, model: resnet18, weights: {tmp_path}/w.pt}}\n"
+        "  - {name: f, dataset: ~/pets, model: resnet18, weights: missing.pt}\n"
+    )  # fmt: skip
+    monkeypatch.chdir(elsewhere)
+    a, b, c, d, e, f = load_spec_file("../project/sweep.yaml")
+    assert (a.dataset, a.weights) == (str(project / "data" / "pets"), str(project / "r18.pt"))
+    assert (b.dataset, b.weights) == (str(project / "dogs"), {"resnet18": str(project / "r18.pt"), "alexnet": "IMAGENET1K_V1"})
+    assert (c.dataset, c.weights) == ("cats", "imagenet"), "a name under the data root"
+    assert (d.dataset, d.weights) == ("old", "none"), "a folder of the current folder only, as before"
+    assert (e.dataset, e.weights) == ("mnist", f"{tmp_path}/w.pt")
+    assert f.dataset == str(Path("~/pets").expanduser()) and f.weights == str(project / "missing.pt"), "an error names the file beside the spec"
+    assert load_spec(PETS)[0].dataset == "mypets", "spec text has no folder: names and paths as given"
 
 
 # The command line

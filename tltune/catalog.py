@@ -6,6 +6,8 @@ The torch modules key their tables by these names (``train.OPTIMIZERS``, ``model
 read the names from here and stay light.
 """
 
+import re
+
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
 ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "leaky_relu", "elu", "gelu")
 AUGMENTATION_NAMES = ("none", "flip", "flip_crop")
@@ -14,6 +16,9 @@ PRECISION_NAMES = ("fp32", "bf16", "fp16")
 PRECISION_CHOICES = ("auto", *PRECISION_NAMES)
 
 MODELS = ("cnn", "alexnet")
+# a torchvision weights name (IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V2); any other weights but
+# imagenet and none name a state-dict file
+WEIGHTS_NAME = re.compile(r"^(?:\w+_Weights\.)?[A-Z][A-Z0-9_]*$")
 MODES = ("scratch", "finetune", "feature_extract")
 PRETRAINED_MODES = ("finetune", "feature_extract")
 CNN_MAX_DEPTH = 3

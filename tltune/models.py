@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from tltune.catalog import ACTIVATION_NAMES, CNN_MAX_DEPTH, MODELS, MODES, PRETRAINED_MODES, check_table  # noqa: F401 (re-exported)
+from tltune.catalog import ACTIVATION_NAMES, CNN_MAX_DEPTH, MODELS, MODES, PRETRAINED_MODES, WEIGHTS_NAME, check_table  # noqa: F401 (re-exported)
 from tltune.errors import UserError
 
 ACTIVATIONS = {
@@ -419,7 +419,6 @@ def input_spec(model: str, dataset_channels: int, dataset_size: int, channels: i
     return channels or dataset_channels, size, mean, std
 
 
-WEIGHTS_NAME = re.compile(r"^(?:\w+_Weights\.)?[A-Z][A-Z0-9_]*$")  # IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V2
 
 
 def _weights_member(model: str, weights: str):

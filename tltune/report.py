@@ -30,7 +30,6 @@ from tltune.experiments import ASSUMPTIONS, EXPERIMENTS, FAMILIES
 from tltune.results import (
     ASHA_STOP,
     COMPLETED,
-    DATASET_NAMES,
     DIVERGED,
     ERROR,
     EXPERIMENT_FILE,
@@ -38,6 +37,7 @@ from tltune.results import (
     OPTUNA_JOURNAL,
     SUMMARY_FILE,
     ExperimentResult,
+    dataset_title,
     best_per_model_mode,
     model_mode_text,
     COMPUTE_UNITS,
@@ -235,7 +235,7 @@ def reference_table(found: dict[str, ExperimentResult]) -> str:
         if exp is not None and (exp.failure is not None or exp.all_diverged):
             ours, diff = experiment_status(exp), ""
         lines.append(
-            f"| {DATASET_NAMES.get(declared.dataset, declared.dataset)} | {label} | {_fmt(declared.reference.get('lr'), 'g')} | "
+            f"| {dataset_title(declared.dataset)} | {label} | {_fmt(declared.reference.get('lr'), 'g')} | "
             f"{declared.reference.get('epochs', '-')} | {reference} | {at_reference} | {ours} | {vs_reference} | {diff} | {trials} | {epochs} | {wall} | {config} | {run} |"
         )
     return "\n".join(lines)

@@ -19,6 +19,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -291,6 +292,12 @@ def top_configs(path: str | Path, experiment: str, k: int = 3) -> list[dict]:
 # ---------------------------------------------------------------------------- formatting
 
 DATASET_NAMES = {"cifar10": "CIFAR-10", "mnist": "MNIST", "svhn": "SVHN"}
+
+
+def dataset_title(dataset: str) -> str:
+    """A table's Dataset: CIFAR-10 for cifar10; a folder's own name, not its whole path."""
+    return DATASET_NAMES.get(dataset, Path(dataset).name if os.sep in dataset else dataset)
+
 HYPERPARAMETERS = ("model", "mode", "optimizer", "activation", "lr", "epochs", "batch_size", "image_size",
                    "weight_decay", "schedule", "augmentation", "width", "label_smoothing")  # fmt: skip
 # In a best configuration's text: these only where searched (every trial of most experiments shares them)
@@ -436,7 +443,7 @@ def table_rows(experiments: list[ExperimentResult]) -> list[dict]:
         reference = record.reference_accuracy
         row = {
             "experiment": exp.name,
-            "Dataset": DATASET_NAMES.get(dataset, dataset),
+            "Dataset": dataset_title(dataset),
             "Model type": record.label if record.label is not None else exp.name,
             "Learning rate": None,
             "Epochs": None,

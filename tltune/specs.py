@@ -2,7 +2,7 @@
 
     experiments:
       - name: pets-backbones
-        dataset: mypets                    # cifar10, mnist, svhn; class folders under the data root; or a path
+        dataset: mypets                    # cifar10, mnist, svhn; class folders under the data root; or a path (from this file's folder)
         model: {choice: [resnet18, mobilenet_v3_small, alexnet]}   # or one name, or "mypkg.models:build"
         mode: {choice: [finetune, feature_extract]}                # scratch | finetune | feature_extract (default:
                                                                    # scratch for the cnn, else finetune)
@@ -39,6 +39,7 @@ from __future__ import annotations
 import difflib
 import functools
 import math
+import os
 import re
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -50,9 +51,11 @@ from tltune.catalog import (
     ACTIVATION_NAMES,
     AUGMENTATION_NAMES,
     CNN_MAX_DEPTH,
+    DATASET_SHAPES,
     MODES,
     OPTIMIZER_NAMES,
     SCHEDULE_NAMES,
+    WEIGHTS_NAME,
 )
 from tltune.errors import UserError
 
@@ -353,7 +356,7 @@ class SpecReader:
         name = self.text(entry["name"], f"{path}.name")
         if not NAME_PATTERN.fullmatch(name):
             self.fail(f"{path}.name", f"'{name}' must be letters, digits and - _ . + (it names the experiment's folder)")
-        dataset = self.text(entry["dataset"], f"{path}.dataset")
+        dataset = self.dataset(self.text(entry["dataset"], f"{path}.dataset"))
         model = self.named(entry["model"], f"{path}.model", None)
         mode = self.named(entry.get("mode", "scratch" if model == "cnn" else "finetune"), f"{path}.mode", MODES)
 
@@ -489,18 +492,41 @@ class SpecReader:
             return IntRange(low, high)
         return (LogUniform if kind == "loguniform" else Uniform)(float(low), float(high))
 
+    def beside_the_file(self, value: str) -> str:
+        """A relative path in a spec file is taken from the file's folder, where its factories are
+        found too (so the file works from any folder and a resume finds the same files); one that
+        exists only from the current folder is taken from there, as before files said otherwise."""
+        path = Path(value).expanduser()
+        if self.spec_file is None or path.is_absolute():
+            return str(path) if value.startswith("~") else value
+        beside = Path(os.path.normpath(Path(self.spec_file).absolute().parent / path))
+        return str(beside) if beside.exists() or not path.exists() else value
+
+    def dataset(self, value: str) -> str:
+        """A dataset tltune knows, a class-folder name under the data root, or a folder: a path,
+        or a name whose folder is beside the file."""
+        if value in DATASET_SHAPES:
+            return value
+        if os.sep in value or value.startswith((".", "~")):
+            return self.beside_the_file(value)
+        beside = self.beside_the_file(value)
+        return beside if Path(beside).is_dir() and beside != value else value
+
     def weights(self, value, path: str, model: str, space: dict):
-        """One source of pretrained weights for every model, or a mapping model -> source."""
+        """One source of pretrained weights for every model, or a mapping model -> source; a file
+        (not imagenet, none or a torchvision weights name) is found as beside_the_file says."""
         if value is None or isinstance(value, str):
-            return None if value is None else self.text(value, path)
+            return None if value is None else self.weights_file(self.text(value, path))
         if not isinstance(value, dict):
             self.fail(path, f"expected imagenet, none, a weights name, a file, or a mapping model -> one of those; got {shown(value)}")
         models = space["model"].options if "model" in space else (model,)
         for key, weights in value.items():
             if key not in models:
                 self.fail(f"{path}.{key}", f"not a model of this experiment ({did_you_mean(key, models)}use {', '.join(models)})")
-            self.text(weights, f"{path}.{key}")
-        return dict(value)
+        return {key: self.weights_file(self.text(weights, f"{path}.{key}")) for key, weights in value.items()}
+
+    def weights_file(self, value: str) -> str:
+        return value if value in ("imagenet", "none") or WEIGHTS_NAME.match(value) else self.beside_the_file(value)
 
 
 def default_value(domain):
