@@ -115,7 +115,7 @@ experiments:
     assert "depth" not in source.space and source.space["lr"] == LogUniform(1e-4, 1e-2)
     assert target.reference == {"optimizer": "adam", "lr": 0.001, "epochs": 5}, "the seed's CNN reference; the plain model not repeated"
     assert (target.source, target.reference_accuracy, target.batch_size, target.grace_period, target.repeats) == ("source", 91.5, 32, 2, 3)
-    assert target.weights == {"cnn": "source.pt"} and target.label == "transfer" and target.num_samples == 1
+    assert target.weights == {"cnn": str(tmp_path / "source.pt")} and target.label == "transfer" and target.num_samples == 1
 
 
 def test_a_searched_model_takes_the_reference_s_model_and_a_default_label(tmp_path):
