@@ -419,8 +419,6 @@ def input_spec(model: str, dataset_channels: int, dataset_size: int, channels: i
     return channels or dataset_channels, size, mean, std
 
 
-
-
 def _weights_member(model: str, weights: str):
     """The torchvision weights of ``model`` that ``weights`` names ("IMAGENET1K_V2",
     "ResNet50_Weights.IMAGENET1K_V2", "DEFAULT"); UserError listing the valid ones."""

@@ -298,6 +298,7 @@ def dataset_title(dataset: str) -> str:
     """A table's Dataset: CIFAR-10 for cifar10; a folder's own name, not its whole path."""
     return DATASET_NAMES.get(dataset, Path(dataset).name if os.sep in dataset else dataset)
 
+
 HYPERPARAMETERS = ("model", "mode", "optimizer", "activation", "lr", "epochs", "batch_size", "image_size",
                    "weight_decay", "schedule", "augmentation", "width", "label_smoothing")  # fmt: skip
 # In a best configuration's text: these only where searched (every trial of most experiments shares them)
