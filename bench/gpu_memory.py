@@ -3,6 +3,8 @@ many such trials fit on a 16, 24, 40 or 80 GB card (with the --gpus-per-trial th
 
     python bench/gpu_memory.py [--out FILE]   # a GPU machine: a markdown table, in about 90 s
     python bench/gpu_memory.py --smoke        # tiny sizes on the CPU: the same code path, nothing measured (tests run it)
+    python bench/gpu_memory.py --estimate [--out FILE]  # no GPU: an estimate on the CPU from tensor sizes, in about 90 s
+    python bench/gpu_memory.py --estimate --smoke       # the estimate at tiny sizes, in seconds (tests run it)
 
 Experiments that put the same things on the device share a row: the dataset (its real split
 sizes), the model, what trains (every layer, or the head), the input size and channels, the
@@ -29,6 +31,13 @@ the end. cuDNN autotunes as in a trial; on a large card it may try algorithms wi
 workspaces and keep their blocks cached, so the whole-process figure errs high (torch's peak
 allocated shows the tensors' own). A card keeps 10% free; Ray packs floor(1/f) trials on a GPU
 at --gpus-per-trial f.
+
+--estimate, until a GPU measures them: the same rows on the CPU, from the tensors a trial holds
+at its peak, built at the row's real sizes: the model, its gradients and the optimizer's state
+after a real step, the splits, and the larger of a training batch (what it saves for backward,
+in fp32 and in bf16) and an evaluation batch (twice its largest tensor); plus an allowance for
+the CUDA context, cuDNN's and cuBLAS's workspaces and the allocator's fragmentation
+(CONTEXT_ALLOWANCE, FRAGMENTATION_ALLOWANCE), which the CPU cannot see.
 """
 
 import argparse
@@ -301,6 +310,172 @@ def worker(smoke: bool) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- --estimate: on the CPU, from tensor sizes
+
+# What the CPU cannot see, added to an estimate's tensors: per trial (each is a process with its
+# own CUDA context), the context with its kernel images and cuDNN's and cuBLAS's handles and
+# workspaces (0.3 to 0.5 GiB on recent drivers with lazy module loading; cuDNN's autotuning may
+# cache more), and the caching allocator's rounding of blocks and the fragmentation between them.
+CONTEXT_ALLOWANCE = 0.6 * GIB
+FRAGMENTATION_ALLOWANCE = 0.10  # of the tensors' total
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages under ``tensors`` (views of one storage count once)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        if storage.nbytes():
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def saved_for_backward(model, x, y, autocast, held: set[int]) -> int:
+    """Bytes of the distinct tensors one forward and backward of batch ``x`` saves for backward,
+    other than the storages in ``held`` (the parameters and the input, counted on their own)."""
+    import torch
+    import torch.nn.functional as F
+
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in held and storage.nbytes():
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    return sum(saved.values())
+
+
+def largest_output(model, x) -> int:
+    """Bytes of the largest tensor a no-grad forward of ``x`` makes (any module's output, or ``x``)."""
+    import torch
+
+    largest = [x.nbytes]
+
+    def record(module, inputs, output):
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        largest.extend(o.nbytes for o in outputs if isinstance(o, torch.Tensor))
+
+    hooks = [module.register_forward_hook(record) for module in model.modules()]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return max(largest)
+
+
+def estimate_trial(row: dict, sizes: dict) -> dict:
+    """What tltune.raytune.trainable._train holds on the device, from the tensors built on the
+    CPU: the model, its gradients and optimizer state after a real step, the splits, and what
+    one training batch saves for backward (fp32 and bf16) or one evaluation batch makes."""
+    import torch
+
+    from tltune.config import TrialConfig
+    from tltune.data import as_tensors, iterate_batches
+    from tltune.train import Runtime, apply_augmentation, build_optimizer, draw_augmentation, eval_batch_size, seed_everything, setup_model
+
+    config = TrialConfig.from_dict(shrunk(row["config"], row, sizes))
+    dim = feature_dim(row, sizes) if row["task"] == "cached" else None
+    splits = synthetic_splits(row, sizes["train_images"] or row["splits"]["train"], sizes["val_images"] or row["splits"]["val"], dim)
+    model, transform = setup_model(config, splits, None)
+    runtime = Runtime("cpu", "fp32", channels_last=True)  # as trainable.trial_runtime
+    runtime.prepare(model, transform)
+    optimizer = build_optimizer(config.optimizer, model, config.lr, config.weight_decay)
+    train_x, train_y = as_tensors(splits.train)
+    val_x, val_y = as_tensors(splits.val)
+    generator = seed_everything(0)
+    # An epoch's augmentation draws and its shuffled order are on the device beside the splits
+    draws, order = draw_augmentation(config.augmentation, len(train_y), generator, "cpu"), torch.randperm(len(train_y))
+    images, labels = next(iterate_batches(train_x, train_y, config.batch_size, shuffle=True, generator=generator))
+    augmented = apply_augmentation(config.augmentation, images, [d[: len(labels)] for d in draws])
+    x = transform(augmented)
+    state = list(model.parameters()) + list(model.buffers())
+    held = {t.untyped_storage().data_ptr() for t in state + [x]}
+    model.train()
+    activations = {"fp32": saved_for_backward(model, x, labels, runtime.autocast(), held)}
+    optimizer.step()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = storage_bytes(p.grad for p in trained if p.grad is not None)
+    optimizer_state = storage_bytes(t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor))
+    # bf16: --precision auto on Ampere and later (fp16 on older GPUs saves as many bytes)
+    activations["bf16"] = saved_for_backward(model, x, labels, Runtime("cpu", "bf16").autocast(), held)
+    model.eval()
+    eval_images, _ = next(iterate_batches(val_x, val_y, eval_batch_size(transform), shuffle=False))
+    evaluation = 2 * largest_output(model, transform(eval_images))  # a layer's input and output live at once
+    return {
+        "model": storage_bytes(state), "grads": grads, "optimizer": optimizer_state,
+        "data": storage_bytes([train_x, train_y, val_x, val_y, *draws, order]),
+        "batch": images.nbytes + (augmented.nbytes if augmented is not images else 0) + x.nbytes,
+        "activations": activations, "eval": evaluation, **({} if dim is None else {"feature_dim": dim}),
+    }  # fmt: skip
+
+
+def estimate_build(row: dict, sizes: dict) -> dict:
+    """The feature-cache build (tltune.features.feature_splits) on the largest split: the frozen
+    backbone, a no-grad batch of FEATURE_BATCH through it, and the split's float16 features,
+    twice at the end (compute_features' torch.cat copies them)."""
+    import torch
+
+    from tltune.config import ModelSpec
+    from tltune.data import as_tensors, iterate_batches
+    from tltune.train import Runtime, setup_image_model
+
+    images = sizes["train_images"] or max(row["splits"].values())
+    splits = synthetic_splits(row, min(images, FEATURE_BATCH), 1)  # one batch is enough: the features' size is known
+    model, transform = setup_image_model(ModelSpec(**shrunk(row["spec"], row, sizes)), "feature_extract", splits, None)
+    Runtime("cpu", "fp32", channels_last=True).prepare(model, transform)  # as feature_splits
+    model.backbone.eval()
+    batch, _ = next(iterate_batches(*as_tensors(splits.train), FEATURE_BATCH, shuffle=False))
+    x = transform(batch)
+    with torch.no_grad():
+        one = model.backbone(x).to(torch.float16)
+    features = one.nbytes // len(one) * images
+    return {
+        "model": storage_bytes(list(model.backbone.parameters()) + list(model.backbone.buffers())),
+        "batch": batch.nbytes + x.nbytes, "eval": 2 * largest_output(model.backbone, x), "features": features,
+        "feature_dim": model.head.in_features,
+    }  # fmt: skip
+
+
+def estimated_tensors(result: dict, precision: str | None = None) -> int:
+    """The tensors a row holds at its peak; a trial at ``precision`` (None: the larger of fp32 and bf16)."""
+    if "features" in result:  # a build: the features so far beside a batch, or both copies at the end
+        return result["model"] + max(result["features"] + result["batch"] + result["eval"], 2 * result["features"])
+    if precision is None:
+        return max(estimated_tensors(result, p) for p in result["activations"])
+    fixed = result["model"] + result["grads"] + result["optimizer"] + result["data"]
+    return fixed + max(result["activations"][precision] + result["batch"], result["eval"])
+
+
+def estimated_bytes(result: dict) -> float:
+    """One trial's (or build's) process on the GPU: its tensors, and the allowance for the rest."""
+    return estimated_tensors(result) * (1 + FRAGMENTATION_ALLOWANCE) + CONTEXT_ALLOWANCE
+
+
+def estimate_rows(rows: list[dict], smoke: bool) -> list[dict]:
+    """Every row estimated in this process on the CPU."""
+    sizes = SIZES["smoke" if smoke else "gpu"]
+    results = []
+    for index, row in enumerate(rows, 1):
+        started = time.perf_counter()
+        try:
+            result = (estimate_build if row["task"] == "build" else estimate_trial)(row, sizes)
+        except Exception as exc:  # noqa: BLE001 (this row fails, the others are estimated)
+            message = str(exc).strip().splitlines()
+            result = {"error": f"{type(exc).__name__}: {message[0] if message else ''}"}
+        result["seconds"] = time.perf_counter() - started
+        results.append(result)
+        what = f"FAILED {result['error']}" if "error" in result else f"{estimated_bytes(result) / GIB:.2f} GiB estimated"
+        print(f"row {index}/{len(rows)} ({', '.join(row['experiments'])}): {what}, {result['seconds']:.1f}s", flush=True)
+    return results
+
+
 # ---------------------------------------------------------------------------- the table
 
 
@@ -374,6 +549,52 @@ def table(rows: list[dict], results: list[dict], title: str, smoke: bool) -> str
     return "\n".join(lines) + "\n"
 
 
+def mib(n: float) -> str:
+    return f"{n / 2**20:.0f}" if n >= 10 * 2**20 else f"{n / 2**20:.1f}"
+
+
+def estimate_parts(result: dict) -> str:
+    """An estimate's tensors by what holds them, in MiB."""
+    if "features" in result:
+        return f"backbone {mib(result['model'])}; features {mib(result['features'])}, twice at the end; a batch's forward {mib(result['batch'] + result['eval'])}"
+    training = " / ".join(mib(result["activations"][p] + result["batch"]) for p in ("fp32", "bf16"))
+    return f"{mib(result['model'])} + {mib(result['grads'])} + {mib(result['optimizer'])}; {mib(result['data'])}; {training}; {mib(result['eval'])}"
+
+
+def estimate_table(rows: list[dict], results: list[dict], title: str) -> str:
+    cards = " | ".join(f"{gb} GB card" for gb in CARDS_GB)
+    allowance = (
+        f"{CONTEXT_ALLOWANCE / GIB:.1f} GiB per trial for the CUDA context and cuDNN's and cuBLAS's workspaces, plus "
+        f"{FRAGMENTATION_ALLOWANCE:.0%} of the tensors for the caching allocator's rounding and fragmentation"
+    )
+    lines = [
+        f"### GPU memory per trial: {title}",
+        "",
+        (
+            "One trial's peak, estimated from the tensors a trial holds, built on the CPU at the row's real sizes: the model, "
+            "the gradients of what trains and the optimizer's state after one real step; the train and validation splits as "
+            "uint8 (features: float16) on the device; and the larger of one training batch (its input in float and what it "
+            "saves for backward, in fp32 and in bf16 as at --precision auto) and one evaluation batch (twice its largest "
+            f"tensor). Not measured on a GPU: the allowance for what the CPU cannot see is {allowance}. "
+            f"A card column: how many trials fit at once with {HEADROOM:.0%} of the card kept free, at the --gpus-per-trial "
+            "that packs that many (Ray packs floor(1/f) trials on a GPU at f); for a feature-cache build row, builds at once. "
+            "Memory only: the CPUs per trial may allow fewer. Estimated by `python bench/gpu_memory.py --estimate`; "
+            "the first GPU run's measurement (`python bench/gpu_memory.py`) replaces it."
+        ),
+        "",
+        f"| experiment(s) | what is estimated | one trial, GiB (estimate, allowance included) | tensors, MiB: model + gradients + optimizer; splits; training batch fp32 / bf16; evaluation batch | {cards} |",
+        "|" + "---|" * (4 + len(CARDS_GB)),
+    ]
+    for row, result in zip(rows, results):
+        if "error" in result:
+            memory, parts, fits = f"failed: {result['error']}", "-", ["-"] * len(CARDS_GB)
+        else:
+            memory, parts = f"{estimated_bytes(result) / GIB:.2f}", estimate_parts(result)
+            fits = [card_cell(estimated_bytes(result), gb) for gb in CARDS_GB]
+        lines.append(f"| {', '.join(row['experiments'])} | {describe(row, result)} | {memory} | {parts} | {' | '.join(fits)} |")
+    return "\n".join(lines) + "\n"
+
+
 def run_rows(rows: list[dict], smoke: bool, max_seconds: float) -> list[dict]:
     """Every row measured in a fresh worker process (smoke: all rows in one, on the CPU); rows
     left after ``max_seconds`` are not measured, so that the table is printed all the same."""
@@ -416,15 +637,37 @@ def run_rows(rows: list[dict], smoke: bool, max_seconds: float) -> list[dict]:
     return results
 
 
+def estimate(smoke: bool, out: str | None) -> int:
+    """--estimate: every row on the CPU, the table printed (and written to ``out``)."""
+    import torch
+
+    started = time.perf_counter()
+    rows = plan_rows()
+    today = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    title = f"estimated on the CPU from tensor sizes, not measured on a GPU ({today}, torch {torch.__version__})"
+    if smoke:
+        title += "; --smoke: tiny sizes, not the real figures"
+    print(f"{len(rows)} rows for the {len({e for r in rows for e in r['experiments']})} built-in experiments, estimated in one process on the CPU", flush=True)
+    results = estimate_rows(rows, smoke)
+    text = estimate_table(rows, results, title)
+    print(f"\n{text}\n{len(rows)} rows in {time.perf_counter() - started:.0f}s", flush=True)
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+    return 1 if any("error" in r for r in results) else 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU: the code path runs, nothing is measured")
+    p.add_argument("--estimate", action="store_true", help="no GPU: estimate each row on the CPU from its tensors' sizes")
     p.add_argument("--out", help="also write the table to this file")
     p.add_argument("--max-seconds", type=float, default=150, help="rows left after this long are not measured (default 150)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal: measure the rows on stdin
     args = p.parse_args()
     if args.worker:
         return worker(args.smoke)
+    if args.estimate:
+        return estimate(args.smoke, args.out)
     import torch
 
     if not args.smoke and not torch.cuda.is_available():

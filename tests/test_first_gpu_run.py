@@ -28,8 +28,9 @@ esac
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """Both smoke runs at once (each is mostly a single-threaded import), and first_gpu_run.py
-    without --smoke on a machine without CUDA: {name: (completed process, its folder)}."""
+    """The smoke runs at once (each is mostly a single-threaded import): gpu_memory.py's (and its
+    --estimate), first_gpu_run.py's, and both without --smoke on a machine without CUDA:
+    {name: (completed process, its folder)}."""
     tmp = tmp_path_factory.mktemp("first-gpu-run")
     fake = tmp / "bin"
     fake.mkdir()
@@ -41,6 +42,7 @@ def smoke_runs(tmp_path_factory):
         "first_gpu_run": (["first_gpu_run.py", "--smoke", "--out", str(tmp / "out")], {**env, "PATH": f"{fake}{os.pathsep}{env['PATH']}"}),
         "no_cuda": (["first_gpu_run.py", "--out", str(tmp / "no-cuda")], env),
         "gpu_memory_no_cuda": (["gpu_memory.py", "--out", str(tmp / "no-cuda.md")], env),
+        "gpu_memory_estimate": (["gpu_memory.py", "--estimate", "--smoke", "--out", str(tmp / "estimate.md")], env),
     }
     processes = {
         name: subprocess.Popen(
@@ -76,7 +78,7 @@ def check_table(text: str) -> None:
     assert "feature-cache build" in text and "trial on cached alexnet features (4,096 float16 per image)" in text
 
 
-@pytest.mark.slow  # four interpreters importing torch: about a minute on 2 cores
+@pytest.mark.slow  # five interpreters importing torch: about a minute on 2 cores
 def test_gpu_memory_smoke_runs_every_row_and_writes_the_table(smoke_runs):
     out, tmp = smoke_runs["gpu_memory"]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -87,7 +89,7 @@ def test_gpu_memory_smoke_runs_every_row_and_writes_the_table(smoke_runs):
     check_table(written)
 
 
-@pytest.mark.slow  # four interpreters importing torch: about a minute on 2 cores
+@pytest.mark.slow  # five interpreters importing torch: about a minute on 2 cores
 def test_first_gpu_run_smoke_writes_everything_to_one_file(smoke_runs):
     out, tmp = smoke_runs["first_gpu_run"]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -106,7 +108,7 @@ def test_first_gpu_run_smoke_writes_everything_to_one_file(smoke_runs):
     assert "## nvidia-smi samples" in text and "every part ran and passed: exit code 0" in text
 
 
-@pytest.mark.slow  # four interpreters importing torch: about a minute on 2 cores
+@pytest.mark.slow  # five interpreters importing torch: about a minute on 2 cores
 @pytest.mark.parametrize("run", ["no_cuda", "gpu_memory_no_cuda"])
 def test_without_cuda_one_line_and_exit_code_2(smoke_runs, run):
     out, tmp = smoke_runs[run]
@@ -173,3 +175,72 @@ def test_the_table_of_measured_rows():
         "45,000 train + 5,000 val images on the device | 3.25 (nvidia-smi) | 1.00 / 1.50 | 4 at 0.25 | 6 at 0.16 | 11 at 0.09 | 22 at 0.045 |"
     )
     assert lines[-1].endswith("| failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB | - | - | - | - | - |")
+
+
+def test_the_estimate_adds_the_allowance_to_the_larger_batch():
+    mib = 2**20
+    trial = {
+        "model": 100 * mib, "grads": 100 * mib, "optimizer": 200 * mib, "data": 150 * mib, "batch": 40 * mib,
+        "activations": {"fp32": 200 * mib, "bf16": 260 * mib}, "eval": 60 * mib,
+    }  # fmt: skip
+    # the fixed 550 MiB, and bf16's 260 saved for backward beside its 40 MiB batch (more than fp32's, more than evaluation's 60)
+    assert gpu_memory.estimated_tensors(trial) == 850 * mib and gpu_memory.estimated_tensors(trial, "fp32") == 790 * mib
+    assert gpu_memory.estimated_tensors({**trial, "eval": 500 * mib}) == 1050 * mib
+    assert gpu_memory.estimated_bytes(trial) == 850 * mib * 1.1 + 0.6 * GIB
+    # a feature-cache build: both copies of the features at the end, or the features beside a batch's forward
+    build = {"model": 200 * mib, "batch": 150 * mib, "eval": 400 * mib, "features": 500 * mib}
+    assert gpu_memory.estimated_tensors(build) == 1250 * mib
+    assert gpu_memory.estimated_tensors({**build, "features": 600 * mib}) == 1400 * mib
+
+
+def check_estimate(text: str, experiments: set[str]) -> None:
+    """gpu_memory.py --estimate --smoke's table: a row per experiment, the caption says what it is."""
+    assert text.startswith("### GPU memory per trial: estimated on the CPU from tensor sizes, not measured on a GPU (")
+    assert "--smoke: tiny sizes, not the real figures" in text.splitlines()[0]
+    caption = text.splitlines()[2]
+    assert "0.6 GiB per trial for the CUDA context and cuDNN's and cuBLAS's workspaces, plus 10% of the tensors" in caption
+    assert "`python bench/gpu_memory.py --estimate`" in caption
+    rows = table_rows(text)
+    listed = {name for row in rows for name in row.split(" | ")[0].removeprefix("| ").split(", ")}
+    assert listed == experiments, listed
+    for row in rows:
+        cells = row.removesuffix(" |").split(" | ")
+        trial_gib = float(cells[2])
+        assert trial_gib >= 0.6, row  # the allowance at least
+        # the cards' columns as for a measurement, of the figure before it was rounded to 0.01 GiB
+        near = [[gpu_memory.card_cell((trial_gib + d) * GIB, gb) for gb in gpu_memory.CARDS_GB] for d in (-0.005, 0, 0.005)]
+        assert cells[4:] in near, row
+
+
+def test_the_estimate_on_the_cpu_says_it_is_not_measured(tmp_path, capsys, monkeypatch):
+    # --estimate --smoke in this process, on CIFAR-10's rows (every kind: AlexNet trained whole, its feature-cache
+    # build and the trial on its features, the CNN, and the CNN with BatchNorm, AdamW and flip + crop); the
+    # slow test below runs every row
+    every_row = gpu_memory.plan_rows()
+    assert {name for row in every_row for name in row["experiments"]} == set(builtin_experiments()[0])
+    rows = [row for row in every_row if row["dataset"] == "cifar10"]
+    monkeypatch.setattr(gpu_memory, "plan_rows", lambda: rows)
+    assert gpu_memory.estimate(smoke=True, out=str(tmp_path / "estimate.md")) == 0
+    printed = capsys.readouterr().out
+    assert "FAILED" not in printed
+    text = (tmp_path / "estimate.md").read_text()
+    assert text in printed
+    check_estimate(text, {name for row in rows for name in row["experiments"]})
+    assert len(table_rows(text)) == 5
+    # AlexNet as it is, whatever the image size: 57M parameters in fp32, as many gradients, Adam's two states
+    (finetune,) = [row for row in table_rows(text) if row.startswith("| cifar10-alexnet-finetune |")]
+    assert "| 218 + 218 + 435; " in finetune, finetune
+    assert "trial on cached alexnet features (4,096 float16 per image)" in text
+    assert "the float16 features of 45,000 images held on the device" in text and "twice at the end" in text  # the build
+    assert "width 2, depth 3, BatchNorm, every layer trains, batch 256, adamw, flip_crop" in text
+
+
+@pytest.mark.slow  # five interpreters importing torch: about a minute on 2 cores
+def test_the_estimate_smoke_runs_every_row(smoke_runs):
+    out, tmp = smoke_runs["gpu_memory_estimate"]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "FAILED" not in out.stdout
+    text = (tmp / "estimate.md").read_text()
+    assert text in out.stdout
+    check_estimate(text, set(builtin_experiments()[0]))
+    assert len(table_rows(text)) == len(gpu_memory.plan_rows())
