@@ -520,6 +520,14 @@ def process_bytes(result: dict, used_before: float | None) -> tuple[float, str]:
     return now + result["reserved"] - result["reserved_now"], source
 
 
+# The card columns of both tables, measured and estimated
+CARD_COLUMNS = (
+    f"A card column: how many trials fit at once with {HEADROOM:.0%} of the card kept free, at the --gpus-per-trial that "
+    "packs that many (Ray packs floor(1/f) trials on a GPU at f); for a feature-cache build row, builds at once. "
+    "Memory only: the CPUs per trial may allow fewer."
+)
+
+
 def table(rows: list[dict], results: list[dict], title: str, smoke: bool) -> str:
     cards = " | ".join(f"{gb} GB card" for gb in CARDS_GB)
     lines = [
@@ -527,9 +535,7 @@ def table(rows: list[dict], results: list[dict], title: str, smoke: bool) -> str
         "",
         (
             "One trial's peak, training in fp32 and at --precision auto (the larger); whole process: its CUDA context and "
-            f"torch's peak reserved memory. A card column: how many trials fit at once with {HEADROOM:.0%} of the card kept free, "
-            "at the --gpus-per-trial that packs that many (Ray packs floor(1/f) trials on a GPU at f); for a feature-cache "
-            "build row, builds at once. Memory only: the CPUs per trial may allow fewer. Measured by `python bench/gpu_memory.py` (bench/first_gpu_run.py runs it)."
+            f"torch's peak reserved memory. {CARD_COLUMNS} Measured by `python bench/gpu_memory.py` (bench/first_gpu_run.py runs it)."
         ),
         "",
         f"| experiment(s) | what is measured | one trial, GiB (whole process) | torch peak allocated / reserved, GiB | {cards} |",
@@ -576,9 +582,7 @@ def estimate_table(rows: list[dict], results: list[dict], title: str) -> str:
             "uint8 (features: float16) on the device; and the larger of one training batch (its input in float and what it "
             "saves for backward, in fp32 and in bf16 as at --precision auto) and one evaluation batch (twice its largest "
             f"tensor). Not measured on a GPU: the allowance for what the CPU cannot see is {allowance}. "
-            f"A card column: how many trials fit at once with {HEADROOM:.0%} of the card kept free, at the --gpus-per-trial "
-            "that packs that many (Ray packs floor(1/f) trials on a GPU at f); for a feature-cache build row, builds at once. "
-            "Memory only: the CPUs per trial may allow fewer. Estimated by `python bench/gpu_memory.py --estimate`; "
+            f"{CARD_COLUMNS} Estimated by `python bench/gpu_memory.py --estimate`; "
             "the first GPU run's measurement (`python bench/gpu_memory.py`) replaces it."
         ),
         "",
