@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, write_slow_spec
 
 
 def trial_rows(exp_dir):
@@ -23,14 +23,15 @@ def trial_rows(exp_dir):
 
 @pytest.mark.slow
 def test_resume_after_kill_9(tmp_path, real_data_root):
-    argv = [
-        sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", "cifar10-cnn-search",
-        "--num-samples", "6", "--train-subset", "1500", "--max-epochs", "4", "--epochs-range", "4", "4",
-        "--grace-period", "4", "--max-concurrent-trials", "2",
-        "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "killed",
-    ]  # fmt: skip
+    """Its model sleeps in each training step (4 s an epoch, 16 s a trial, 3 rounds of 2 trials),
+    so the sweep is still running when Tune's copy of its results (up to 10 s behind) shows one
+    trial finished and another part-way, however fast the machine (a faster machine once finished
+    the built-in sweep before the kill)."""
+    spec = write_slow_spec(tmp_path / "project", "killed", epochs=4, num_samples=6, seconds_per_batch=0.4)
+    argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--train-subset", "600", "--test-subset", "200", "--grace-period", "4",
+            "--max-concurrent-trials", "2", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "killed"]  # fmt: skip
     driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    exp_dir = tmp_path / "killed" / "cifar10-cnn-search"
+    exp_dir = tmp_path / "killed" / "killed"
     deadline = time.time() + 300
     while time.time() < deadline:  # until one trial has finished and another is part-way
         rows = trial_rows(exp_dir) if exp_dir.exists() else {}
@@ -38,6 +39,7 @@ def test_resume_after_kill_9(tmp_path, real_data_root):
         partial = [t for t, r in rows.items() if 1 <= len(r) < 4 and list(exp_dir.glob(f"{t}/checkpoint_*"))]
         if done and partial:
             break
+        assert driver.poll() is None, "the sweep ended before it got part-way"
         time.sleep(0.2)
     else:
         raise AssertionError("the sweep never got part-way")
@@ -57,8 +59,7 @@ def test_resume_after_kill_9(tmp_path, real_data_root):
     assert not (exp_dir / "tltune_best.json").exists()
 
     resumed = subprocess.run(
-        [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--resume", str(tmp_path / "killed")],
-        capture_output=True, text=True, timeout=600,
+        [sys.executable, "-m", "tltune", "sweep", "--resume", str(tmp_path / "killed")], capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
