@@ -6,6 +6,7 @@ The torch modules key their tables by these names (``train.OPTIMIZERS``, ``model
 read the names from here and stay light.
 """
 
+import os
 import re
 
 OPTIMIZER_NAMES = ("adam", "adamw", "sgd", "rmsprop", "adagrad")
@@ -19,6 +20,7 @@ MODELS = ("cnn", "alexnet")
 # a torchvision weights name (IMAGENET1K_V2, ResNet50_Weights.IMAGENET1K_V2); any other weights but
 # imagenet and none name a state-dict file
 WEIGHTS_NAME = re.compile(r"^(?:\w+_Weights\.)?[A-Z][A-Z0-9_]*$")
+
 MODES = ("scratch", "finetune", "feature_extract")
 PRETRAINED_MODES = ("finetune", "feature_extract")
 CNN_MAX_DEPTH = 3
@@ -28,6 +30,11 @@ LOGICAL_GPUS_ENV = "TLTUNE_LOGICAL_GPUS"
 
 # dataset -> (channels, image size) of the datasets torchvision knows (tltune.data reads them)
 DATASET_SHAPES = {"cifar10": (3, 32), "mnist": (1, 28), "svhn": (3, 32)}
+
+
+def looks_like_path(text: str) -> bool:
+    """Whether a dataset or weights value is written as a path (pets/, ./pets, ~/pets), not a name."""
+    return os.sep in text or text.startswith((".", "~"))
 
 
 def check_table(names: tuple, table: dict, what: str) -> None:

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from tltune import signals
-from tltune.catalog import DATASET_SHAPES
+from tltune.catalog import DATASET_SHAPES, looks_like_path
 from tltune.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".ppm", ".tif", ".tiff"}
@@ -185,7 +185,7 @@ def _find_class_folder_root(name: str, root: Path) -> Path | None:
                 f"a class-folder dataset needs both, as {candidate.resolve()}/{{train,test}}/<class>/<images>"
             )
     given = Path(name).expanduser()
-    if known is None and (os.sep in name or name.startswith((".", "~"))) and given.is_dir():
+    if known is None and looks_like_path(name) and given.is_dir():
         raise UserError(
             f"dataset folder {given.resolve()} has no train/ and test/ folders: "
             f"a class-folder dataset is {given.resolve()}/{{train,test}}/<class>/<images>"

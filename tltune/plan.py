@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tltune import console, signals, storage, trust
-from tltune.catalog import LOGICAL_GPUS_ENV, PRETRAINED_MODES
+from tltune.catalog import LOGICAL_GPUS_ENV, PRETRAINED_MODES, looks_like_path
 from tltune.config import model_shape_keys
 from tltune.errors import StorageFull, TrialsFailed, UserError, is_storage_full
 from tltune.experiments import EXPERIMENTS, Experiment, IntRange, LogUniform, get_experiment, max_epochs, validate
@@ -447,7 +447,7 @@ def with_absolute_paths(options: SweepOptions) -> SweepOptions:
         if not value:
             return value
         path = Path(value).expanduser()
-        is_path = os.sep in value or value.startswith((".", "~")) or path.is_file()
+        is_path = looks_like_path(value) or path.is_file()
         return str(path.resolve()) if is_path and path.exists() else value
 
     return replace(

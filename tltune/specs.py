@@ -56,6 +56,7 @@ from tltune.catalog import (
     OPTIMIZER_NAMES,
     SCHEDULE_NAMES,
     WEIGHTS_NAME,
+    looks_like_path,
 )
 from tltune.errors import UserError
 
@@ -495,7 +496,7 @@ class SpecReader:
     def beside_the_file(self, value: str) -> str:
         """A relative path in a spec file is taken from the file's folder, where its factories are
         found too (so the file works from any folder and a resume finds the same files); one that
-        exists only from the current folder is taken from there, as before files said otherwise."""
+        exists only from the current folder is taken from there, as it was before this rule."""
         path = Path(value).expanduser()
         if self.spec_file is None or path.is_absolute():
             return str(path) if value.startswith("~") else value
@@ -507,7 +508,7 @@ class SpecReader:
         or a name whose folder is beside the file."""
         if value in DATASET_SHAPES:
             return value
-        if os.sep in value or value.startswith((".", "~")):
+        if looks_like_path(value):
             return self.beside_the_file(value)
         beside = self.beside_the_file(value)
         return beside if Path(beside).is_dir() and beside != value else value
