@@ -97,3 +97,41 @@ def test_worker_output_is_muted_on_a_stop_and_given_back():
         assert [name for name, _ in dispatcher.handlers].count("ray_print_logs") == 1
     finally:
         dispatcher.remove_handler("ray_print_logs")
+
+
+# What a finished trial's worker printed when Ray's SIGTERM caught it in a weakref callback, in
+# the middle of a running sweep (the slow suite's fault chain, on a busy machine).
+TEARDOWN = [
+    "Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f04ef042520>",
+    "Traceback (most recent call last):",
+    '  File "/root/.pyenv/versions/3.11.7/lib/python3.11/_weakrefset.py", line 39, in _remove',
+    "    def _remove(item, selfref=ref(self)):",
+    "",
+    '  File "/work/main/.venv/lib/python3.11/site-packages/ray/_private/worker.py", line 1063, in sigterm_handler',
+    "    raise_sys_exit_with_custom_error_message(",
+    '  File "python/ray/_raylet.pyx", line 712, in ray._raylet.raise_sys_exit_with_custom_error_message',
+    "SystemExit: 1",
+]
+
+
+def test_a_finished_workers_sigterm_traceback_is_not_printed_and_the_rest_is():
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from tltune.raytune import cluster
+
+    error = ["Exception ignored in: <function f at 0x1>", "Traceback (most recent call last):", '  File "x.py", line 1, in f', "ValueError: bad"]
+    assert cluster.without_teardown_tracebacks(["epoch 1", *TEARDOWN, "epoch 2"]) == ["epoch 1", "epoch 2"]
+    assert cluster.without_teardown_tracebacks(error) == error, "any other exception is shown"
+    assert cluster.without_teardown_tracebacks(TEARDOWN[:4]) == TEARDOWN[:4], "a block cut before its end is shown"
+    printed = []
+    dispatcher.add_handler("ray_print_logs", printed.append)
+    try:
+        cluster.hide_teardown_tracebacks()
+        dispatcher.emit({"pid": 7, "lines": TEARDOWN})
+        dispatcher.emit({"pid": 7, "lines": ["epoch 1", *TEARDOWN]})
+        assert printed == [{"pid": 7, "lines": ["epoch 1"]}]
+        cluster.mute_worker_output()  # a stop still mutes, and gives the filtered printer back
+        cluster.unmute_worker_output()
+        assert [name for name, _ in dispatcher.handlers].count("ray_print_logs") == 1
+    finally:
+        dispatcher.remove_handler("ray_print_logs")

@@ -7,6 +7,7 @@ never from the nodes that happen to be alive when the sweep starts.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
@@ -72,11 +73,12 @@ def connect(address: str | None, py_modules: tuple[str, ...] = ()) -> None:
             ray.init(address="local", include_dashboard=False, logging_level="WARNING", _node_ip_address=LOOPBACK, runtime_env=runtime_env)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = saved
-        return
-    try:
-        ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise UserError(f"cannot connect to the Ray cluster at {address} ({exc}): check the address, or leave --address out to start a local Ray") from None
+    else:
+        try:
+            ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError(f"cannot connect to the Ray cluster at {address} ({exc}): check the address, or leave --address out to start a local Ray") from None
+    hide_teardown_tracebacks()
 
 
 def disconnect(stopped: bool = False) -> None:
@@ -108,6 +110,39 @@ def unmute_worker_output() -> None:
 
     while _muted_handlers:
         dispatcher.add_handler(*_muted_handlers.pop())
+
+
+def hide_teardown_tracebacks() -> None:
+    """Ray ends the worker of a trial that finished with SIGTERM; one caught in a weakref
+    callback prints "Exception ignored in ... SystemExit: 1", a traceback of nothing wrong, in
+    the middle of a running sweep. The driver's printer of worker output drops such blocks and
+    passes everything else."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
+    dispatcher.remove_handler("ray_print_logs")
+    for printer in printers:
+        dispatcher.add_handler("ray_print_logs", functools.partial(_print_without_teardown_tracebacks, printer))
+
+
+def _print_without_teardown_tracebacks(printer, batch: dict) -> None:
+    lines = without_teardown_tracebacks(batch.get("lines") or [])
+    if lines:
+        printer({**batch, "lines": lines})
+
+
+def without_teardown_tracebacks(lines: list[str]) -> list[str]:
+    """``lines`` less each "Exception ignored in ..." block whose traceback ends in SystemExit."""
+    kept, i = [], 0
+    while i < len(lines):
+        if lines[i].startswith("Exception ignored in"):
+            end = next((j for j in range(i + 1, len(lines)) if not lines[j].startswith(("Traceback", " ", "\t")) and lines[j].strip()), None)
+            if end is not None and lines[end].startswith("SystemExit"):
+                i = end + 1
+                continue
+        kept.append(lines[i])
+        i += 1
+    return kept
 
 
 def alive_nodes() -> list[NodeShape]:
