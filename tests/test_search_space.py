@@ -65,6 +65,23 @@ def test_searcher_tolerates_a_trial_it_lost_in_a_crash():
     assert values == [0.45, 0.6], "the lost trial's score still reaches Optuna"
 
 
+def test_a_resumed_trial_repeating_an_epoch_warns_nothing():
+    """After a stop, a trial goes on from its last checkpoint and reports again the epochs after
+    it: Optuna keeps the first value of a step, and its warning is no news to the user."""
+    import warnings
+
+    from tltune.raytune.sweep import ResumableOptunaSearch
+
+    searcher = ResumableOptunaSearch(space={"lr": tune.loguniform(1e-5, 1e-1)}, metric="val_acc", mode="max", seed=0)
+    searcher.suggest("t")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        searcher.on_trial_result("t", {"val_acc": 0.4, "training_iteration": 1})
+        searcher.on_trial_result("t", {"val_acc": 0.5, "training_iteration": 1})
+    assert not [w for w in caught if "already reported" in str(w.message)], [str(w.message) for w in caught]
+    assert searcher._ot_trials["t"].study.trials[0].intermediate_values == {1: 0.4}
+
+
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_every_experiments_trial_configs_become_a_trial_config(name):
     experiment, s = settings(name)

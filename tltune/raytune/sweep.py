@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -120,7 +121,10 @@ class ResumableOptunaSearch(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._ot_trials:
-            super().on_trial_result(trial_id, result)
+            with warnings.catch_warnings():
+                # a resumed trial repeats the epochs after its last checkpoint: Optuna keeps a step's first value and warns
+                warnings.filterwarnings("ignore", message="The reported value is ignored because this `step", category=UserWarning)
+                super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if trial_id in self._ot_trials:
