@@ -227,3 +227,42 @@ def watched_sweep(tmp_path_factory, real_data_root):
     (exp,) = load_run(run_dir)
     return SimpleNamespace(tmp=tmp, run_dir=run_dir, seen=seen, exp=exp, stdout="".join(stdout), stderr="".join(stderr),
                            trials={t.name: t for t in exp.trials})  # fmt: skip
+
+
+# The slow suite runs its tests side by side (`-n 3 --dist loadscope`, pytest-xdist): most of a
+# sweep's wall time is one core importing, starting Ray or sleeping, so three workers fill two
+# cores. Under --dist loadscope one worker runs each group below in order: the tests of a module
+# (its module-scoped run is made once), of a session-scoped run, or of one thing of the machine;
+# modules without a shared run are split into single tests. (xdist's own xdist_group marks are
+# lost under pytest 9.) The longest groups start first: a worker that takes them last ends alone.
+GROUPS = {
+    "test_slurm.py": "slurm",  # one Slurm node: a second job would wait in the queue on the first's clock
+    "test_fake_cluster.py": "ray-port-6379",  # the fake multi-node provider needs Ray's default port
+    "test_live_study.py": "watched_sweep", "test_trackers.py": "watched_sweep",  # conftest's session-scoped runs
+    "test_redteam_files.py": "failed_run", "test_trial_failures.py": "failed_run",
+}  # fmt: skip
+ONE_TEST_EACH = ("test_fault_suite.py", "test_cluster.py", "test_precision.py", "test_cli.py", "test_data.py")
+STARTS_FIRST = ("test_slurm.py", "test_fault_suite.py", "test_resume.py", "test_s3_storage_sweep.py", "test_time_budget.py", "test_cluster.py")
+
+
+def group_of(nodeid: str) -> str:
+    module = nodeid.split("::")[0].rsplit("/", 1)[-1]
+    return nodeid if module in ONE_TEST_EACH else GROUPS.get(module, module)
+
+
+def pytest_collection_modifyitems(config, items):
+    first = {name: rank for rank, name in enumerate(STARTS_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run without it does not know
+def pytest_xdist_make_scheduler(config, log):
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return GroupScheduling(config, log)
