@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,16 @@ def _isolated_cache(tmp_path_factory):
     """Dataset caches and the run-signing key of the tests go to temporary folders, never the user's."""
     os.environ["TLTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("tltune-cache"))
     os.environ["TLTUNE_KEY_FILE"] = str(tmp_path_factory.mktemp("tltune-key") / "run-signing.key")  # nor ~/.config
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_as_found():
+    """A test that runs a command in-process (cli.main installs tltune's stop-signal handlers)
+    leaves the next test the handlers it found."""
+    found = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for signum, handler in found.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(scope="session")

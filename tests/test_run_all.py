@@ -34,5 +34,6 @@ def test_all_skips_missing_data_and_finished_experiments(tmp_path, real_data_roo
     second = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "mnist-cnn: finished in" in second.stdout and "nothing to run" in second.stdout
+    assert "Best configuration of each experiment" in second.stdout and "| MNIST | vanilla CNN" in second.stdout, second.stdout
     assert list(run_dir.glob("svhn-cnn.interrupted-*/tltune_experiment.json"))
     assert len((run_dir / "runs.jsonl").read_text().splitlines()) == 1, "only invocations that ran something write"

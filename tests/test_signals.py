@@ -4,6 +4,8 @@ once with 128 + signal and one line, never a traceback. A Slurm notice can come 
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -75,3 +77,33 @@ def test_a_second_signal_ends_the_report_with_its_exit_code_and_no_traceback(fin
         assert run(signal.SIGTERM, signal.SIGINT) == 128 + signal.SIGINT
     out = capsys.readouterr()
     assert not printed and "Traceback" not in out.err + out.out
+
+
+SLOW_EXIT = """
+import sys, time
+from tltune import signals
+signals.install()
+if sys.argv[1] == "settled":
+    signals.settle()
+
+class SlowExit:  # freed with the module's globals, after Python's own signal handling has ended
+    def __del__(self):
+        time.sleep(2)
+
+slow_exit = SlowExit()
+print("ready", flush=True)
+"""
+
+
+@pytest.mark.parametrize("state, exit_code", [("settled", 0), ("running", -signal.SIGTERM)])
+def test_a_sigterm_in_the_last_seconds_of_a_settled_command_changes_nothing(tmp_path, state, exit_code):
+    """A Slurm notice that came as a finished sweep's process was exiting (torch's and Ray's
+    teardown) killed it with 143, and the job requeued a finished sweep (stop 27's CI run). The
+    unsettled process shows the window is real."""
+    script = tmp_path / "slow_exit.py"
+    script.write_text(SLOW_EXIT)
+    child = subprocess.Popen([sys.executable, str(script), state], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert child.stdout.readline() == "ready\n"
+    time.sleep(1)  # in SlowExit.__del__
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=30) == exit_code, child.stderr.read()

@@ -146,10 +146,11 @@ def test_the_run_alone_is_enough_to_resume_it(spec_run, command, tmp_path, monke
     code, out, err = command("sweep", "--resume", str(run_dir))
     assert code == 0, err
     assert "tiny-backbones: finished" in out and "tiny-factory: finished" in out and "nothing to run" in out
+    assert "Best configuration of each experiment" in out, "a finished run resumed shows its table"
     import tltune  # the same from Python
 
-    with pytest.raises(tltune.UserError, match="every experiment of this run has finished"):
-        tltune.run(resume=str(run_dir))
+    finished = tltune.run(resume=str(run_dir))  # nothing to run: the run as it is
+    assert sorted(finished.experiments) == ["tiny-backbones", "tiny-factory"], finished.experiments
     with pytest.raises(tltune.UserError, match="name the experiments"):
         tltune.run(num_samples=2)
 

@@ -140,13 +140,16 @@ def run(experiments: str | Experiment | list[str | Experiment] | None = None, **
     chosen = [experiments] if isinstance(experiments, (str, Path, Experiment)) else list(experiments)
     chosen = [e for item in chosen for e in (load_spec_file(item) if isinstance(item, (str, Path)) and is_spec_path(str(item)) else [item])]
     checked = SweepOptions.from_keywords(**options)
+    skipped = {}
     with signals.installed():
         try:
-            run_dir = sweep(chosen, checked, run_all, argv=[]).run_dir
+            outcome = sweep(chosen, checked, run_all, argv=[])
+            run_dir, skipped = outcome.run_dir, outcome.skipped
         except TrialsFailed as exc:
             run_dir = exc.run_dir
-    if run_dir is None:
-        raise UserError("nothing to run: every experiment of this run has finished")
+    if run_dir is None:  # a resumed run that had finished is returned as it is
+        why = "; ".join(f"{name}: {reason}" for name, reason in skipped.items()) or "no experiment left"
+        raise UserError(f"nothing to run ({why})")
     result = load(run_dir)
     print(result.table())
     return result

@@ -25,10 +25,17 @@ def main(experiments: list[str | Experiment], description: str, argv: list[str] 
     namespace = parser.parse_args(argv)
     signals.install()
     try:
+        return _sweep_and_report(experiments, namespace, run_all, argv, parser.prog)
+    finally:
+        signals.settle()
+
+
+def _sweep_and_report(experiments, namespace, run_all: bool, argv: list[str] | None, prog: str) -> int:
+    try:
         options = SweepOptions(**vars(namespace))
         from tltune.plan import sweep  # the planning core imports more; flags and --help stay fast
 
-        outcome = sweep(experiments, options, run_all, argv=sys.argv if argv is None else [parser.prog, *argv])
+        outcome = sweep(experiments, options, run_all, argv=sys.argv if argv is None else [prog, *argv])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -56,6 +63,7 @@ def report(run_dir: str | None, skipped: dict[str, str], failed: TrialsFailed | 
                 print_report(run_dir)
             for name, why in skipped.items():
                 print(f"Not run: {name} ({why})")
+            signals.settle()
     except signals.Interrupted as stop:  # a second one
         return stop.exit_code
     if failed:

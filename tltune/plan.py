@@ -650,7 +650,8 @@ def _run_locked(chosen, settings, options: SweepOptions, run_dir: str, run_all: 
             raise
         if not chosen:
             print("nothing to run")
-            return SweepOutcome(None, outcome.skipped)
+            ran_before = storage.is_file(storage.join(run_dir, RUNS_FILE))  # its finished experiments' table is printed
+            return SweepOutcome(run_dir if ran_before else None, outcome.skipped)
         signals.raise_if_stopped()
         plan = SweepPlan(
             experiments=chosen,

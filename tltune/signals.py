@@ -10,6 +10,7 @@ raises at once.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import signal
 from typing import Callable, Iterator
@@ -18,8 +19,13 @@ from typing import Callable, Iterator
 # behind; handled like SIGTERM, the sweep saves its state and Ray is shut down (exit 129).
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
+# Sent by machines (Slurm's notice before a time limit, systemd, a closed terminal), not typed.
+MACHINE_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
 _graceful_stop: Callable[[], None] | None = None
 _received: list[int] = []
+_settled = False
+_ignoring_at_exit = False
 
 
 class Interrupted(BaseException):
@@ -37,6 +43,8 @@ class Interrupted(BaseException):
 
 def _handle(signum: int, frame) -> None:
     global _graceful_stop
+    if _settled and signum in MACHINE_SIGNALS:
+        return
     _received.append(signum)
     if _graceful_stop is not None:
         stop, _graceful_stop = _graceful_stop, None  # once: a second signal raises
@@ -49,8 +57,10 @@ def install(keep_received: bool = False) -> None:
     """Route SIGINT, SIGTERM and SIGHUP to :class:`Interrupted`, forgetting signals of an earlier
     run in this process unless ``keep_received`` (installing again after a library replaced
     them: Ray's core worker installs its own SIGTERM handler, which prints a C++ stack dump)."""
+    global _settled
     if not keep_received:
         _received.clear()
+        _settled = False
     for signum in STOP_SIGNALS:
         signal.signal(signum, _handle)
 
@@ -97,6 +107,25 @@ def finishing() -> Iterator[None]:
 
 def _record_only() -> None:
     pass
+
+
+def settle() -> None:
+    """The command's outcome is decided (its table printed, its exit code known): SIGTERM and
+    SIGHUP change nothing from now on, to the process's last instruction. Without this, one
+    arriving in the seconds of teardown after Python's own signal handling has ended (torch's
+    and Ray's modules and threads freed) kills the process with 143 / 129, and a Slurm job whose
+    time-limit notice came just then requeues a finished sweep. Ctrl-C still ends a slow exit."""
+    global _settled, _ignoring_at_exit
+    _settled = True
+    if not _ignoring_at_exit:  # at exit, not now: a process that goes on (a test) keeps its handlers
+        _ignoring_at_exit = True
+        atexit.register(_ignore_machine_signals_if_settled)
+
+
+def _ignore_machine_signals_if_settled() -> None:
+    if _settled and signal.getsignal(signal.SIGTERM) is _handle:
+        for signum in MACHINE_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def raise_if_stopped() -> None:
