@@ -107,3 +107,23 @@ def test_a_sigterm_in_the_last_seconds_of_a_settled_command_changes_nothing(tmp_
     time.sleep(1)  # in SlowExit.__del__
     child.send_signal(signal.SIGTERM)
     assert child.wait(timeout=30) == exit_code, child.stderr.read()
+
+
+def kernel_catches(signum: int) -> bool:
+    """Whether the kernel hands ``signum`` to a handler of this process (not what Python reports)."""
+    line = next(line for line in open("/proc/self/status").read().splitlines() if line.startswith("SigCgt:"))
+    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+
+
+def test_the_stop_signal_handlers_hold_after_ray_shuts_down():
+    """ray.shutdown() sets SIGTERM back to the default action in the kernel while Python still
+    reports its handler: a Slurm notice while a finished sweep printed its table killed it with
+    143, and the job requeued a finished sweep (stop 27's CI run). cluster.disconnect sets it again."""
+    from tltune.raytune import cluster
+
+    with signals.installed():
+        cluster.connect(None)
+        signals.install(keep_received=True)  # as run_sweep does: Ray's core worker replaced the handler
+        cluster.disconnect()
+        assert signal.getsignal(signal.SIGTERM) is signals._handle
+        assert all(kernel_catches(signum) for signum in signals.STOP_SIGNALS)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import functools
 import math
 import os
+import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import ray
@@ -88,6 +90,12 @@ def disconnect(stopped: bool = False) -> None:
         mute_worker_output()
     ray.shutdown()
     _muted_handlers.clear()  # ray.shutdown removed the printer; the next ray.init adds its own
+    # Ray's core worker sets SIGTERM back to the default action in the kernel as it shuts down,
+    # while Python still reports its own handler: a SIGTERM from here on (a Slurm notice while
+    # the table prints) would kill the process at once with 143. Set the handler Python reports.
+    handler = signal.getsignal(signal.SIGTERM)
+    if handler is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 _muted_handlers: list = []  # the driver's worker-output printer while muted, to give a caller's Ray back
