@@ -115,15 +115,30 @@ def kernel_catches(signum: int) -> bool:
     return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
 
 
-def test_the_stop_signal_handlers_hold_after_ray_shuts_down():
+def test_the_stop_signal_handlers_hold_after_ray_shuts_down(monkeypatch):
     """ray.shutdown() sets SIGTERM back to the default action in the kernel while Python still
     reports its handler: a Slurm notice while a finished sweep printed its table killed it with
-    143, and the job requeued a finished sweep (stop 27's CI run). cluster.disconnect sets it again."""
+    143, and the job requeued a finished sweep (stop 27's CI run). cluster.disconnect sets it again.
+    The same start: Ray 2.60 turns token authentication on for a new local Ray and printed a
+    WARNING saying so at every sweep's start; the choice stays, the notice goes."""
+    import logging
+
     from tltune.raytune import cluster
 
-    with signals.installed():
-        cluster.connect(None)
-        signals.install(keep_received=True)  # as run_sweep does: Ray's core worker replaced the handler
-        cluster.disconnect()
-        assert signal.getsignal(signal.SIGTERM) is signals._handle
-        assert all(kernel_catches(signum) for signum in signals.STOP_SIGNALS)
+    notices = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = notices.append
+    auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth.addHandler(handler)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    try:
+        with signals.installed():
+            cluster.connect(None)
+            signals.install(keep_received=True)  # as run_sweep does: Ray's core worker replaced the handler
+            assert os.environ.get("RAY_AUTH_MODE") == "token"
+            cluster.disconnect()
+            assert signal.getsignal(signal.SIGTERM) is signals._handle
+            assert all(kernel_catches(signum) for signum in signals.STOP_SIGNALS)
+    finally:
+        auth.removeHandler(handler)
+    assert not notices, [record.getMessage() for record in notices]
