@@ -25,17 +25,10 @@ def main(experiments: list[str | Experiment], description: str, argv: list[str] 
     namespace = parser.parse_args(argv)
     signals.install()
     try:
-        return _sweep_and_report(experiments, namespace, run_all, argv, parser.prog)
-    finally:
-        signals.settle()
-
-
-def _sweep_and_report(experiments, namespace, run_all: bool, argv: list[str] | None, prog: str) -> int:
-    try:
         options = SweepOptions(**vars(namespace))
         from tltune.plan import sweep  # the planning core imports more; flags and --help stay fast
 
-        outcome = sweep(experiments, options, run_all, argv=sys.argv if argv is None else [prog, *argv])
+        outcome = sweep(experiments, options, run_all, argv=sys.argv if argv is None else [parser.prog, *argv])
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -52,7 +45,10 @@ def _sweep_and_report(experiments, namespace, run_all: bool, argv: list[str] | N
         return 1
     except TrialsFailed as exc:
         return report(exc.run_dir, {}, failed=exc)
-    return report(outcome.run_dir, outcome.skipped)
+    else:
+        return report(outcome.run_dir, outcome.skipped)
+    finally:
+        signals.settle()  # the exit code is decided (report settles as soon as its table is printed)
 
 
 def report(run_dir: str | None, skipped: dict[str, str], failed: TrialsFailed | None = None) -> int:

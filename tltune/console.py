@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import sys
 from typing import TextIO
 
@@ -38,3 +39,15 @@ def quiet(enabled: bool = True):
             yield
     finally:
         _counts_to = None
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str):
+    """Logger ``name`` prints only errors within the block (a library's notices tltune replaces or makes moot)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

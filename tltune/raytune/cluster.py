@@ -8,7 +8,6 @@ never from the nodes that happen to be alive when the sweep starts.
 from __future__ import annotations
 
 import functools
-import logging
 import math
 import os
 import signal
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 
 import ray
 
+from tltune import console
 from tltune.errors import UserError
 from tltune.raytune.address import cluster_address, check_reachable  # noqa: F401 (where they were)
 
@@ -72,16 +72,13 @@ def connect(address: str | None, py_modules: tuple[str, ...] = ()) -> None:
 
         saved = ray_constants.ENABLE_RAY_CLUSTER
         ray_constants.ENABLE_RAY_CLUSTER = False
-        # Ray 2.60 turns token authentication on for a new local Ray (RAY_AUTH_MODE unset) and
-        # says so at each start; what it chose stays as it is, the notice is not printed.
-        auth_notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
-        level = auth_notice.level
-        auth_notice.setLevel(logging.ERROR)
         try:
-            ray.init(address="local", include_dashboard=False, logging_level="WARNING", _node_ip_address=LOOPBACK, runtime_env=runtime_env)
+            # Ray 2.60 turns token authentication on for a new local Ray (RAY_AUTH_MODE unset) and
+            # says so at each start; what it chose stays as it is, the notice is not printed.
+            with console.quiet_logger("ray._private.authentication.authentication_token_setup"):
+                ray.init(address="local", include_dashboard=False, logging_level="WARNING", _node_ip_address=LOOPBACK, runtime_env=runtime_env)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = saved
-            auth_notice.setLevel(level)
     else:
         try:
             ray.init(address=address, logging_level="WARNING", runtime_env=runtime_env)

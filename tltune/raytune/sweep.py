@@ -27,7 +27,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from tltune import signals, storage, trust
+from tltune import console, signals, storage, trust
 from tltune.errors import TrialsFailed, UserError, is_storage_full
 from tltune.catalog import PRETRAINED_MODES
 from tltune.config import factory_params
@@ -264,7 +264,7 @@ def fit(tune_dir: str, trainable, make_tuner) -> tune.ResultGrid:
         print(f"resuming {tune_dir}")
         trust.signed_state_files(tune_dir)  # checked before (cli), again just before Ray unpickles
         try:  # keeps the searcher's and ASHA's state; unfinished trials go on from their checkpoints
-            with quiet_logger("ray.tune.analysis.experiment_analysis"):  # "Failed to fetch metrics": trials stopped before epoch 1
+            with console.quiet_logger("ray.tune.analysis.experiment_analysis"):  # "Failed to fetch metrics": trials stopped before epoch 1
                 tuner = tune.Tuner.restore(tune_dir, trainable=trainable, resume_errored=True)
         except (ValueError, RuntimeError, OSError) as exc:
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -278,17 +278,6 @@ def fit(tune_dir: str, trainable, make_tuner) -> tune.ResultGrid:
         results = tuner.fit()
     keep_only_latest_checkpoints(results)
     return results
-
-
-@contextlib.contextmanager
-def quiet_logger(name: str):
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def keep_only_latest_checkpoints(results: tune.ResultGrid) -> None:
