@@ -16,14 +16,21 @@ pytestmark = pytest.mark.slow
 OBJECT_STORE = 300 * 1024**2  # Cluster's default of 150 MiB per node is tight for datasets
 
 
-@pytest.fixture
-def cluster(monkeypatch):
-    monkeypatch.setenv("TLTUNE_LOGICAL_GPUS", "1")  # its nodes' GPUs are logical: trials train on the CPU (the nodes inherit it)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "object_store_memory": OBJECT_STORE})
-    workers = [cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=OBJECT_STORE) for _ in range(2)]
-    cluster.wait_for_nodes()
-    yield cluster, workers
-    cluster.shutdown()
+def add_worker(cluster):
+    return cluster.add_node(num_cpus=2, num_gpus=1, object_store_memory=OBJECT_STORE)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One cluster for the module (each start costs seconds of CPU): every test leaves it with its
+    head and two worker nodes, idle; a test that removes a node adds a new one."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TLTUNE_LOGICAL_GPUS", "1")  # its nodes' GPUs are logical: trials train on the CPU (the nodes inherit it)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "num_gpus": 0, "object_store_memory": OBJECT_STORE})
+        workers = [add_worker(cluster) for _ in range(2)]
+        cluster.wait_for_nodes()
+        yield cluster, workers
+        cluster.shutdown()
 
 
 def sweep_argv(cluster, data_root, storage, name, *extra):
@@ -98,7 +105,11 @@ def test_a_trial_whose_node_dies_goes_on_from_its_checkpoint(cluster, real_data_
     else:
         raise AssertionError("no trial got part-way on the worker node")
     cluster.remove_node(victim, allow_graceful=False)
-    assert driver.wait(timeout=600) == 0, "".join(output)[-4000:]
+    try:
+        assert driver.wait(timeout=600) == 0, "".join(output)[-4000:]
+    finally:
+        workers[1] = add_worker(cluster)  # the next test finds two worker nodes again
+        cluster.wait_for_nodes()
     found = trials(exp_dir)
     assert len(found) == 4
     moved = 0
