@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from tltune import command
 from tltune.options import SweepOptions
 from tltune.raytune import budget
 from tltune.raytune.budget import TimeBudgetStopper
@@ -48,8 +49,17 @@ def tltune(*args, cwd):
     return subprocess.run([sys.executable, "-m", "tltune", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
+def tltune_here(capsys, *args):
+    """A command that starts no sweep, in this process (a new one would import Python's modules again)."""
+    capsys.readouterr()
+    code = command.main(list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 @pytest.mark.slow
-def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp_path):
+def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     common = ["--train-subset", "3000", "--test-subset", "300", "--data-root", str(real_data_root), "--repeats", "1"]
     # the searched trials plan more epochs than the budget allows: it stops one part-way, never at
     # its last epoch (a trial there completes), wherever the deadline falls on a faster or slower machine
@@ -62,7 +72,7 @@ def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp
     budget = summary["time_budget"]
     assert budget["ended_search"] and budget["seconds"] == 25 and summary["trials"] < 12
     assert "the time budget of 25s ended the search" in first.stdout
-    trials = list(csv.DictReader(io.StringIO(tltune("best", str(run_dir), "--trials", cwd=tmp_path).stdout)))
+    trials = list(csv.DictReader(io.StringIO(tltune_here(capsys, "best", str(run_dir), "--trials").stdout)))
     stopped = [t for t in trials if t["stop_reason"].startswith("stopped by the time budget at epoch")]
     assert [t["trial"] for t in stopped] == budget["stopped_trials"] and stopped, "the running trial stopped at its next epoch"
     assert not any(t["stop_reason"].startswith("stopped by ASHA") for t in trials), "a grace period of 100: ASHA stops none"
@@ -71,9 +81,9 @@ def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp
         latest = max(trial_dir.glob("checkpoint_*"))
         assert t["stop_reason"].startswith(f"stopped by the time budget at epoch {torch.load(latest / 'model.pt', weights_only=True)['epoch']}")
 
-    same = tltune("sweep", "mnist", "--resume", str(run_dir), "--time-budget", "25s", cwd=tmp_path)
+    same = tltune_here(capsys, "sweep", "mnist", "--resume", str(run_dir), "--time-budget", "25s")
     assert same.returncode == 2 and "pass a larger one" in same.stderr
-    again = tltune("sweep", "mnist", "--resume", str(run_dir), cwd=tmp_path)
+    again = tltune_here(capsys, "sweep", "mnist", "--resume", str(run_dir))
     assert again.returncode == 0 and "pass a larger --time-budget to go on" in again.stdout, again.stdout + again.stderr
 
     larger = tltune("sweep", "mnist", "--resume", str(run_dir), "--time-budget", "50s", cwd=tmp_path)
@@ -83,5 +93,5 @@ def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp
     assert after["trials"] > summary["trials"] and after["time_budget"]["seconds"] == 50
     assert set(budget["stopped_trials"]) <= set(after["time_budget"]["stopped_trials"]), "what the first budget stopped stays recorded"
     assert (run_dir / "mnist-cnn" / "tltune_best.budget-25s.json").is_file(), "the first summary is kept"
-    rows = list(csv.DictReader(io.StringIO(tltune("best", str(run_dir), "--trials", cwd=tmp_path).stdout)))
+    rows = list(csv.DictReader(io.StringIO(tltune_here(capsys, "best", str(run_dir), "--trials").stdout)))
     assert len(rows) == after["trials"] and len({r["trial"] for r in rows}) == len(rows)
