@@ -8,7 +8,8 @@ them), in this order, each part capped by what is left of the 480 s:
 
 1. the machine: driver, torch, CUDA, cuDNN, the GPU (bench/gpu.py's environment());
 2. python bench/gpu_memory.py: the GPU memory one trial of each built-in experiment needs, and
-   how many trials fit on a 16, 24, 40 or 80 GB card (about 90 s);
+   how many trials fit on a 16, 24, 40 or 80 GB card (about 90 s); its table also goes to a file
+   of its own beside the run's (the same name, ending in -gpu-memory.md), ready for the README;
 3. python -m pytest -m gpu tests/test_gpu.py -s: the --quick sweeps on the GPU (the small CNN
    at --gpus-per-trial 0.25, AlexNet at 224 px with its feature cache built on the GPU) and
    bench/gpu.py (AlexNet's precisions, the feature-cache build, concurrent trials); the module
@@ -279,7 +280,8 @@ def main() -> int:
                 part.not_run = True
                 continue
             if part is memory:  # it stops measuring in time to print its table
-                part.argv = [*part.argv, "--max-seconds", f"{part.cap_s - 15:.0f}"]
+                table_path = path.with_name(path.stem + "-gpu-memory.md")
+                part.argv = [*part.argv, "--max-seconds", f"{part.cap_s - 15:.0f}", "--out", str(table_path)]
             if part is last and not args.smoke:
                 part.env = {**env, "TLTUNE_GPU_TEST_BUDGET_S": str(max(60, int(part.cap_s - PYTEST_START_S)))}
             part.run(log, deadline)

@@ -28,8 +28,8 @@ esac
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """The smoke runs at once (each is mostly a single-threaded import): gpu_memory.py's (and its
-    --estimate), first_gpu_run.py's, and both without --smoke on a machine without CUDA:
+    """The smoke runs at once (each is mostly a single-threaded import): gpu_memory.py's --estimate,
+    first_gpu_run.py's (whose part 2 is gpu_memory.py's smoke run), and both without --smoke on a machine without CUDA:
     {name: (completed process, its folder)}."""
     tmp = tmp_path_factory.mktemp("first-gpu-run")
     fake = tmp / "bin"
@@ -38,7 +38,6 @@ def smoke_runs(tmp_path_factory):
     (fake / "nvidia-smi").chmod(0o755)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # the CPU, even on a GPU machine; three runs share it
     runs = {
-        "gpu_memory": (["gpu_memory.py", "--smoke", "--out", str(tmp / "table.md")], env),
         "first_gpu_run": (["first_gpu_run.py", "--smoke", "--out", str(tmp / "out")], {**env, "PATH": f"{fake}{os.pathsep}{env['PATH']}"}),
         "no_cuda": (["first_gpu_run.py", "--out", str(tmp / "no-cuda")], env),
         "gpu_memory_no_cuda": (["gpu_memory.py", "--out", str(tmp / "no-cuda.md")], env),
@@ -78,22 +77,23 @@ def check_table(text: str) -> None:
     assert "feature-cache build" in text and "trial on cached alexnet features (4,096 float16 per image)" in text
 
 
-@pytest.mark.slow  # five interpreters importing torch: about a minute on 2 cores
+@pytest.mark.slow  # four interpreters importing torch (and first_gpu_run.py's three parts): about a minute on 2 cores
 def test_gpu_memory_smoke_runs_every_row_and_writes_the_table(smoke_runs):
-    out, tmp = smoke_runs["gpu_memory"]
+    out, tmp = smoke_runs["first_gpu_run"]  # its part 2 is `gpu_memory.py --smoke --out FILE`
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "FAILED" not in out.stdout
-    check_table(out.stdout)
-    written = (tmp / "table.md").read_text()
-    assert written.startswith("### GPU memory per trial: CPU smoke run") and written in out.stdout
+    part = out.stdout[out.stdout.index("## GPU memory per trial") :]
+    assert "FAILED" not in part
+    check_table(part)
+    (written,) = [path.read_text() for path in (tmp / "out").glob("*-gpu-memory.md")]
+    assert written.startswith("### GPU memory per trial: CPU smoke run") and written.strip() in out.stdout
     check_table(written)
 
 
-@pytest.mark.slow  # five interpreters importing torch: about a minute on 2 cores
+@pytest.mark.slow  # four interpreters importing torch (and first_gpu_run.py's three parts): about a minute on 2 cores
 def test_first_gpu_run_smoke_writes_everything_to_one_file(smoke_runs):
     out, tmp = smoke_runs["first_gpu_run"]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (path,) = (tmp / "out").iterdir()
+    (path,) = (tmp / "out").glob("*.txt")
     assert path.name.startswith("first-gpu-run-cpu-smoke-") and path.suffix == ".txt"
     assert out.stdout.strip().splitlines()[-1] == f"written to {path.resolve()}"
     text = path.read_text()
@@ -108,7 +108,7 @@ def test_first_gpu_run_smoke_writes_everything_to_one_file(smoke_runs):
     assert "## nvidia-smi samples" in text and "every part ran and passed: exit code 0" in text
 
 
-@pytest.mark.slow  # five interpreters importing torch: about a minute on 2 cores
+@pytest.mark.slow  # four interpreters importing torch (and first_gpu_run.py's three parts): about a minute on 2 cores
 @pytest.mark.parametrize("run", ["no_cuda", "gpu_memory_no_cuda"])
 def test_without_cuda_one_line_and_exit_code_2(smoke_runs, run):
     out, tmp = smoke_runs[run]
@@ -235,7 +235,7 @@ def test_the_estimate_on_the_cpu_says_it_is_not_measured(tmp_path, capsys, monke
     assert "width 2, depth 3, BatchNorm, every layer trains, batch 256, adamw, flip_crop" in text
 
 
-@pytest.mark.slow  # five interpreters importing torch: about a minute on 2 cores
+@pytest.mark.slow  # four interpreters importing torch (and first_gpu_run.py's three parts): about a minute on 2 cores
 def test_the_estimate_smoke_runs_every_row(smoke_runs):
     out, tmp = smoke_runs["gpu_memory_estimate"]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
