@@ -150,14 +150,15 @@ def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing
     The sweep is 18 epochs, 2 at once, of a model that sleeps 10 s in each epoch's training steps:
     90 s or more however fast the machine, so no start after the requeue finishes it before its
     notice (a sweep that trained faster on a faster machine once finished before the notice came)."""
-    exp_dir = tmp_path / "slow-slurm-{job}" / "timelimit"
+    def exp_dir(job_id: str) -> Path:  # the run is named after the job
+        return tmp_path / f"slow-slurm-{job_id}" / "timelimit"
+
     before, seen_at_start = {}, {}
 
     def requeue_part_way(job_id: str, state: dict) -> None:
         if before or state["JobState"] != "RUNNING":
             return
-        run = Path(str(exp_dir).format(job=job_id))
-        epochs = epochs_of_trials(run) if run.exists() else {}
+        epochs = epochs_of_trials(exp_dir(job_id))  # none before the run folder exists
         trained = sum(len(seen) for seen in epochs.values())
         baseline = seen_at_start.setdefault(state["Restarts"], trained)  # what earlier starts trained
         if trained > baseline:  # this start trained an epoch: trials are part-way, with checkpoints
@@ -172,7 +173,7 @@ def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing
         while_running=requeue_part_way,
     )  # fmt: skip
     assert before, "Slurm requeued the job while trials were part-way"
-    epochs = assert_done_once(job, Path(str(exp_dir).format(job=job.job_id)), trials=6)
+    epochs = assert_done_once(job, exp_dir(job.job_id), trials=6)
     assert all(epochs[t][: len(seen)] == seen for t, seen in before.items()), "unfinished trials go on, not over"
     assert all(seen == [1, 2, 3] for seen in epochs.values()), epochs
     assert "DUE TO JOB REQUEUE" in job.log and "DUE TO TIME LIMIT" not in job.log, "stopped before the limit"
