@@ -21,6 +21,17 @@ def trial_rows(exp_dir):
     return rows
 
 
+def state_saved_after(exp_dir, trial) -> bool:
+    """Tune saved its experiment state (10 s apart or more) after the trial's latest result: the
+    state names that result's checkpoint. A kill before it would leave a state naming none of the
+    trial's checkpoints, and the resume would start the trial again (a CI run once killed there)."""
+    try:
+        states = [p.stat().st_mtime for p in exp_dir.glob("experiment_state-*.json")]
+        return bool(states) and max(states) >= (exp_dir / trial / "result.json").stat().st_mtime
+    except FileNotFoundError:  # replaced while read
+        return False
+
+
 @pytest.mark.slow
 def test_resume_after_kill_9(tmp_path, real_data_root):
     """Its model sleeps in each training step (4 s an epoch, 16 s a trial, 3 rounds of 2 trials),
@@ -37,7 +48,7 @@ def test_resume_after_kill_9(tmp_path, real_data_root):
         rows = trial_rows(exp_dir) if exp_dir.exists() else {}
         done = [t for t, r in rows.items() if len(r) == 4]
         partial = [t for t, r in rows.items() if 1 <= len(r) < 4 and list(exp_dir.glob(f"{t}/checkpoint_*"))]
-        if done and partial:
+        if done and any(state_saved_after(exp_dir, t) for t in partial):
             break
         assert driver.poll() is None, "the sweep ended before it got part-way"
         time.sleep(0.2)
