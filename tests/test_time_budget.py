@@ -12,7 +12,6 @@ import time
 import pytest
 import torch
 
-from tltune import command
 from tltune.options import SweepOptions
 from tltune.raytune import budget
 from tltune.raytune.budget import TimeBudgetStopper
@@ -49,16 +48,8 @@ def tltune(*args, cwd):
     return subprocess.run([sys.executable, "-m", "tltune", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
 
 
-def tltune_here(capsys, *args):
-    """A command that starts no sweep, in this process (a new one would import Python's modules again)."""
-    capsys.readouterr()
-    code = command.main(list(args))
-    out = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, out.out, out.err)
-
-
 @pytest.mark.slow
-def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp_path, capsys, monkeypatch):
+def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp_path, command, monkeypatch):
     monkeypatch.chdir(tmp_path)
     common = ["--train-subset", "3000", "--test-subset", "300", "--data-root", str(real_data_root), "--repeats", "1"]
     # the searched trials plan more epochs than the budget allows: it stops one part-way, never at
@@ -72,7 +63,7 @@ def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp
     budget = summary["time_budget"]
     assert budget["ended_search"] and budget["seconds"] == 25 and summary["trials"] < 12
     assert "the time budget of 25s ended the search" in first.stdout
-    trials = list(csv.DictReader(io.StringIO(tltune_here(capsys, "best", str(run_dir), "--trials").stdout)))
+    trials = list(csv.DictReader(io.StringIO(command("best", str(run_dir), "--trials")[1])))
     stopped = [t for t in trials if t["stop_reason"].startswith("stopped by the time budget at epoch")]
     assert [t["trial"] for t in stopped] == budget["stopped_trials"] and stopped, "the running trial stopped at its next epoch"
     assert not any(t["stop_reason"].startswith("stopped by ASHA") for t in trials), "a grace period of 100: ASHA stops none"
@@ -81,10 +72,10 @@ def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp
         latest = max(trial_dir.glob("checkpoint_*"))
         assert t["stop_reason"].startswith(f"stopped by the time budget at epoch {torch.load(latest / 'model.pt', weights_only=True)['epoch']}")
 
-    same = tltune_here(capsys, "sweep", "mnist", "--resume", str(run_dir), "--time-budget", "25s")
-    assert same.returncode == 2 and "pass a larger one" in same.stderr
-    again = tltune_here(capsys, "sweep", "mnist", "--resume", str(run_dir))
-    assert again.returncode == 0 and "pass a larger --time-budget to go on" in again.stdout, again.stdout + again.stderr
+    code, _, err = command("sweep", "mnist", "--resume", str(run_dir), "--time-budget", "25s")  # the commands that start no sweep: in this process
+    assert code == 2 and "pass a larger one" in err
+    code, out, err = command("sweep", "mnist", "--resume", str(run_dir))
+    assert code == 0 and "pass a larger --time-budget to go on" in out, out + err
 
     larger = tltune("sweep", "mnist", "--resume", str(run_dir), "--time-budget", "50s", cwd=tmp_path)
     assert larger.returncode == 0, larger.stdout[-3000:] + larger.stderr[-3000:]
@@ -93,5 +84,5 @@ def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp
     assert after["trials"] > summary["trials"] and after["time_budget"]["seconds"] == 50
     assert set(budget["stopped_trials"]) <= set(after["time_budget"]["stopped_trials"]), "what the first budget stopped stays recorded"
     assert (run_dir / "mnist-cnn" / "tltune_best.budget-25s.json").is_file(), "the first summary is kept"
-    rows = list(csv.DictReader(io.StringIO(tltune_here(capsys, "best", str(run_dir), "--trials").stdout)))
+    rows = list(csv.DictReader(io.StringIO(command("best", str(run_dir), "--trials")[1])))
     assert len(rows) == after["trials"] and len({r["trial"] for r in rows}) == len(rows)
