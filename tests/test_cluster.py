@@ -10,7 +10,7 @@ import time
 import pytest
 from ray.cluster_utils import Cluster
 
-from conftest import ROOT, write_slow_spec
+from conftest import write_slow_spec
 
 pytestmark = pytest.mark.slow
 OBJECT_STORE = 300 * 1024**2  # Cluster's default of 150 MiB per node is tight for datasets
@@ -33,14 +33,6 @@ def cluster():
         cluster.shutdown()
 
 
-def sweep_argv(cluster, data_root, storage, name, *extra):
-    return [
-        sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick", "--experiments", "cifar10-cnn-search",
-        "--train-subset", "600", "--test-subset", "200", "--data-root", str(data_root),
-        "--storage-path", str(storage), "--name", name, "--address", cluster.address, *extra,
-    ]  # fmt: skip
-
-
 def trials(exp_dir):
     found = {}
     for result in exp_dir.glob("*/result.json"):
@@ -55,16 +47,19 @@ def overlapping(a, b):
 @pytest.mark.parametrize("gpus_per_trial, per_gpu", [(1, 1), (0.5, 2)])
 def test_trials_fill_every_gpu_at_once_and_share_one_only_by_fraction(cluster, real_data_root, tmp_path, gpus_per_trial, per_gpu):
     """With a searcher Tune starts one trial at a time unless told how many may be pending:
-    the sweep asks for as many as the cluster holds, so both GPUs work from the start."""
+    the sweep asks for as many as the cluster holds, so both GPUs work from the start. The model
+    sleeps in each training step (3 s an epoch, 9 s a trial): trials overlap on any machine, and
+    the CPU goes to the scheduling this test is about, not to training."""
     cluster, _ = cluster
-    argv = sweep_argv(cluster, real_data_root, tmp_path, "gpus", "--num-samples", "6", "--epochs-range", "3", "3",
-                      "--grace-period", "3", "--cpus-per-trial", "0.5", "--gpus-per-trial", str(gpus_per_trial),
-                      "--train-subset", "1500")  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    spec = write_slow_spec(tmp_path / "project", "gpus", epochs=3, num_samples=6, seconds_per_batch=0.3)
+    argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--train-subset", "600", "--test-subset", "200", "--grace-period", "3",
+            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "gpus", "--address", cluster.address,
+            "--cpus-per-trial", "0.5", "--gpus-per-trial", str(gpus_per_trial)]  # fmt: skip
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     slots = 2 * per_gpu
     assert f"up to {slots} at once" in out.stdout, "concurrency = the trials the two GPUs hold"
-    found = trials(tmp_path / "gpus" / "cifar10-cnn-search")
+    found = trials(tmp_path / "gpus" / "gpus")
     assert len(found) == 6
     gpus = {name: (rows[0]["node_id"], rows[0]["gpu_ids"]) for name, rows in found.items()}
     assert all(gpu_ids == "0" for _, gpu_ids in gpus.values()), "GPU ids are numbered per node: each node has GPU 0"
