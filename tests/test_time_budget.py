@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from conftest import write_slow_spec
 from tltune.options import SweepOptions
 from tltune.raytune import budget
 from tltune.raytune.budget import TimeBudgetStopper
@@ -51,15 +52,16 @@ def tltune(*args, cwd):
 @pytest.mark.slow
 def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp_path, command, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    common = ["--train-subset", "3000", "--test-subset", "300", "--data-root", str(real_data_root), "--repeats", "1"]
-    # the searched trials plan more epochs than the budget allows: it stops one part-way, never at
-    # its last epoch (a trial there completes), wherever the deadline falls on a faster or slower machine
-    first = tltune("sweep", "mnist", "--experiments", "mnist-cnn", "--num-samples", "12", "--epochs-range", "100", "100", "--max-epochs", "100",
-                   "--grace-period", "100", "--max-concurrent-trials", "1", "--time-budget", "25s", "--checkpoint-every", "1000", "--storage-path", str(tmp_path),
-                   "--name", "budget", *common, cwd=tmp_path)  # fmt: skip
+    # the trials plan more epochs than the budget allows: it stops one part-way, never at its last
+    # epoch (a trial there completes), wherever the deadline falls. The model sleeps in each
+    # training step (1 s an epoch): the budget's seconds pass at no CPU cost, on any machine.
+    spec = write_slow_spec(tmp_path / "project", "budgeted", epochs=100, num_samples=12, seconds_per_batch=0.1)
+    first = tltune("sweep", str(spec), "--max-epochs", "100", "--grace-period", "100", "--max-concurrent-trials", "1", "--time-budget", "25s",
+                   "--checkpoint-every", "1000", "--train-subset", "600", "--test-subset", "300", "--data-root", str(real_data_root),
+                   "--storage-path", str(tmp_path), "--name", "budget", cwd=tmp_path)  # fmt: skip
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     run_dir = tmp_path / "budget"
-    summary = json.loads((run_dir / "mnist-cnn" / "tltune_best.json").read_text())
+    summary = json.loads((run_dir / "budgeted" / "tltune_best.json").read_text())
     budget = summary["time_budget"]
     assert budget["ended_search"] and budget["seconds"] == 25 and summary["trials"] < 12
     assert "the time budget of 25s ended the search" in first.stdout
@@ -68,21 +70,21 @@ def test_the_budget_ends_the_search_and_a_larger_one_goes_on(real_data_root, tmp
     assert [t["trial"] for t in stopped] == budget["stopped_trials"] and stopped, "the running trial stopped at its next epoch"
     assert not any(t["stop_reason"].startswith("stopped by ASHA") for t in trials), "a grace period of 100: ASHA stops none"
     for t in stopped:  # checkpoints only where a trial may end (--checkpoint-every 1000): the budget's stop is one
-        (trial_dir,) = [d for d in (run_dir / "mnist-cnn").iterdir() if d.name.startswith(t["trial"])]
+        (trial_dir,) = [d for d in (run_dir / "budgeted").iterdir() if d.name.startswith(t["trial"])]
         latest = max(trial_dir.glob("checkpoint_*"))
         assert t["stop_reason"].startswith(f"stopped by the time budget at epoch {torch.load(latest / 'model.pt', weights_only=True)['epoch']}")
 
-    code, _, err = command("sweep", "mnist", "--resume", str(run_dir), "--time-budget", "25s")  # the commands that start no sweep: in this process
+    code, _, err = command("sweep", "--resume", str(run_dir), "--time-budget", "25s")  # the commands that start no sweep: in this process
     assert code == 2 and "pass a larger one" in err
-    code, out, err = command("sweep", "mnist", "--resume", str(run_dir))
+    code, out, err = command("sweep", "--resume", str(run_dir))
     assert code == 0 and "pass a larger --time-budget to go on" in out, out + err
 
-    larger = tltune("sweep", "mnist", "--resume", str(run_dir), "--time-budget", "50s", cwd=tmp_path)
+    larger = tltune("sweep", "--resume", str(run_dir), "--time-budget", "50s", cwd=tmp_path)
     assert larger.returncode == 0, larger.stdout[-3000:] + larger.stderr[-3000:]
     assert "going on to 50s" in larger.stdout
-    after = json.loads((run_dir / "mnist-cnn" / "tltune_best.json").read_text())
+    after = json.loads((run_dir / "budgeted" / "tltune_best.json").read_text())
     assert after["trials"] > summary["trials"] and after["time_budget"]["seconds"] == 50
     assert set(budget["stopped_trials"]) <= set(after["time_budget"]["stopped_trials"]), "what the first budget stopped stays recorded"
-    assert (run_dir / "mnist-cnn" / "tltune_best.budget-25s.json").is_file(), "the first summary is kept"
+    assert (run_dir / "budgeted" / "tltune_best.budget-25s.json").is_file(), "the first summary is kept"
     rows = list(csv.DictReader(io.StringIO(command("best", str(run_dir), "--trials")[1])))
     assert len(rows) == after["trials"] and len({r["trial"] for r in rows}) == len(rows)
