@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from conftest import write_class_folders, write_svhn_mat
-from tltune.data import BatchTransform, Dataset, ImageArrays, as_tensors, iterate_batches, load_dataset, make_splits
+from tltune.data import BatchTransform, Dataset, ImageArrays, as_tensors, channel_stats, iterate_batches, load_dataset, make_splits
 from tltune.errors import UserError
 
 
@@ -180,3 +180,12 @@ def test_read_only_arrays_become_tensors_without_copy(real_data_root):
     arrays.images.setflags(write=False)
     images, _ = as_tensors(arrays)
     assert images.data_ptr() == arrays.images.ctypes.data
+
+
+def test_channel_stats_are_the_pixels_mean_and_std():
+    rng = np.random.default_rng(1)
+    for shape in ((40, 5, 7, 3), (9, 4, 4, 1)):
+        images = rng.integers(0, 256, shape, dtype=np.uint8)
+        pixels = images.reshape(-1, shape[-1]).astype(np.float64) / 255
+        mean, std = channel_stats(images, chunk=7)  # chunks that do not divide the images
+        assert np.allclose(mean, pixels.mean(0), atol=1e-12) and np.allclose(std, pixels.std(0), atol=1e-12)

@@ -688,16 +688,19 @@ def make_splits(
 
 
 def channel_stats(images: np.ndarray, chunk: int = 8192) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std in [0, 1] of uint8 (N, H, W, C) images, in chunks (little memory)."""
-    total = np.zeros(images.shape[-1])
-    squares = np.zeros(images.shape[-1])
+    """Per-channel mean and std in [0, 1] of uint8 (N, H, W, C) images, from each channel's
+    histogram of the 256 values: exact, in chunks (little memory), and 14x faster than summing
+    the pixels as floats (bench/data_stats.py)."""
+    channels = images.shape[-1]
+    counts = np.zeros((channels, 256), dtype=np.int64)
     for start in range(0, len(images), chunk):
-        block = images[start : start + chunk].reshape(-1, images.shape[-1]).astype(np.float64)
-        total += block.sum(0)
-        squares += np.square(block).sum(0)
-    count = images.size / images.shape[-1]
-    mean = total / count
-    std = np.sqrt(np.maximum(squares / count - mean**2, 0.0))
+        block = images[start : start + chunk].reshape(-1, channels)
+        for c in range(channels):
+            counts[c] += np.bincount(block[:, c], minlength=256)
+    values = np.arange(256, dtype=np.float64)
+    count = counts.sum(1)
+    mean = counts @ values / count
+    std = np.sqrt(np.maximum(counts @ values**2 / count - mean**2, 0.0))
     return tuple(float(m) / 255 for m in mean), tuple(float(s) / 255 for s in std)
 
 
