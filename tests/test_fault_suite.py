@@ -90,25 +90,27 @@ def test_a_sweep_stopped_while_its_data_loads_writes_nothing(tmp_path, real_data
 
 
 # One run stopped at each moment in turn, each time by another signal, resumed after each stop:
-# between them, the two chains stop at every moment by a graceful signal and by kill -9, and
-# use each signal a sweep handles (SIGHUP: the terminal closed). No Ray process outlives a stop.
-CHAINS = {
-    "SIGINT-SIGKILL-SIGTERM": [("trial", signal.SIGINT), ("test", signal.SIGKILL), ("between", signal.SIGTERM)],
-    "SIGHUP-SIGINT-SIGKILL": [("trial", signal.SIGHUP), ("test", signal.SIGINT), ("between", signal.SIGKILL)],
-}
+# the first experiment's trials, its test, the second experiment starting (twice: as the first
+# finishes, and as a resume starts it), then the second experiment's trials and test. Each moment
+# meets a graceful signal, and kill -9 where a kill can leave half-written state; every signal
+# a sweep handles is used (SIGHUP: the terminal closed). No Ray process outlives a stop. (One
+# chain, not two: the first experiment runs 3 times instead of 6, each run costing a Ray start
+# and its trial workers' imports.)
+STOPS = [("trial", signal.SIGINT), ("test", signal.SIGKILL), ("between", signal.SIGTERM), ("between", signal.SIGKILL),
+         ("trial", signal.SIGHUP), ("test", signal.SIGINT)]  # fmt: skip
 
 
-@pytest.mark.parametrize("stops", CHAINS.values(), ids=CHAINS.keys())
-def test_a_sweep_stopped_again_and_again_resumes_to_every_trial_once(tmp_path, real_data_root, stops):
+def test_a_sweep_stopped_again_and_again_resumes_to_every_trial_once(tmp_path, real_data_root):
     run_dir = tmp_path / "run"
     argv = sweep(tmp_path, real_data_root)
     before = {e: {} for e in EXPERIMENTS}
-    for moment, signum in stops:
+    for number, (moment, signum) in enumerate(STOPS):
         code, output = interrupt_at(argv, MOMENTS[moment], signum)
         assert_stopped(code, output, signum)
         assert f"--resume {run_dir}" in output or signum == signal.SIGKILL
         unfinished = [e for e in EXPERIMENTS if not (run_dir / e / "tltune_best.json").exists()]
-        assert unfinished, f"stopped at {moment}: the interrupted experiment is not marked finished"
+        # the interrupted experiment is not marked finished, and the stops from the third on hit the second one
+        assert unfinished == (EXPERIMENTS[1:] if number >= 2 else EXPERIMENTS), f"stop {number + 1}, at {moment}: {unfinished} unfinished"
         now = trials(run_dir)
         for experiment in EXPERIMENTS:  # what ran before this stop is kept as it was
             for trial, epochs in before[experiment].items():
