@@ -149,13 +149,20 @@ def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing
       requeues itself and resumes its run directory (named after the job: no --name).
     The sweep is 18 epochs, 2 at once, of a model that sleeps 10 s in each epoch's training steps:
     90 s or more however fast the machine, so no start after the requeue finishes it before its
-    notice (a sweep that trained faster on a faster machine once finished before the notice came)."""
+    notice (a sweep that trained faster on a faster machine once finished before the notice came).
+    Once the job has been requeued twice (by Slurm, then by itself at its notice), the model stops
+    sleeping, so the third start finishes the sweep: always three starts, however busy the machine
+    (a busy machine trains less of each start and once needed five)."""
     def exp_dir(job_id: str) -> Path:  # the run is named after the job
         return tmp_path / f"slow-slurm-{job_id}" / "timelimit"
 
     before, seen_at_start = {}, {}
+    sleeping = tmp_path / "the-model-sleeps-while-this-exists"
+    sleeping.touch()
 
     def requeue_part_way(job_id: str, state: dict) -> None:
+        if int(state["Restarts"]) >= 2:
+            sleeping.unlink(missing_ok=True)
         if before or state["JobState"] != "RUNNING":
             return
         epochs = epochs_of_trials(exp_dir(job_id))  # none before the run folder exists
@@ -166,7 +173,7 @@ def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing
             if out.returncode == 0:  # (refused only while the job requeues itself: try at a later start)
                 before.update(epochs)
 
-    spec = write_slow_spec(tmp_path / "project", "timelimit", epochs=3, num_samples=6, seconds_per_batch=1.0)
+    spec = write_slow_spec(tmp_path / "project", "timelimit", epochs=3, num_samples=6, seconds_per_batch=1.0, sleep_while=sleeping)
     job = sbatch(
         "--grace-period", "3", "--train-subset", "600", "--test-subset", "500", "--data-root", str(real_data_root),
         "--storage-path", str(tmp_path), sweep=str(spec), options=("--time=2", "--signal=B:TERM@40"), minutes=15,
