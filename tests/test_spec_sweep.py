@@ -194,21 +194,20 @@ def test_a_bare_resume_says_what_it_needs(tmp_path, command):
     assert code == 2 and "refusing to resume" in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.slow  # two more sweeps
-def test_resume_and_warm_start_take_the_spec(spec_run, tmp_path):
+def test_resume_and_warm_start_take_the_spec(spec_run, command, tmp_path, monkeypatch):
+    """In this process: the resume of the finished run starts nothing, the warm start sweeps 2 trials."""
     run_dir, _ = spec_run
+    monkeypatch.chdir(tmp_path)
     spec = run_dir.parents[1] / "spec" / "pets.yaml"
-    resumed = subprocess.run([sys.executable, "-m", "tltune", "sweep", str(spec), "--resume", str(run_dir), "--val-fraction", "0.25"],
-                             capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
-    assert resumed.returncode == 0, resumed.stderr
-    assert "tiny-backbones: finished" in resumed.stdout and "tiny-factory: finished" in resumed.stdout
+    code, out, err = command("sweep", str(spec), "--resume", str(run_dir), "--val-fraction", "0.25")
+    assert code == 0, err
+    assert "tiny-backbones: finished" in out and "tiny-factory: finished" in out
     best = json.loads((run_dir / "tiny-factory" / "tltune_best.json").read_text())["config"]
-    warm = subprocess.run([sys.executable, "-m", "tltune", "sweep", str(spec), "--experiments", "tiny-factory", "--warm-start", str(run_dir),
-                           "--num-samples", "2", "--repeats", "1", "--val-fraction", "0.25", "--storage-path", str(tmp_path), "--name", "warm", "--quiet"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
-    assert warm.returncode == 0, warm.stdout[-2000:] + warm.stderr[-2000:]
+    code, out, err = command("sweep", str(spec), "--experiments", "tiny-factory", "--warm-start", str(run_dir), "--num-samples", "2",
+                             "--repeats", "1", "--val-fraction", "0.25", "--storage-path", str(tmp_path), "--name", "warm", "--quiet")  # fmt: skip
+    assert code == 0, out[-2000:] + err[-2000:]
     # --quiet: the final table only (a count of trials per state at most once a minute)
-    assert "Best configuration of each experiment:" in warm.stdout and "| Dataset |" in warm.stdout
-    assert "== tiny-factory" not in warm.stdout and "loading" not in warm.stdout and "trial " not in warm.stdout.split("Best configuration")[0]
+    assert "Best configuration of each experiment:" in out and "| Dataset |" in out
+    assert "== tiny-factory" not in out and "loading" not in out and "trial " not in out.split("Best configuration")[0]
     configs = [json.loads(p.read_text()) for p in (tmp_path / "warm" / "tiny-factory").glob("*/params.json")]
     assert any(c["lr"] == best["lr"] and c["dropout"] == best["dropout"] for c in configs), "the earlier run's best is evaluated again"
