@@ -12,8 +12,13 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
-    """Dataset caches and the run-signing key of the tests go to temporary folders, never the user's."""
-    os.environ["TLTUNE_CACHE_DIR"] = str(tmp_path_factory.mktemp("tltune-cache"))
+    """Dataset caches and the run-signing key of the tests go to temporary folders, never the user's.
+    The cache is one for all pytest-xdist workers of a run (their common temporary folder), so that
+    CIFAR-10 is decoded once (11 s of CPU), not once per worker; its writes are atomic."""
+    base = tmp_path_factory.getbasetemp()
+    cache = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "tltune-cache"
+    cache.mkdir(exist_ok=True)
+    os.environ["TLTUNE_CACHE_DIR"] = str(cache)
     os.environ["TLTUNE_KEY_FILE"] = str(tmp_path_factory.mktemp("tltune-key") / "run-signing.key")  # nor ~/.config
 
 
@@ -56,20 +61,23 @@ def write_class_folders(root: Path, classes=("cat", "dog"), per_class=6, size=(1
 
 
 def write_slow_spec(folder: Path, name: str, *, epochs: int, num_samples: int, seconds_per_batch: float,
-                    dataset: str = "mnist", in_features: int = 28 * 28) -> Path:
+                    dataset: str = "mnist", in_features: int = 28 * 28, sleep_while: Path | None = None) -> Path:
     """A spec file (folder/slow.yaml) of one experiment whose model, the user factory
     folder/slownet.py, sleeps ``seconds_per_batch`` in each training step: its epochs take at
     least that long per batch on any machine, at no CPU cost, so a test can stop, kill or requeue
-    a sweep part-way however fast the machine trains. The search varies ``hidden`` and ``lr``."""
+    a sweep part-way however fast the machine trains. The search varies ``hidden`` and ``lr``.
+    With ``sleep_while``, it sleeps only while that file exists: the test decides when the rest
+    of the sweep may train at full speed."""
     folder.mkdir(parents=True, exist_ok=True)
+    sleeps = f"os.path.exists({str(sleep_while)!r})" if sleep_while else "True"
     (folder / "slownet.py").write_text(
-        "import time\n\nimport torch.nn as nn\n\n\n"
+        "import os\nimport time\n\nimport torch.nn as nn\n\n\n"
         "class SlowNet(nn.Module):\n"
         "    def __init__(self, num_classes, hidden):\n"
         "        super().__init__()\n"
         f"        self.net = nn.Sequential(nn.Flatten(), nn.Linear({in_features}, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n\n"
         "    def forward(self, x):\n"
-        "        if self.training:\n"
+        f"        if self.training and {sleeps}:\n"
         f"            time.sleep({seconds_per_batch})\n"
         "        return self.net(x)\n\n\n"
         "def build(num_classes, hidden=16):\n"
