@@ -14,7 +14,7 @@ from tltune.experiments import FAMILIES
 @pytest.mark.slow  # a real sweep of its own
 def test_a_diverging_trial_stops_with_its_reason(tmp_path, real_data_root, capsys):
     argv = ["--quick", "--experiments", "mnist-cnn",
-            "--optimizer", "sgd", "--activation", "relu", "--lr", "1e12", "--epochs", "3", "--num-samples", "2", "--train-subset", "300",
+            "--optimizer", "sgd", "--activation", "relu", "--lr", "1e12", "--epochs", "3", "--num-samples", "2", "--max-concurrent-trials", "1", "--train-subset", "300",
             "--test-subset", "100", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "nan"]  # fmt: skip
     code = main(FAMILIES["mnist"], "sweeps/mnist.py", argv)  # what sweeps/mnist.py runs, in this process
     assert code == 0, capsys.readouterr().err[-2000:]

@@ -41,8 +41,9 @@ def kill_processes_mentioning(*texts: str) -> None:
             pass
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fake_cluster():
+    """One fake cluster for the module, started with its head only (the first test checks that)."""
     if not port_free(6379):
         pytest.skip("port 6379 is taken: the fake multi-node provider needs Ray's default port")
     temp_dir = tempfile.mkdtemp(prefix="tlray", dir="/tmp")  # short: Ray's socket paths are length-limited

@@ -30,7 +30,7 @@ MOMENTS = {  # a line of the sweep's output, and the moment it marks
 def sweep(tmp_path, data_root, *extra):
     return [sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--quick", "--experiments", *EXPERIMENTS, "--weights", "none",
             "--num-samples", str(SAMPLES), "--max-epochs", str(EPOCHS), "--epochs-range", str(EPOCHS), str(EPOCHS),
-            "--grace-period", str(EPOCHS), "--train-subset", "600", "--test-subset", "3000",
+            "--grace-period", str(EPOCHS), "--max-concurrent-trials", "1", "--train-subset", "600", "--test-subset", "3000",
             "--data-root", str(data_root), "--storage-path", str(tmp_path), "--name", "run", *extra]  # fmt: skip
 
 

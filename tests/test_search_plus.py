@@ -316,7 +316,7 @@ def test_new_settings_are_checked():
 @pytest.mark.slow  # a real sweep of its own
 def test_a_tiny_real_sweep_of_the_extended_search(tmp_path, real_data_root, capsys):
     argv = [
-        "--quick", "--num-samples", "2", "--train-subset", "500", "--test-subset", "200", "--max-epochs", "1",
+        "--quick", "--num-samples", "2", "--max-concurrent-trials", "1", "--train-subset", "500", "--test-subset", "200", "--max-epochs", "1",
         "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "plus",
     ]  # fmt: skip
     assert main(FAMILIES["cifar10_plus"], "sweeps/cifar10_plus.py", argv) == 0, capsys.readouterr().err[-3000:]  # in this process

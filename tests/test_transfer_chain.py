@@ -26,7 +26,7 @@ def transfer_run(tmp_path_factory, real_data_root):
     write_svhn_mat(data / "svhn" / "test_32x32.mat", 200, seed=1)
     argv = [
         sys.executable, str(ROOT / "sweeps" / "mnist_to_svhn.py"), "--quick", "--num-samples", "2",
-        "--max-epochs", "1", "--train-subset", "500", "--test-subset", "200",
+        "--max-epochs", "1", "--train-subset", "500", "--test-subset", "200", "--max-concurrent-trials", "1",
         "--data-root", str(data), "--storage-path", str(tmp / "results"), "--name", "chain",
     ]  # fmt: skip
     out = subprocess.run(argv, capture_output=True, text=True, timeout=600)
