@@ -260,8 +260,8 @@ GROUPS = {
     "test_live_study.py": "watched_sweep", "test_trackers.py": "watched_sweep",  # conftest's session-scoped runs
     "test_redteam_files.py": "failed_run", "test_trial_failures.py": "failed_run",
 }  # fmt: skip
-ONE_TEST_EACH = ("test_fault_suite.py", "test_cluster.py", "test_precision.py", "test_cli.py", "test_data.py")
-STARTS_FIRST = ("test_slurm.py", "test_fault_suite.py", "test_resume.py", "test_s3_storage_sweep.py", "test_time_budget.py", "test_cluster.py")
+ONE_TEST_EACH = ("test_fault_suite.py", "test_precision.py", "test_cli.py", "test_data.py")
+STARTS_FIRST = ("test_slurm.py", "test_cluster.py", "test_fault_suite.py", "test_resume.py", "test_s3_storage_sweep.py", "test_time_budget.py")
 
 
 def group_of(nodeid: str) -> str:
