@@ -9,7 +9,6 @@ import os
 import pickle
 import shutil
 import signal
-import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -32,13 +31,6 @@ class Planted:
 
     def __reduce__(self):
         return (open, (self.marker, "w"))
-
-
-def resume(run_dir, **env):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--resume", str(run_dir)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **env},
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -190,7 +182,7 @@ def test_a_damaged_key_is_one_line(run_copy, resume_here, tmp_path):
 
 
 @pytest.mark.slow  # a whole experiment again
-def test_killed_before_tune_saved_state_starts_the_experiment_anew(interrupted_run, tmp_path):
+def test_killed_before_tune_saved_state_starts_the_experiment_anew(interrupted_run, tmp_path, resume_here):
     """tuner.pkl is written (and then signed) before Tune saves any state: a run killed in
     between has nothing to resume, and runs the experiment from the start."""
     copy = tmp_path / "early"
@@ -199,7 +191,7 @@ def test_killed_before_tune_saved_state_starts_the_experiment_anew(interrupted_r
     for name in os.listdir(exp_dir):
         if name not in ("tuner.pkl", "tltune_experiment.json"):
             os.remove(exp_dir / name)
-    out = resume(copy)
+    out = resume_here(copy)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "resuming" not in out.stdout and (exp_dir / "tltune_best.json").is_file()
 
