@@ -21,71 +21,75 @@ def trial_rows(exp_dir):
     return rows
 
 
-def state_saved_after(exp_dir, trial) -> bool:
-    """Tune saved its experiment state (10 s apart or more) after the trial's latest result: the
-    state names that result's checkpoint. A kill before it would leave a state naming none of the
-    trial's checkpoints, and the resume would start the trial again (a CI run once killed there)."""
+def state_checkpoints(exp_dir) -> dict[str, int]:
+    """The epoch of each trial's newest checkpoint as the newest saved experiment state names it
+    (trials whose last result saved none are left out): where a resume goes on from. Tune copies
+    its state and the results to storage file by file (10 s apart or more), so the results seen
+    may be newer than the state, and file times do not tell (a CI run once killed there)."""
+    states = sorted(exp_dir.glob("experiment_state-*.json"))  # named by the time they were saved
     try:
-        states = [p.stat().st_mtime for p in exp_dir.glob("experiment_state-*.json")]
-        return bool(states) and max(states) >= (exp_dir / trial / "result.json").stat().st_mtime
-    except FileNotFoundError:  # replaced while read
-        return False
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError):  # being copied
+        return {}
+    named = {}
+    for trial_json, runtime_json in trials:
+        last = json.loads(runtime_json).get("last_result") or {}
+        if last.get("checkpoint_dir_name"):
+            named[json.loads(trial_json)["relative_logdir"]] = last["training_iteration"]
+    return named
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9(tmp_path, real_data_root):
+def test_resume_after_kill_9(tmp_path, real_data_root, command):
     """Its model sleeps in each training step (4 s an epoch, 16 s a trial, 3 rounds of 2 trials),
-    so the sweep is still running when Tune's copy of its results (up to 10 s behind) shows one
-    trial finished and another part-way, however fast the machine (a faster machine once finished
-    the built-in sweep before the kill)."""
+    so the sweep is still running when Tune's saved state (10 s apart or more) shows one trial
+    finished and another part-way, however fast the machine (a faster machine once finished the
+    built-in sweep before the kill). The resume runs in this process."""
     spec = write_slow_spec(tmp_path / "project", "killed", epochs=4, num_samples=6, seconds_per_batch=0.4)
     argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--train-subset", "600", "--test-subset", "200", "--grace-period", "4",
-            "--max-concurrent-trials", "2", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "killed"]  # fmt: skip
+            "--max-concurrent-trials", "2", "--checkpoint-every", "1", "--data-root", str(real_data_root), "--storage-path", str(tmp_path),
+            "--name", "killed"]  # fmt: skip
     driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     exp_dir = tmp_path / "killed" / "killed"
     deadline = time.time() + 300
-    while time.time() < deadline:  # until one trial has finished and another is part-way
-        rows = trial_rows(exp_dir) if exp_dir.exists() else {}
-        done = [t for t, r in rows.items() if len(r) == 4]
-        partial = [t for t, r in rows.items() if 1 <= len(r) < 4 and list(exp_dir.glob(f"{t}/checkpoint_*"))]
-        if done and any(state_saved_after(exp_dir, t) for t in partial):
+    while time.time() < deadline:  # until the saved state names one trial finished and another's checkpoint 2 or 3 epochs in
+        epochs = state_checkpoints(exp_dir).values() if exp_dir.exists() else ()
+        if 4 in epochs and any(2 <= epoch < 4 for epoch in epochs):
             break
         assert driver.poll() is None, "the sweep ended before it got part-way"
         time.sleep(0.2)
     else:
         raise AssertionError("the sweep never got part-way")
-    # Tune copies its state and results to storage every 10 s or more, file by file, in
-    # milliseconds: a second later the copy seen is whole (the state names those rows' checkpoints)
-    time.sleep(1)
+    time.sleep(1)  # the copy in progress, if any, is whole
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait()
     time.sleep(2)  # let Ray's reaper take down what the driver started
+    named = state_checkpoints(exp_dir)
     # storage lost a part-way trial's results after its first epoch (a driver killed mid-upload):
     # the resume rebuilds them from the checkpoint it goes on from
-    lost = max((t for t, r in trial_rows(exp_dir).items() if 2 <= len(r) < 4), key=lambda t: len(trial_rows(exp_dir)[t]), default=None)
-    if lost:
-        result = exp_dir / lost / "result.json"
-        result.write_text(result.read_text().splitlines(keepends=True)[0])
+    lost = max((t for t, epoch in named.items() if 2 <= epoch < 4), key=named.get)
+    result = exp_dir / lost / "result.json"
+    result.write_text(result.read_text().splitlines(keepends=True)[0])
     before = trial_rows(exp_dir)
     assert not (exp_dir / "tltune_best.json").exists()
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "tltune", "sweep", "--resume", str(tmp_path / "killed")], capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout
+    code, out, err = command("sweep", "--resume", str(tmp_path / "killed"))
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "resuming" in out
     after = trial_rows(exp_dir)
     assert len(after) == 6, "every trial exactly once"
     for trial, rows in after.items():
         epochs = [r["training_iteration"] for r in rows]
         assert epochs == [1, 2, 3, 4], f"{trial}: each epoch once, none repeated after the resume: {epochs}"
-        if len(before.get(trial, [])) == 4:
+        if named.get(trial) == 4:
             assert rows == before[trial], "a finished trial keeps its results untouched"
-    rebuilt = [r["training_iteration"] for r in after.get(lost, []) if r.get("rebuilt_from_checkpoint")]
-    print(f"lost the results of {lost} after epoch 1; rebuilt: {rebuilt}")  # [2, 3] here: its state named epoch 3's checkpoint
-    assert rebuilt == list(range(2, 2 + len(rebuilt))), "the epochs between what storage kept and the checkpoint"
-    part_way = [t for t, r in before.items() if 1 <= len(r) < 4]
-    assert part_way and all(after[t][: len(before[t])] == before[t] for t in part_way), "unfinished trials continue"
+    rebuilt = [r["training_iteration"] for r in after[lost] if r.get("rebuilt_from_checkpoint")]
+    print(f"lost the results of {lost} after epoch 1; rebuilt: {rebuilt}; the state named the checkpoints of epochs {named}")
+    assert rebuilt == list(range(2, named[lost] + 1)), "the epochs between what storage kept and the checkpoint the state names"
+    part_way = {t: epoch for t, epoch in named.items() if 1 <= epoch < 4}
+    kept = lambda t: min(part_way[t], len(before[t]))  # noqa: E731  (the lost trial's rows 2.. were rebuilt)
+    # results newer than the state's checkpoint are trained again: only those up to it are kept
+    assert part_way and all(after[t][: kept(t)] == before[t][: kept(t)] for t in part_way), "unfinished trials continue from their checkpoints"
     summary = json.loads((exp_dir / "tltune_best.json").read_text())
     assert summary["trials"] == 6 and "test_acc" in summary
 
