@@ -56,6 +56,12 @@ class TrialSize:
     concurrent: int  # trials started together: Tune asks the searcher and the autoscaler for this many
 
 
+# Ray starts one idle worker process per CPU for the first driver; Tune's trial actors start
+# workers of their own and never take them, so on a 64-core machine 64 processes import Ray
+# (about a CPU-second and 80 MB each) for nothing. Ray tasks start a worker when they need one.
+LOCAL_RAY_CONFIG = {"prestart_worker_first_driver": False}
+
+
 def connect(address: str | None, py_modules: tuple[str, ...] = ()) -> None:
     """Join the cluster at ``address``, or start a local Ray bound to the loopback interface.
     ``py_modules``: local packages or ``.py`` files (users' model factories) that Ray ships to
@@ -76,7 +82,8 @@ def connect(address: str | None, py_modules: tuple[str, ...] = ()) -> None:
             # Ray 2.60 turns token authentication on for a new local Ray (RAY_AUTH_MODE unset) and
             # says so at each start; what it chose stays as it is, the notice is not printed.
             with console.quiet_logger("ray._private.authentication.authentication_token_setup"):
-                ray.init(address="local", include_dashboard=False, logging_level="WARNING", _node_ip_address=LOOPBACK, runtime_env=runtime_env)
+                ray.init(address="local", include_dashboard=False, logging_level="WARNING", _node_ip_address=LOOPBACK, runtime_env=runtime_env,
+                         _system_config=LOCAL_RAY_CONFIG)  # fmt: skip
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = saved
     else:
