@@ -111,6 +111,8 @@ run = tltune.run("mnist-cnn", quick=True, num_samples=1, max_epochs=1, train_sub
                  data_root={str(real_data_root)!r}, storage_path={str(tmp_path)!r})
 assert run["mnist-cnn"].status == "finished", run["mnist-cnn"].status
 assert ray.is_initialized(), "the caller's Ray is still there"
+import sys  # and, while this driver ran a sweep: Tune's usage count of callback classes imported no tracker
+assert not {{"mlflow", "wandb"}} & set(sys.modules), sorted(m for m in sys.modules if m.startswith(("mlflow", "wandb")))[:5]
 print("OK")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -501,15 +501,23 @@ TUNE_ENVIRONMENT = {
 @contextlib.contextmanager
 def tune_environment():
     """Tune reads these from the environment; set only while tltune's sweeps run, so a caller's
-    own Tune runs in the same process (a notebook) keep Tune's defaults."""
+    own Tune runs in the same process (a notebook) keep Tune's defaults.
+
+    Nor does Tune count the classes of tltune's callbacks for its usage statistics: to count
+    them it imports its MLflow, W&B, Comet and Aim integrations, and with them mlflow and wandb
+    where installed, 1.5 CPU-s of each sweep's driver that wants none of them."""
+    from ray.air._internal import usage as air_usage
     from ray.tune.execution import class_cache
 
     class_cache.ENV_VARS_TO_PROPAGATE.add(THREAD_TIMEOUT_ENV)  # it is read in the trial actors: Tune hands them its value
     before = {name: os.environ.get(name) for name in TUNE_ENVIRONMENT}
     os.environ.update(TUNE_ENVIRONMENT)
+    tag_callbacks = air_usage.tag_callbacks
+    air_usage.tag_callbacks = lambda callbacks: False  # "no usage recorded", as Tune's own returns without callbacks
     try:
         yield
     finally:
+        air_usage.tag_callbacks = tag_callbacks
         for name, value in before.items():
             if value is None:
                 os.environ.pop(name, None)
