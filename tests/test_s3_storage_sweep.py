@@ -72,9 +72,9 @@ def test_sweep_to_a_bucket_survives_kill_9_and_is_analysed_there(s3, real_data_r
     before = trial_rows(exp_dir)
     assert not storage.exists(storage.join(exp_dir, "tltune_best.json"))
 
-    resumed = subprocess.run([sys.executable, "-m", "tltune", "sweep", "--resume", run_dir], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming" in resumed.stdout
+    code, out, err = command("sweep", "--resume", run_dir)  # in this process, as the analysis below
+    assert code == 0, out[-3000:] + err[-3000:]
+    assert "resuming" in out
     after = trial_rows(exp_dir)
     assert len(after) == 4, "every trial exactly once"
     for trial, rows in after.items():

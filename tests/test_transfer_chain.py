@@ -72,8 +72,8 @@ def test_transfer_without_a_source_fails_before_ray(transfer_run, tmp_path, caps
     assert "--source-run" in err and "Traceback" not in err and not ray.is_initialized()
 
 
-def test_transfer_from_another_runs_source(transfer_run, tmp_path):
-    run_dir, _, argv = transfer_run
-    with_source = argv[:2] + ["--experiments", "mnist_to_svhn-finetune"] + argv[2:-4] + ["--storage-path", str(tmp_path), "--name", "y"]
-    out = subprocess.run(with_source + ["--source-run", str(run_dir)], capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+def test_transfer_from_another_runs_source(transfer_run, tmp_path, command):
+    run_dir, _, argv = transfer_run  # the script's sweep, in this process: `tltune sweep mnist_to_svhn`
+    with_source = ["sweep", "mnist_to_svhn", "--experiments", "mnist_to_svhn-finetune", *argv[2:-4], "--storage-path", str(tmp_path), "--name", "y"]
+    code, out, err = command(*with_source, "--source-run", str(run_dir))
+    assert code == 0, out[-3000:] + err[-3000:]
