@@ -310,3 +310,30 @@ def test_the_spec_files_are_package_data():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert '"tltune.specs" = ["*.yaml"]' in pyproject
     assert sorted(p.stem for p in (ROOT / "tltune" / "specs").glob("*.yaml")) == sorted(specs.BUILTIN_SPECS)
+
+
+def test_a_factory_is_looked_up_again_for_each_sweep_of_the_process(tmp_path, monkeypatch):
+    """tltune.run twice in one process (a notebook): the second spec's ``model.py`` is its own,
+    not the first's, and an edited file is read as it is now, as the trials' workers read it."""
+    from tltune.models import load_factory
+    from tltune.plan import choose_experiments, factory_modules
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delitem(sys.modules, "model", raising=False)
+    specs = {}
+    for name, width in (("a", 3), ("b", 5)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.py").write_text(f"def build(num_classes):\n    return {width}\n")
+        specs[name] = folder / "spec.yaml"
+        specs[name].write_text(f"experiments:\n  - {{name: {name}, dataset: mnist, model: 'model:build', mode: scratch}}\n")
+    try:
+        for name, width in (("a", 3), ("b", 5), ("a", 3)):
+            chosen = choose_experiments(load_spec_file(specs[name]), None)
+            assert load_factory("model:build")(10) == width and factory_modules(chosen) == (str(tmp_path / name / "model.py"),)
+        (tmp_path / "a" / "model.py").write_text("def build(num_classes):\n    return 77\n")  # another size: a .pyc of the same second is not reused
+        choose_experiments(load_spec_file(specs["a"]), None)
+        assert load_factory("model:build")(10) == 77, "the file as it is now"
+    finally:
+        sys.modules.pop("model", None)

@@ -56,13 +56,27 @@ def check_cache_dir(folder: Path) -> None:
 def make_factories_importable(chosen: list[Experiment]) -> None:
     """A user factory's module is looked up as Python would from where the user stands: the
     current directory, then the folder of the spec file naming it (as ``python -m`` would,
-    which the ``tltune`` script alone does not)."""
-    if not any(":" in model for e in chosen for model in e.models()):
+    which the ``tltune`` script alone does not). In a process that swept before (a notebook,
+    ``tltune.run`` twice), the module is looked up again, as the trials' fresh workers will:
+    an edited file, or another spec's ``model.py``, is not answered by the one imported then."""
+    factories = [m for e in chosen for m in e.models() if ":" in m]
+    if not factories:
         return
     folders = [os.getcwd(), *(str(Path(e.spec_file).resolve().parent) for e in chosen if e.spec_file)]
     for folder in reversed(dict.fromkeys(folders)):
-        if folder not in sys.path:
-            sys.path.insert(0, folder)
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)
+    for top in dict.fromkeys(m.split(":")[0].split(".")[0] for m in factories):
+        if is_local_code(sys.modules.get(top)):
+            for name in [n for n in sys.modules if n == top or n.startswith(top + ".")]:
+                del sys.modules[name]
+
+
+def is_local_code(module) -> bool:
+    """Whether ``module`` is the user's own code, not an installed package's (site-packages)."""
+    file = getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", None) or ()), None)
+    return file is not None and not {"site-packages", "dist-packages"} & set(Path(file).parts)
 
 
 def factory_modules(chosen: list[Experiment]) -> tuple[str, ...]:
@@ -81,7 +95,7 @@ def factory_modules(chosen: list[Experiment]) -> tuple[str, ...]:
             path = Path(list(top.__path__)[0])
         else:
             continue
-        if not {"site-packages", "dist-packages"} & set(path.parts):
+        if is_local_code(top):
             paths.append(str(path))
     return tuple(dict.fromkeys(paths))
 
