@@ -14,7 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, write_slow_spec
 from tltune import command, trust
 from tltune.cli import main
 from tltune.errors import UserError
@@ -104,15 +104,25 @@ def test_the_reference_column_says_what_actually_ran():
 
 @pytest.mark.slow
 def test_tltune_run_after_the_callers_own_ray_init_uses_it(real_data_root, tmp_path):
+    """A user model's code needs Ray to ship it: without it in that Ray's runtime environment, one
+    line before anything runs (its trials could not import it)."""
+    spec = write_slow_spec(tmp_path / "project", "mine", epochs=1, num_samples=1, seconds_per_batch=0)
     script = f"""
-import ray, tltune
+import os, ray, tltune
 ray.init(address="local", include_dashboard=False)
 run = tltune.run("mnist-cnn", quick=True, num_samples=1, max_epochs=1, train_subset=500, test_subset=200,
-                 data_root={str(real_data_root)!r}, storage_path={str(tmp_path)!r})
+                 data_root={str(real_data_root)!r}, storage_path={str(tmp_path / "runs")!r})
 assert run["mnist-cnn"].status == "finished", run["mnist-cnn"].status
 assert ray.is_initialized(), "the caller's Ray is still there"
 import sys  # and, while this driver ran a sweep: Tune's usage count of callback classes imported no tracker
 assert not {{"mlflow", "wandb"}} & set(sys.modules), sorted(m for m in sys.modules if m.startswith(("mlflow", "wandb")))[:5]
+try:
+    tltune.run({str(spec)!r}, data_root={str(real_data_root)!r}, storage_path={str(tmp_path / "runs")!r})
+    raise AssertionError("a user model on a Ray that does not ship it ran")
+except tltune.UserError as exc:
+    print(exc)
+    assert "ray.init(runtime_env={{'py_modules': [" in str(exc) and "slownet.py" in str(exc), exc
+assert len(os.listdir({str(tmp_path / "runs")!r})) == 1, "nothing written for the refused run"
 print("OK")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)

@@ -642,6 +642,10 @@ def run_sweep(plan: SweepPlan) -> None:
     own_ray = not ray.is_initialized()  # tltune.run after the caller's own ray.init(): sweep on the caller's Ray, leave it running
     if own_ray:
         cluster.connect(plan.address, plan.py_modules)
+    elif plan.py_modules and not ray.get_runtime_context().runtime_env.get("py_modules"):
+        raise UserError(f"the Ray this process started before tltune.run does not ship the models' code to its workers, whose trials "
+                        f"could not import it: start it with ray.init(runtime_env={{'py_modules': {list(plan.py_modules)!r}}}), "
+                        "or let tltune.run start Ray")  # fmt: skip
     signals.install(keep_received=True)  # again: Ray's core worker replaced the SIGTERM handler
     signals.raise_if_stopped()
     stopped = False  # by the user: the trial workers' shutdown is not printed
