@@ -45,20 +45,19 @@ def overlapping(a, b):
 
 
 @pytest.mark.parametrize("gpus_per_trial, per_gpu", [(1, 1), (0.5, 2)])
-def test_trials_fill_every_gpu_at_once_and_share_one_only_by_fraction(cluster, real_data_root, tmp_path, gpus_per_trial, per_gpu):
+def test_trials_fill_every_gpu_at_once_and_share_one_only_by_fraction(cluster, real_data_root, tmp_path, gpus_per_trial, per_gpu, command):
     """With a searcher Tune starts one trial at a time unless told how many may be pending:
     the sweep asks for as many as the cluster holds, so both GPUs work from the start. The model
     sleeps in each training step (3 s an epoch, 9 s a trial): trials overlap on any machine, and
     the CPU goes to the scheduling this test is about, not to training."""
     cluster, _ = cluster
     spec = write_slow_spec(tmp_path / "project", "gpus", epochs=3, num_samples=6, seconds_per_batch=0.3)
-    argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--train-subset", "600", "--test-subset", "200", "--grace-period", "3",
-            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "gpus", "--address", cluster.address,
-            "--cpus-per-trial", "0.5", "--gpus-per-trial", str(gpus_per_trial)]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    code, out, err = command("sweep", str(spec), "--train-subset", "600", "--test-subset", "200", "--grace-period", "3",
+                             "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "gpus", "--address", cluster.address,
+                             "--cpus-per-trial", "0.5", "--gpus-per-trial", str(gpus_per_trial))  # fmt: skip  (the driver: this process)
+    assert code == 0, out[-3000:] + err[-3000:]
     slots = 2 * per_gpu
-    assert f"up to {slots} at once" in out.stdout, "concurrency = the trials the two GPUs hold"
+    assert f"up to {slots} at once" in out, "concurrency = the trials the two GPUs hold"
     found = trials(tmp_path / "gpus" / "gpus")
     assert len(found) == 6
     gpus = {name: (rows[0]["node_id"], rows[0]["gpu_ids"]) for name, rows in found.items()}
@@ -116,7 +115,7 @@ def test_a_trial_whose_node_dies_goes_on_from_its_checkpoint(cluster, real_data_
     assert summary["trials"] == 4 and summary["errored_trials"] == 0
 
 
-def test_a_user_factory_reaches_every_node_with_the_trials(cluster, real_data_root, tmp_path):
+def test_a_user_factory_reaches_every_node_with_the_trials(cluster, real_data_root, tmp_path, command):
     """A spec's ``module:function`` model lives in the user's folder, not on the nodes: Ray's
     runtime environment ships it, and the trials on both worker nodes build it from there."""
     cluster, _ = cluster
@@ -142,11 +141,10 @@ def test_a_user_factory_reaches_every_node_with_the_trials(cluster, real_data_ro
         "    num_samples: 4\n"
         "    repeats: 1\n"
     )
-    argv = [sys.executable, "-m", "tltune", "sweep", str(project / "spec.yaml"), "--train-subset", "600", "--test-subset", "200",
-            "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "usernet", "--address", cluster.address,
-            "--cpus-per-trial", "1", "--gpus-per-trial", "0"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    code, out, err = command("sweep", str(project / "spec.yaml"), "--train-subset", "600", "--test-subset", "200",
+                             "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "usernet", "--address", cluster.address,
+                             "--cpus-per-trial", "1", "--gpus-per-trial", "0")  # fmt: skip
+    assert code == 0, out[-3000:] + err[-3000:]
     node_ids = {rows[0]["node_id"] for rows in trials(tmp_path / "usernet" / "usernet").values()}
     assert len(node_ids) == 2, "trials ran on both worker nodes"
     shipped = [line for line in marker.read_text().splitlines() if "runtime_resources" in line]
