@@ -51,15 +51,16 @@ def test_trials_fill_every_gpu_at_once_and_share_one_only_by_fraction(cluster, r
     sleeps in each training step (3 s an epoch, 9 s a trial): trials overlap on any machine, and
     the CPU goes to the scheduling this test is about, not to training."""
     cluster, _ = cluster
-    spec = write_slow_spec(tmp_path / "project", "gpus", epochs=3, num_samples=6, seconds_per_batch=0.3)
+    slots = 2 * per_gpu
+    samples = slots + 1  # one more than the GPUs hold: it waits for a slot (each trial is a worker process importing torch)
+    spec = write_slow_spec(tmp_path / "project", "gpus", epochs=3, num_samples=samples, seconds_per_batch=0.3)
     code, out, err = command("sweep", str(spec), "--train-subset", "600", "--test-subset", "200", "--grace-period", "3",
                              "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "gpus", "--address", cluster.address,
                              "--cpus-per-trial", "0.5", "--gpus-per-trial", str(gpus_per_trial))  # fmt: skip  (the driver: this process)
     assert code == 0, out[-3000:] + err[-3000:]
-    slots = 2 * per_gpu
     assert f"up to {slots} at once" in out, "concurrency = the trials the two GPUs hold"
     found = trials(tmp_path / "gpus" / "gpus")
-    assert len(found) == 6
+    assert len(found) == samples
     gpus = {name: (rows[0]["node_id"], rows[0]["gpu_ids"]) for name, rows in found.items()}
     assert all(gpu_ids == "0" for _, gpu_ids in gpus.values()), "GPU ids are numbered per node: each node has GPU 0"
     for name, rows in found.items():  # at the moment each trial started, how many ran on its GPU
