@@ -147,9 +147,10 @@ def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing
     - --time=2 with Slurm's notice (SIGTERM 40-70 s before the limit: Slurm looks every 30 s), so
       at most 80 s after each start: the notice stops the sweep, which saves its state; the job
       requeues itself and resumes its run directory (named after the job: no --name).
-    The sweep is 18 epochs, 2 at once, of a model that sleeps 10 s in each epoch's training steps:
-    90 s or more however fast the machine, so no start after the requeue finishes it before its
-    notice (a sweep that trained faster on a faster machine once finished before the notice came).
+    The sweep is 18 epochs, one trial at a time (one trial worker importing torch per start, not
+    two), of a model that sleeps 10 s in each epoch's training steps: 180 s or more however fast
+    the machine, so no start after the requeue finishes it before its notice (a sweep that trained
+    faster on a faster machine once finished before the notice came).
     Once the job has been requeued twice (by Slurm, then by itself at its notice), the model stops
     sleeping, so the third start finishes the sweep: always three starts, however busy the machine
     (a busy machine trains less of each start and once needed five)."""
@@ -175,7 +176,7 @@ def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing
 
     spec = write_slow_spec(tmp_path / "project", "timelimit", epochs=3, num_samples=6, seconds_per_batch=1.0, sleep_while=sleeping)
     job = sbatch(
-        "--grace-period", "3", "--train-subset", "600", "--test-subset", "500", "--data-root", str(real_data_root),
+        "--grace-period", "3", "--max-concurrent-trials", "1", "--train-subset", "600", "--test-subset", "500", "--data-root", str(real_data_root),
         "--storage-path", str(tmp_path), sweep=str(spec), options=("--time=2", "--signal=B:TERM@40"), minutes=15,
         while_running=requeue_part_way,
     )  # fmt: skip
