@@ -67,7 +67,7 @@ def is_loopback(hex_address: str) -> bool:
 def test_a_local_sweep_listens_on_loopback_only(real_data_root, tmp_path):
     """Its model sleeps in each training step (a trial takes 100 s or more on any machine): the
     sweep still runs when its first results show, and the test stops it after looking."""
-    spec = write_slow_spec(tmp_path / "project", "loopback", epochs=20, num_samples=2, seconds_per_batch=0.5)
+    spec = write_slow_spec(tmp_path / "project", "loopback", epochs=20, num_samples=1, seconds_per_batch=0.5)  # one trial worker
     argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--train-subset", "600", "--test-subset", "100",
             "--grace-period", "20", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "loopback"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
