@@ -109,7 +109,8 @@ def test_a_sweep_on_a_full_disk_stops_with_one_line_and_resumes_when_there_is_sp
     sweep = [sys.executable, "-m", "tltune", "sweep", "mnist"]
     first = subprocess.run(
         [*sweep, "--quick", "--experiments", "mnist-cnn", "--num-samples", "4", "--max-epochs", "3", "--epochs-range", "3", "3",
-         "--grace-period", "3", "--train-subset", "2000", "--data-root", str(real_data_root), "--storage-path", str(disk), "--name", "full"],
+         "--grace-period", "3", "--max-concurrent-trials", "1", "--train-subset", "2000", "--data-root", str(real_data_root),
+         "--storage-path", str(disk), "--name", "full"],
         capture_output=True, text=True, timeout=600, cwd=tmp_path,
     )  # fmt: skip
     run, exp_dir = disk / "full", disk / "full" / "mnist-cnn"

@@ -11,7 +11,9 @@ def test_all_skips_missing_data_and_finished_experiments(tmp_path, real_data_roo
     data = tmp_path / "data"
     data.mkdir()
     (data / "MNIST").symlink_to(real_data_root / "MNIST")  # no SVHN here, and no network
-    for name, value in {"HOME": str(tmp_path), "https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}.items():
+    # (not HOME: this process's Ray keeps its token under the HOME it started with, ~/.ray/auth_token,
+    # and a Ray started under another one finds none; conftest keeps tltune's files out of HOME)
+    for name, value in {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}.items():
         monkeypatch.setenv(name, value)
     argv = ["--quick", "--num-samples", "1", "--max-epochs", "1", "--train-subset", "300", "--test-subset", "100",
             "--data-root", str(data), "--storage-path", str(tmp_path / "results")]  # fmt: skip

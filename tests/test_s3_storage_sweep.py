@@ -46,13 +46,14 @@ def state_came_with_results(exp_dir: str) -> bool:
 
 @pytest.mark.slow
 def test_sweep_to_a_bucket_survives_kill_9_and_is_analysed_there(s3, real_data_root, tmp_path, command):
-    """Its model sleeps in each training step (4 s an epoch, 2 rounds of 2 trials of 4 epochs), so
-    the sweep still runs when the bucket shows a trial part-way, however fast the machine."""
+    """Its model sleeps in each training step (4 s an epoch, 4 trials of 4 epochs, one at a time:
+    one trial worker importing torch per run), so the sweep still runs when the bucket shows a
+    trial part-way, however fast the machine."""
     run_dir = storage.join(s3.root, "run")
     exp_dir = storage.join(run_dir, "bucketed")
     spec = write_slow_spec(tmp_path / "project", "bucketed", epochs=4, num_samples=4, seconds_per_batch=0.4)
     argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--train-subset", "600", "--test-subset", "200", "--grace-period", "4",
-            "--max-concurrent-trials", "2", "--checkpoint-every", "1", "--data-root", str(real_data_root), "--storage-path", s3.root,
+            "--max-concurrent-trials", "1", "--checkpoint-every", "1", "--data-root", str(real_data_root), "--storage-path", s3.root,
             "--name", "run"]  # fmt: skip
     # A checkpoint every epoch: by default a trial saves to a bucket only while a save costs at
     # most a tenth of its training since the last one, and redoes the epochs after its last.
