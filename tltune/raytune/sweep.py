@@ -643,8 +643,8 @@ def run_sweep(plan: SweepPlan) -> None:
     if own_ray:
         cluster.connect(plan.address, plan.py_modules)
     elif plan.py_modules and not ray.get_runtime_context().runtime_env.get("py_modules"):
-        raise UserError(f"the Ray this process started before tltune.run does not ship the models' code to its workers, whose trials "
-                        f"could not import it: start it with ray.init(runtime_env={{'py_modules': {list(plan.py_modules)!r}}}), "
+        raise UserError(f"the Ray of this process's own ray.init() does not ship the models' code to its workers, whose trials "
+                        f"could not import it: call ray.init(runtime_env={{'py_modules': {list(plan.py_modules)!r}}}) instead, "
                         "or let tltune.run start Ray")  # fmt: skip
     signals.install(keep_received=True)  # again: Ray's core worker replaced the SIGTERM handler
     signals.raise_if_stopped()
