@@ -115,7 +115,8 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        deadline = time.monotonic() + 60
+        # Idle, moto answers within 2 s; in CI's slow suite, beside Slurm and two sweeps, it once took 60 s.
+        deadline = time.monotonic() + 300
         while True:
             try:
                 urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).close()

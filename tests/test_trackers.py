@@ -291,7 +291,7 @@ def wandb_run(run_dir: Path) -> SimpleNamespace:
         return item.key or "/".join(item.nested_key)
 
     (path,) = run_dir.glob("*.wandb")
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 120
     while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)) and time.monotonic() < deadline:
         time.sleep(0.2)
     for record in wandb_records(path):
