@@ -38,6 +38,15 @@ SECRET_KEY = "testing"
 REGION = "us-east-1"
 
 
+def open_loopback(url: "str | urllib.request.Request", timeout: float):
+    """``urlopen`` that never goes through a proxy: urlopen's shared opener keeps the proxies of
+    the environment it was first used in (a test that set http_proxy poisoned later tests)."""
+    return _NO_PROXY.open(url, timeout=timeout)
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on (just now)."""
     with socket.socket() as s:
@@ -62,11 +71,11 @@ class S3Server:
 
     def _post(self, path: str, body: bytes) -> None:
         request = urllib.request.Request(self.endpoint + path, data=body, method="POST", headers={"Content-Type": "text/plain"})
-        urllib.request.urlopen(request, timeout=10).close()
+        open_loopback(request, timeout=10).close()
 
     def create_bucket(self, name: str) -> None:
         """Create bucket ``name`` (moto accepts the unsigned request while auth is off)."""
-        urllib.request.urlopen(urllib.request.Request(f"{self.endpoint}/{name}", method="PUT"), timeout=10).close()
+        open_loopback(urllib.request.Request(f"{self.endpoint}/{name}", method="PUT"), timeout=10).close()
 
     @contextlib.contextmanager
     def require_auth(self) -> Iterator[tuple[str, str]]:
@@ -115,11 +124,10 @@ def s3_server(tmp_path_factory) -> Iterator[S3Server]:
         proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        # Idle, moto answers within 2 s; in CI's slow suite, beside Slurm and two sweeps, it once took 60 s.
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 120  # idle, it answers within 2 s
         while True:
             try:
-                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).close()
+                open_loopback(endpoint + "/moto-api/", timeout=2).close()
                 break
             except (urllib.error.URLError, ConnectionError, OSError):
                 if proc.poll() is not None or time.monotonic() > deadline:

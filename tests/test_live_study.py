@@ -13,7 +13,6 @@ import pickle
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,7 +24,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from conftest import WATCHED_EXPERIMENT, WATCHED_SAMPLES
-from s3server import free_port, s3, s3_server  # noqa: F401  (fixtures)
+from s3server import free_port, open_loopback, s3, s3_server  # noqa: F401  (fixtures)
 from test_studies import SPACE
 from test_trials_table import write_run
 from tltune import storage
@@ -110,17 +109,17 @@ def test_optuna_dashboard_serves_the_finished_study(live_sweep):
     server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         studies = None
-        deadline = time.time() + 30
+        deadline = time.time() + 120
         while studies is None and time.time() < deadline:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
+                with open_loopback(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
                     studies = json.load(response)["study_summaries"]
             except OSError:
                 assert server.poll() is None, server.stderr.read()
                 time.sleep(0.2)
         [study] = studies
         assert study["study_name"] == EXPERIMENT
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", timeout=10) as response:
+        with open_loopback(f"http://127.0.0.1:{port}/api/studies/{study['study_id']}", timeout=10) as response:
             detail = json.load(response)
     finally:
         server.terminate()

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from ray.tune.utils.serialization import TuneFunctionDecoder
 
 from conftest import ROOT, write_slow_spec
 
@@ -22,10 +23,12 @@ def trial_rows(exp_dir):
 
 
 def state_checkpoints(exp_dir) -> dict[str, int]:
-    """The epoch of each trial's newest checkpoint as the newest saved experiment state names it
-    (trials whose last result saved none are left out): where a resume goes on from. Tune copies
-    its state and the results to storage file by file (10 s apart or more), so the results seen
-    may be newer than the state, and file times do not tell (a CI run once killed there)."""
+    """The epoch of each trial's newest checkpoint as the newest saved experiment state records
+    it (trials without one are left out): where a resume goes on from. Tune copies its state and
+    the results to storage file by file (10 s apart or more), so the results seen may be newer
+    than the state, and file times do not tell (a CI run once killed there). Within the state,
+    the last result may already name a checkpoint the checkpoint manager has not registered yet
+    (Tune saves it in a later step): the manager's is the one a resume restores."""
     states = sorted(exp_dir.glob("experiment_state-*.json"))  # named by the time they were saved
     try:
         trials = json.loads(states[-1].read_text())["trial_data"] if states else []
@@ -33,9 +36,9 @@ def state_checkpoints(exp_dir) -> dict[str, int]:
         return {}
     named = {}
     for trial_json, runtime_json in trials:
-        last = json.loads(runtime_json).get("last_result") or {}
-        if last.get("checkpoint_dir_name"):
-            named[json.loads(trial_json)["relative_logdir"]] = last["training_iteration"]
+        manager = TuneFunctionDecoder(allow_cloudpickle=True).decode(runtime_json)["checkpoint_manager"]  # this test's own run
+        if manager.latest_checkpoint_result is not None:
+            named[json.loads(trial_json)["relative_logdir"]] = manager.latest_checkpoint_result.metrics["training_iteration"]
     return named
 
 

@@ -1,5 +1,7 @@
 """sweeps/all.py's mode: one run directory, finished experiments skipped, missing data skipped."""
 
+import urllib.request
+
 import pytest
 
 from tltune.cli import main
@@ -15,6 +17,8 @@ def test_all_skips_missing_data_and_finished_experiments(tmp_path, real_data_roo
     # and a Ray started under another one finds none; conftest keeps tltune's files out of HOME)
     for name, value in {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9"}.items():
         monkeypatch.setenv(name, value)
+    # urlopen's shared opener keeps the proxies it was built under: later tests of this process get a fresh one
+    monkeypatch.setattr(urllib.request, "_opener", None)
     argv = ["--quick", "--num-samples", "1", "--max-epochs", "1", "--train-subset", "300", "--test-subset", "100",
             "--data-root", str(data), "--storage-path", str(tmp_path / "results")]  # fmt: skip
 
