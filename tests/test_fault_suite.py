@@ -82,13 +82,6 @@ def assert_stopped(code: int, output: str, signum: int) -> None:
     assert last.startswith("interrupted (") and "Traceback" not in output and "SIGTERM received" not in output, output[-3000:]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda v: v.name)
-def test_a_sweep_stopped_while_its_data_loads_writes_nothing(tmp_path, real_data_root, signum):
-    code, output = interrupt_at(sweep(tmp_path, real_data_root), MOMENTS["data"], signum)
-    assert_stopped(code, output, signum)
-    assert not (tmp_path / "run").exists() and "nothing was written" in output
-
-
 # One run stopped at each moment in turn, each time by another signal, resumed after each stop:
 # the first experiment's trials, its test, the second experiment starting (twice: as the first
 # finishes, and as a resume starts it), then the second experiment's trials and test. Each moment
@@ -128,3 +121,10 @@ def test_a_sweep_stopped_again_and_again_resumes_to_every_trial_once(tmp_path, r
         for trial, epochs in after[experiment].items():
             assert epochs == list(range(1, len(epochs) + 1)), f"{trial}: no epoch reported twice or skipped: {epochs}"
             assert epochs[: len(before[experiment].get(trial, []))] == before[experiment].get(trial, [])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda v: v.name)
+def test_a_sweep_stopped_while_its_data_loads_writes_nothing(tmp_path, real_data_root, signum):
+    code, output = interrupt_at(sweep(tmp_path, real_data_root), MOMENTS["data"], signum)
+    assert_stopped(code, output, signum)
+    assert not (tmp_path / "run").exists() and "nothing was written" in output
