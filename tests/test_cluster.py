@@ -118,7 +118,8 @@ def test_a_trial_whose_node_dies_goes_on_from_its_checkpoint(cluster, real_data_
 
 def test_a_user_factory_reaches_every_node_with_the_trials(cluster, real_data_root, tmp_path, command):
     """A spec's ``module:function`` model lives in the user's folder, not on the nodes: Ray's
-    runtime environment ships it, and the trials on both worker nodes build it from there."""
+    runtime environment ships it, and the trials on both worker nodes build it from there (two
+    trials of two CPUs each: a worker node holds one)."""
     cluster, _ = cluster
     project = tmp_path / "project"
     project.mkdir()
@@ -139,12 +140,12 @@ def test_a_user_factory_reaches_every_node_with_the_trials(cluster, real_data_ro
         "    reference: {optimizer: adam, lr: 0.001, epochs: 1, hidden: 16}\n"
         "    space:\n"
         "      hidden: {choice: [8, 16, 32]}\n"
-        "    num_samples: 4\n"
+        "    num_samples: 2\n"
         "    repeats: 1\n"
     )
     code, out, err = command("sweep", str(project / "spec.yaml"), "--train-subset", "600", "--test-subset", "200",
                              "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "usernet", "--address", cluster.address,
-                             "--cpus-per-trial", "1", "--gpus-per-trial", "0")  # fmt: skip
+                             "--cpus-per-trial", "2", "--gpus-per-trial", "0")  # fmt: skip
     assert code == 0, out[-3000:] + err[-3000:]
     node_ids = {rows[0]["node_id"] for rows in trials(tmp_path / "usernet" / "usernet").values()}
     assert len(node_ids) == 2, "trials ran on both worker nodes"
