@@ -195,7 +195,7 @@ def seed_ran(found: dict[str, ExperimentResult]) -> bool:
 def reference_table(found: dict[str, ExperimentResult]) -> str:
     lines = [
         "| Dataset | Model type | lr | Epochs | Reference | Ours at the reference settings | Ours, best of the search | "
-        "Best − reference | Difference to the seed | Trials | Epochs spent | Wall time | Our best configuration | Run |",
+        "Best − ours at the reference settings | Difference to the seed | Trials | Epochs spent | Wall time | Our best configuration | Run |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     # the seed's rows (run or not, where any of them ran), then the user's own experiments (spec files) that ran
@@ -627,7 +627,7 @@ def _write(paths: list[str | Path], runs: dict[str, dict[str, ExperimentResult]]
         "# tltune results",
         f"Generated {time.strftime('%Y-%m-%d %H:%M')} from {', '.join(f'`{p}`' for p in paths)}. "
         "Ours = test accuracy of the experiment's best trial, chosen on the validation split; at the reference "
-        "settings = the seed's own settings, trained to the end. With repeats: mean ± std over seeds; best − reference "
+        "settings = the seed's own settings, trained to the end. With repeats: mean ± std over seeds; the best − ours at the reference settings "
         "is beyond the spread when it exceeds the sum of both standard deviations. The best's seed 0 is the trial "
         "that won the search on validation accuracy, so its mean leans high by that selection; its re-trained seeds do not.",
         "## Against the reference",
