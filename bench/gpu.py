@@ -52,7 +52,7 @@ BUDGET_S = 480
 SIZES = {
     "gpu": dict(alexnet_size=224, alexnet_runs=((64, 6400), (256, 12800)), feature_images=60000, feature_size=224,
                 workers=(1, 2, 4, 8), worker_seconds=10.0, worker_images=4096),
-    "smoke": dict(alexnet_size=64, alexnet_runs=((2, 4),), feature_images=120, feature_size=64,
+    "smoke": dict(alexnet_size=64, alexnet_runs=((2, 2),), feature_images=120, feature_size=64,
                   workers=(1, 2), worker_seconds=1.0, worker_images=256),
 }  # fmt: skip
 SMOKE = False
@@ -234,7 +234,8 @@ def cnn_worker(device: str, precision: str, batch: int, images: int, seconds: fl
 
 def concurrent_images_per_s(device, workers: int, sizes: dict, precision: str, batch: int = 64) -> float:
     """Aggregate images/s of ``workers`` processes training at once on ``device``."""
-    ctx = mp.get_context("spawn")  # CUDA cannot be used in a forked child
+    # CUDA cannot be used in a forked child; on the CPU (--smoke) a fork spares each worker the imports
+    ctx = mp.get_context("spawn" if device.type == "cuda" else "fork")
     barrier, queue = ctx.Barrier(workers + 1), ctx.Queue()
     args = (str(device), precision, batch, sizes["worker_images"], sizes["worker_seconds"], barrier, queue)
     processes = [ctx.Process(target=cnn_worker, args=args, daemon=True) for _ in range(workers)]

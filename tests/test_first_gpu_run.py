@@ -1,6 +1,8 @@
 """bench/gpu_memory.py and bench/first_gpu_run.py on the CPU (--smoke): the wiring of the first
 GPU run, and the arithmetic of how many trials fit on a card."""
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -28,20 +30,20 @@ esac
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory):
-    """The smoke runs at once (each is mostly a single-threaded import): gpu_memory.py's --estimate,
-    first_gpu_run.py's (whose part 2 is gpu_memory.py's smoke run), and both without --smoke on a machine without CUDA:
+    """The smoke runs: first_gpu_run.py's (whose part 2 is gpu_memory.py's smoke run) and
+    first_gpu_run.py without --smoke on a machine without CUDA, at once as interpreters of their
+    own (each is mostly a single-threaded import); gpu_memory.py's --estimate --smoke and
+    gpu_memory.py without --smoke on a machine without CUDA in this process, while they run:
     {name: (completed process, its folder)}."""
     tmp = tmp_path_factory.mktemp("first-gpu-run")
     fake = tmp / "bin"
     fake.mkdir()
     (fake / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
     (fake / "nvidia-smi").chmod(0o755)
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # the CPU, even on a GPU machine; three runs share it
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # the CPU, even on a GPU machine; the runs share it
     runs = {
         "first_gpu_run": (["first_gpu_run.py", "--smoke", "--out", str(tmp / "out")], {**env, "PATH": f"{fake}{os.pathsep}{env['PATH']}"}),
         "no_cuda": (["first_gpu_run.py", "--out", str(tmp / "no-cuda")], env),
-        "gpu_memory_no_cuda": (["gpu_memory.py", "--out", str(tmp / "no-cuda.md")], env),
-        "gpu_memory_estimate": (["gpu_memory.py", "--estimate", "--smoke", "--out", str(tmp / "estimate.md")], env),
     }
     processes = {
         name: subprocess.Popen(
@@ -49,11 +51,31 @@ def smoke_runs(tmp_path_factory):
         )
         for name, (argv, run_env) in runs.items()
     }
-    done = {}
+    done = {
+        "gpu_memory_no_cuda": (in_this_process(gpu_memory.main, ["gpu_memory.py", "--out", str(tmp / "no-cuda.md")]), tmp),
+        "gpu_memory_estimate": (in_this_process(gpu_memory.main, ["gpu_memory.py", "--estimate", "--smoke", "--out", str(tmp / "estimate.md")]), tmp),
+    }
     for name, process in processes.items():
         stdout, stderr = process.communicate(timeout=300)
         done[name] = (subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr), tmp)
     return done
+
+
+def in_this_process(main, argv: list[str]) -> subprocess.CompletedProcess:
+    """A bench script's ``main()`` run here as ``python ARGV`` would run it on a machine without CUDA."""
+    import torch
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        patch.setattr(sys, "argv", argv)
+        patch.setattr(torch.cuda, "is_available", lambda: False)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 for the runs beside it
+        try:
+            code = main()
+        finally:
+            torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(argv, code, stdout.getvalue(), stderr.getvalue())
 
 
 def table_rows(text: str) -> list[str]:
@@ -77,7 +99,7 @@ def check_table(text: str) -> None:
     assert "feature-cache build" in text and "trial on cached alexnet features (4,096 float16 per image)" in text
 
 
-@pytest.mark.slow  # four interpreters importing torch (and first_gpu_run.py's three parts): about a minute on 2 cores
+@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about half a minute on 2 cores
 def test_gpu_memory_smoke_runs_every_row_and_writes_the_table(smoke_runs):
     out, tmp = smoke_runs["first_gpu_run"]  # its part 2 is `gpu_memory.py --smoke --out FILE`
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -89,7 +111,7 @@ def test_gpu_memory_smoke_runs_every_row_and_writes_the_table(smoke_runs):
     check_table(written)
 
 
-@pytest.mark.slow  # four interpreters importing torch (and first_gpu_run.py's three parts): about a minute on 2 cores
+@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about half a minute on 2 cores
 def test_first_gpu_run_smoke_writes_everything_to_one_file(smoke_runs):
     out, tmp = smoke_runs["first_gpu_run"]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -108,7 +130,7 @@ def test_first_gpu_run_smoke_writes_everything_to_one_file(smoke_runs):
     assert "## nvidia-smi samples" in text and "every part ran and passed: exit code 0" in text
 
 
-@pytest.mark.slow  # four interpreters importing torch (and first_gpu_run.py's three parts): about a minute on 2 cores
+@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about half a minute on 2 cores
 @pytest.mark.parametrize("run", ["no_cuda", "gpu_memory_no_cuda"])
 def test_without_cuda_one_line_and_exit_code_2(smoke_runs, run):
     out, tmp = smoke_runs[run]
@@ -235,7 +257,7 @@ def test_the_estimate_on_the_cpu_says_it_is_not_measured(tmp_path, capsys, monke
     assert "width 2, depth 3, BatchNorm, every layer trains, batch 256, adamw, flip_crop" in text
 
 
-@pytest.mark.slow  # four interpreters importing torch (and first_gpu_run.py's three parts): about a minute on 2 cores
+@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about half a minute on 2 cores
 def test_the_estimate_smoke_runs_every_row(smoke_runs):
     out, tmp = smoke_runs["gpu_memory_estimate"]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
