@@ -204,7 +204,8 @@ def watched_sweep(tmp_path_factory, real_data_root):
     local MLflow store and to W&B offline (``--log-to mlflow wandb``), its Optuna journal read
     through Optuna every few tenths of a second while it runs. ``run_dir``; ``seen``: the trial
     states the study showed while the sweep ran, in order; ``exp``: the run read back through
-    tltune.results; ``tmp``: where ``mlruns`` and ``wandb`` are."""
+    tltune.results; ``tmp``: where ``mlruns`` and ``wandb`` are; ``listening``: the local addresses
+    the sweep's processes listened on while its trials ran (read as test_loopback.py reads them)."""
     import sys
     import threading
     import time
@@ -214,10 +215,11 @@ def watched_sweep(tmp_path_factory, real_data_root):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    from test_loopback import descendants, listening, socket_inodes
     from tltune.results import OPTUNA_JOURNAL, load_run
 
     tmp = tmp_path_factory.mktemp("watched")
-    env = {k: v for k, v in os.environ.items() if k not in TRACKER_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in TRACKER_ENV and k != "RAY_ADDRESS"}  # a local Ray
     env.update(MLFLOW_TRACKING_URI=f"file:{tmp}/mlruns", MLFLOW_ALLOW_FILE_STORE="true", WANDB_MODE="offline", WANDB_DIR=str(tmp))
     argv = [sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", WATCHED_EXPERIMENT,
             "--num-samples", str(WATCHED_SAMPLES), "--max-epochs", "3", "--grace-period", "1", "--train-subset", "600",
@@ -225,7 +227,7 @@ def watched_sweep(tmp_path_factory, real_data_root):
             "--log-to", "mlflow", "wandb"]  # fmt: skip
     run_dir = tmp / "results" / "live"
     journal = run_dir / WATCHED_EXPERIMENT / OPTUNA_JOURNAL
-    seen = []
+    seen, listened, looked = [], [], 0.0
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp, env=env) as sweep:
         stdout, stderr = [], []
@@ -239,13 +241,17 @@ def watched_sweep(tmp_path_factory, real_data_root):
                     seen.append({t.user_attrs["trial"]: t.state for t in study.trials})
                 except KeyError:  # the study itself is not created yet
                     pass
+            # trials running (GCS, raylet, agents and workers all up): five looks at the sockets, a second apart
+            if len(listened) < 5 and time.monotonic() - looked >= 1 and any(run_dir.glob("*/*/result.json")):
+                listened.append(listening(socket_inodes(descendants(sweep.pid))))
+                looked = time.monotonic()
             time.sleep(0.3)
         for reader in readers:
             reader.join(10)
     assert sweep.returncode == 0, "".join(stdout)[-3000:] + "".join(stderr)[-3000:]
     (exp,) = load_run(run_dir)
     return SimpleNamespace(tmp=tmp, run_dir=run_dir, seen=seen, exp=exp, stdout="".join(stdout), stderr="".join(stderr),
-                           trials={t.name: t for t in exp.trials})  # fmt: skip
+                           trials={t.name: t for t in exp.trials}, listening=listened)  # fmt: skip
 
 
 # The slow suite runs its tests side by side (`-n 3 --dist loadscope`, pytest-xdist): most of a
@@ -257,7 +263,7 @@ def watched_sweep(tmp_path_factory, real_data_root):
 GROUPS = {
     "test_slurm.py": "slurm",  # one Slurm node: a second job would wait in the queue on the first's clock
     "test_fake_cluster.py": "ray-port-6379",  # the fake multi-node provider needs Ray's default port
-    "test_live_study.py": "watched_sweep", "test_trackers.py": "watched_sweep",  # conftest's session-scoped runs
+    "test_live_study.py": "watched_sweep", "test_trackers.py": "watched_sweep", "test_loopback.py": "watched_sweep",  # conftest's session-scoped runs
     "test_redteam_files.py": "failed_run", "test_trial_failures.py": "failed_run",
 }  # fmt: skip
 ONE_TEST_EACH = ("test_fault_suite.py", "test_precision.py", "test_cli.py", "test_data.py")
@@ -266,7 +272,7 @@ ONE_TEST_EACH = ("test_fault_suite.py", "test_precision.py", "test_cli.py", "tes
 LONGEST_FIRST = ("test_cluster.py", "test_slurm.py", "test_fault_suite.py", "test_s3_storage_sweep.py", "test_transfer_chain.py",
                  "test_sweep_end_to_end.py", "test_redteam_files.py", "test_trial_failures.py", "test_resume.py", "test_live_study.py",
                  "test_trackers.py", "test_fake_cluster.py", "test_trust.py", "test_full_disk.py", "test_time_budget.py",
-                 "test_first_gpu_run.py", "test_loopback.py", "test_precision.py")  # fmt: skip
+                 "test_first_gpu_run.py", "test_precision.py")  # fmt: skip
 
 
 def group_of(nodeid: str) -> str:

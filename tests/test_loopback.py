@@ -1,15 +1,11 @@
 """A local sweep's Ray (GCS, raylet, object manager, agents, workers, driver) listens on
-127.0.0.1 only: read from the kernel's socket tables while the sweep runs."""
+127.0.0.1 only: read from the kernel's socket tables while the sweep runs (conftest.py's
+watched sweep, through the readers below)."""
 
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-
-from conftest import write_slow_spec
 
 pytestmark = pytest.mark.slow
 
@@ -64,25 +60,10 @@ def is_loopback(hex_address: str) -> bool:
     return host == "00000000000000000000000001000000" or (host.startswith("0000000000000000FFFF0000") and host.endswith("7F"))
 
 
-def test_a_local_sweep_listens_on_loopback_only(real_data_root, tmp_path):
-    """Its model sleeps in each training step (a trial takes 100 s or more on any machine): the
-    sweep still runs when its first results show, and the test stops it after looking."""
-    spec = write_slow_spec(tmp_path / "project", "loopback", epochs=20, num_samples=1, seconds_per_batch=0.5)  # one trial worker
-    argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--train-subset", "600", "--test-subset", "100",
-            "--grace-period", "20", "--data-root", str(real_data_root), "--storage-path", str(tmp_path), "--name", "loopback"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    driver = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
-    try:
-        deadline = time.time() + 300
-        seen: list[str] = []
-        while time.time() < deadline and not list((tmp_path / "loopback").glob("*/*/result.json")):
-            time.sleep(0.5)
-        for _ in range(5):  # trials running: GCS, raylet, agents and workers are all up
-            seen += listening(socket_inodes(descendants(driver.pid)))
-            time.sleep(1)
-        assert driver.poll() is None, driver.stdout.read()[-3000:]
-    finally:
-        driver.terminate()
-        driver.wait(timeout=60)
+def test_a_local_sweep_listens_on_loopback_only(watched_sweep):
+    """Read up to five times, a second apart, while the session's watched sweep (conftest.py: a
+    ``tltune`` process, its local Ray, trials, MLflow and W&B) ran its trials."""
+    assert watched_sweep.listening, "looked at while the trials ran"
+    seen = [address for look in watched_sweep.listening for address in look]
     assert len(set(seen)) >= 3, f"the sweep's Ray processes listen on some ports: {seen}"
     assert all(is_loopback(a) for a in seen), f"listening beyond 127.0.0.1: {sorted(set(a for a in seen if not is_loopback(a)))}"
