@@ -39,7 +39,10 @@ def real_data_root() -> Path:
     if root and (Path(root) / "MNIST").is_dir():
         return Path(root)
     if (SHARED_DATA / "unpack").is_file():
-        out = subprocess.run(["bash", str(SHARED_DATA / "unpack"), "/tmp/tltune-data"], check=True, capture_output=True, text=True)
+        from filelock import FileLock
+
+        with FileLock("/tmp/tltune-data.lock"):  # one unpack at a time: the suites' xdist workers each ask
+            out = subprocess.run(["bash", str(SHARED_DATA / "unpack"), "/tmp/tltune-data"], check=True, capture_output=True, text=True)
         return Path(out.stdout.strip())
     pytest.skip("real datasets not available: set TLTUNE_DATA_ROOT or provide ../shared/data")
 
@@ -254,25 +257,31 @@ def watched_sweep(tmp_path_factory, real_data_root):
                            trials={t.name: t for t in exp.trials}, listening=listened)  # fmt: skip
 
 
-# The slow suite runs its tests side by side (`-n 3 --dist loadscope`, pytest-xdist): most of a
-# sweep's wall time is one core importing, starting Ray or sleeping, so three workers fill two
-# cores. Under --dist loadscope one worker runs each group below in order: the tests of a module
-# (its module-scoped run is made once), of a session-scoped run, or of one thing of the machine;
-# modules without a shared run are split into single tests. (xdist's own xdist_group marks are
-# lost under pytest 9.) Groups start longest first, so that the short ones fill the end.
+# Both suites run their tests side by side (pytest-xdist, `--dist loadscope`: README's `-n 2`,
+# the slow suite's `-n 3`): most of a sweep's wall time is one core importing, starting Ray or
+# sleeping, and most other tests are single-threaded. Under --dist loadscope one worker runs
+# each group below in order: the tests of a module (its module-scoped run is made once), of a
+# session-scoped run, or of one thing of the machine; modules without a shared run are split into
+# single tests. (xdist's own xdist_group marks are lost under pytest 9.) Groups start longest
+# first, so that the short ones fill the end.
+MNIST_RUN_READERS = ("test_api.py", "test_command.py", "test_compute.py", "test_fidelity.py", "test_report_end_to_end.py",
+                     "test_report_runs.py", "test_tensorboard_hparams.py", "test_trust.py", "test_warm_start_damaged.py")  # fmt: skip
 GROUPS = {
     "test_slurm.py": "slurm",  # one Slurm node: a second job would wait in the queue on the first's clock
     "test_fake_cluster.py": "ray-port-6379",  # the fake multi-node provider needs Ray's default port
     "test_live_study.py": "watched_sweep", "test_trackers.py": "watched_sweep", "test_loopback.py": "watched_sweep",  # conftest's session-scoped runs
     "test_redteam_files.py": "failed_run", "test_trial_failures.py": "failed_run",
+    **{module: "mnist_run" for module in MNIST_RUN_READERS},
 }  # fmt: skip
 ONE_TEST_EACH = ("test_fault_suite.py", "test_precision.py", "test_cli.py", "test_data.py")
-# Modules by their groups' wall time in a slow-suite run here, longest first (cluster 252 s, Slurm
-# 245 s, the fault chain 186 s, ... loopback 40 s); the rest after them, as collected.
+# Slow-suite modules by their groups' wall time in a slow-suite run here, longest first (cluster
+# 252 s, Slurm 245 s, the fault chain 186 s, ... first GPU run 40 s); the rest after them, as collected.
 LONGEST_FIRST = ("test_cluster.py", "test_slurm.py", "test_fault_suite.py", "test_s3_storage_sweep.py", "test_transfer_chain.py",
                  "test_sweep_end_to_end.py", "test_redteam_files.py", "test_trial_failures.py", "test_resume.py", "test_live_study.py",
                  "test_trackers.py", "test_fake_cluster.py", "test_trust.py", "test_full_disk.py", "test_time_budget.py",
                  "test_first_gpu_run.py", "test_precision.py")  # fmt: skip
+# README's suite: the MNIST run's readers (the run, then about a minute of tests) and the spec-file sweep's module first.
+DEFAULT_LONGEST_FIRST = ("test_trust.py", "test_spec_sweep.py")
 
 
 def group_of(nodeid: str) -> str:
@@ -280,8 +289,10 @@ def group_of(nodeid: str) -> str:
     return nodeid if module in ONE_TEST_EACH else GROUPS.get(module, module)
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected: the items are the suite's
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    slow_suite = any(item.get_closest_marker("slow") for item in items)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST if slow_suite else DEFAULT_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
 
 
