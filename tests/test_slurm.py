@@ -151,18 +151,21 @@ def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing
     two), of a model that sleeps 10 s in each epoch's training steps: 180 s or more however fast
     the machine, so no start after the requeue finishes it before its notice (a sweep that trained
     faster on a faster machine once finished before the notice came).
-    Once the job has been requeued twice (by Slurm, then by itself at its notice), the model stops
-    sleeping, so the third start finishes the sweep: always three starts, however busy the machine
-    (a busy machine trains less of each start and once needed five)."""
+    The model stops sleeping from the third start on, once Slurm's requeue has come, so the last
+    start finishes the sweep: three starts, more where a busy machine trained no epoch before a
+    start's notice. (Stopping the sleep at the third start whether or not Slurm had requeued once
+    let that start finish the sweep just as Slurm's requeue came, leaving the last start nothing
+    to run.)"""
     def exp_dir(job_id: str) -> Path:  # the run is named after the job
         return tmp_path / f"slow-slurm-{job_id}" / "timelimit"
 
-    before, seen_at_start = {}, {}
+    before, seen_at_start, requeued_at = {}, {}, {}
     sleeping = tmp_path / "the-model-sleeps-while-this-exists"
     sleeping.touch()
 
     def requeue_part_way(job_id: str, state: dict) -> None:
-        if int(state["Restarts"]) >= 2:
+        restarts = int(state["Restarts"])
+        if restarts >= 2 and restarts > requeued_at.get("restarts", restarts):  # a start after Slurm's requeue
             sleeping.unlink(missing_ok=True)
         if before or state["JobState"] != "RUNNING":
             return
@@ -173,6 +176,7 @@ def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing
             out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
             if out.returncode == 0:  # (refused only while the job requeues itself: try at a later start)
                 before.update(epochs)
+                requeued_at["restarts"] = int(state["Restarts"])
 
     spec = write_slow_spec(tmp_path / "project", "timelimit", epochs=3, num_samples=6, seconds_per_batch=1.0, sleep_while=sleeping)
     job = sbatch(
