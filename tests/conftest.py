@@ -1,6 +1,7 @@
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
+
+# Every process the suites start (sweep drivers, Ray's trial workers, Slurm jobs) imports tltune
+# from the checkout, which no install compiled: with a machine's PYTHONDONTWRITEBYTECODE=1 each
+# would compile its modules anew, 0.6 CPU-s a process here. They inherit this environment.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
 
 
 @pytest.fixture(scope="session", autouse=True)
