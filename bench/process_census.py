@@ -24,7 +24,7 @@ KINDS = (  # the first that matches a process's command line names its kind
     ("trial worker (Ray actor or task)", r"^ray::(?!DashboardAgent|RuntimeEnvAgent)|workers/default_worker\.py"),
     ("Ray daemon", r"gcs_server|/raylet|ray/dashboard|log_monitor|autoscaler|monitor\.py|ray::DashboardAgent|ray::RuntimeEnvAgent|ray/scripts|\bray start\b"),
     ("sweep driver", r"-m tltune\b|/bin/tltune\b|sweeps/\w+\.py"),  # not a path that holds a checkout named tltune
-    ("pytest", r"pytest|xdist"),
+    ("pytest", r"pytest|xdist|exec\(eval\(sys\.stdin\.readline"),  # the last: pytest-xdist's workers (execnet)
     ("Slurm", r"slurm|srun|sbatch|scontrol"),
     ("S3 server (moto)", r"moto"),
 )

@@ -15,6 +15,7 @@ def test_processes_are_told_apart_by_their_command_lines():
     assert kind_of("/v/bin/python -m tltune sweep mnist --storage-path /tmp/pytest-of-root/x") == "sweep driver"
     assert kind_of("/home/me/tltune/.venv/bin/python /home/me/tltune/sweeps/cifar10.py --quick") == "sweep driver"
     assert kind_of("/home/me/tltune/.venv/bin/python -m pytest -n 2") == "pytest"
+    assert kind_of("/v/bin/python -u -c import sys;exec(eval(sys.stdin.readline()))") == "pytest"  # an xdist worker
     assert kind_of("/v/bin/python3 /v/bin/optuna-dashboard /tmp/x/optuna.journal") == "other"
     assert kind_of("/v/bin/python -m pytest -m slow -n 3") == "pytest"
 
