@@ -171,12 +171,12 @@ def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing
             return
         epochs = epochs_of_trials(exp_dir(job_id))  # none before the run folder exists
         trained = sum(len(seen) for seen in epochs.values())
-        baseline = seen_at_start.setdefault(state["Restarts"], trained)  # what earlier starts trained
+        baseline = seen_at_start.setdefault(restarts, trained)  # what earlier starts trained
         if trained > baseline:  # this start trained an epoch: trials are part-way, with checkpoints
             out = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
             if out.returncode == 0:  # (refused only while the job requeues itself: try at a later start)
                 before.update(epochs)
-                requeued_at["restarts"] = int(state["Restarts"])
+                requeued_at["restarts"] = restarts
 
     spec = write_slow_spec(tmp_path / "project", "timelimit", epochs=3, num_samples=6, seconds_per_batch=1.0, sleep_while=sleeping)
     job = sbatch(
