@@ -34,8 +34,9 @@ def kind_of(cmdline: str) -> str:
     return next((kind for kind, pattern in KINDS if re.search(pattern, cmdline)), "other")
 
 
-def snapshot() -> dict[int, tuple[str, float]]:
-    """pid -> (command line, CPU seconds so far) of every process readable now."""
+def snapshot() -> dict[tuple[int, int], tuple[str, float]]:
+    """(pid, start time) -> (command line, CPU seconds so far) of every process readable now
+    (with its start time, a pid the kernel hands out again is another process)."""
     found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -45,7 +46,7 @@ def snapshot() -> dict[int, tuple[str, float]]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:  # ended meanwhile
             continue
-        found[int(entry.name)] = (cmdline, (int(fields[11]) + int(fields[12])) / TICKS)
+        found[int(entry.name), int(fields[19])] = (cmdline, (int(fields[11]) + int(fields[12])) / TICKS)
     return found
 
 
@@ -54,15 +55,15 @@ def main() -> int:
         print(__doc__.strip().splitlines()[-1], file=sys.stderr)
         return 2
     before = snapshot()  # processes already running count only what they spend from now on
-    seen: dict[int, list] = {}  # pid -> [command line, CPU seconds at its first and last look]
+    seen: dict[tuple[int, int], list] = {}  # process -> [command line, CPU seconds at its first and last look]
     done = threading.Event()
 
     def watch():
         while not done.is_set():
-            for pid, (cmdline, cpu) in snapshot().items():
-                if pid == os.getpid():
+            for process, (cmdline, cpu) in snapshot().items():
+                if process[0] == os.getpid():
                     continue
-                record = seen.setdefault(pid, [cmdline, before.get(pid, ("", 0.0))[1], cpu])
+                record = seen.setdefault(process, [cmdline, before.get(process, ("", 0.0))[1], cpu])
                 record[2] = cpu
                 if cmdline and not record[0]:
                     record[0] = cmdline
@@ -92,7 +93,7 @@ def main() -> int:
         print(f"{cpu:8.1f} {cpu / max(all_cpu, 1e-9):6.0%} {count:9d} {cpu / count:10.1f}  {kind}")
     print(f"{all_cpu:8.1f}   100% {sum(n for _, n in totals.values()):9d}             all (processes under {INTERVAL_S} s may be missed)")
     print("\nthe costliest processes:")
-    for cmdline, first, last in sorted(seen.values(), key=lambda r: r[1] - r[2])[:TOP]:
+    for cmdline, first, last in sorted((r for r in seen.values() if r[2] > r[1]), key=lambda r: r[2] - r[1], reverse=True)[:TOP]:
         print(f"{last - first:8.1f}  {kind_of(cmdline)}: {cmdline[:150]}")
     return code
 
