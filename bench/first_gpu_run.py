@@ -1,7 +1,7 @@
 """The first run on a GPU machine, in one command and at most 8 minutes, its figures in one file:
 
     python bench/first_gpu_run.py [--data-root DIR] [--out DIR]
-    python bench/first_gpu_run.py --smoke [--out DIR]   # the parts' CPU versions, well under a minute: the wiring works (tests run it)
+    python bench/first_gpu_run.py --smoke [--out DIR]   # the parts' CPU versions, about a minute: the wiring works (tests run it)
 
 On one GPU (the first of CUDA_VISIBLE_DEVICES, else GPU 0, numbered as nvidia-smi numbers
 them), in this order, each part capped by what is left of the 480 s:
@@ -25,7 +25,7 @@ printed also goes to one file, first-gpu-run-<gpu>-<UTC time>.txt in --out (defa
 with the raw samples at its end; its path is the last line printed.
 
 --smoke runs the CPU versions instead: the machine, bench/gpu_memory.py --smoke and
-bench/gpu.py --smoke --only features (its shortest part on a CPU).
+bench/gpu.py --smoke (every part of it: the tests read its lines here rather than run it twice).
 
 Exit code: 0 when every part ran and passed, 1 otherwise, 2 without a CUDA GPU (unless --smoke).
 """
@@ -247,7 +247,7 @@ def main() -> int:
         env["TLTUNE_DATA_ROOT"] = str(Path(args.data_root).expanduser().resolve())
     smoke = ["--smoke"] if args.smoke else []
     if args.smoke:
-        last = Part("GPU benchmark, CPU smoke", [sys.executable, str(BENCH / "gpu.py"), "--smoke", "--only", "features"], 120, env)
+        last = Part("GPU benchmark, CPU smoke", [sys.executable, str(BENCH / "gpu.py"), "--smoke"], 240, env)
     else:
         tests = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-s", "-rs"]
         last = Part("GPU tests: the --quick sweeps and bench/gpu.py", tests, None, env)  # all that is left

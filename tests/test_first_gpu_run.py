@@ -41,8 +41,11 @@ def smoke_runs(tmp_path_factory):
     (fake / "nvidia-smi").write_text(FAKE_NVIDIA_SMI)
     (fake / "nvidia-smi").chmod(0o755)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}  # the CPU, even on a GPU machine; the runs share it
+    env.pop("TLTUNE_DATA_ROOT", None)  # bench/gpu.py's smoke part on synthetic images of CIFAR-10's shape
+    (tmp / "cache").mkdir()
+    smoke_env = {**env, "PATH": f"{fake}{os.pathsep}{env['PATH']}", "TLTUNE_CACHE_DIR": str(tmp / "cache")}
     runs = {
-        "first_gpu_run": (["first_gpu_run.py", "--smoke", "--out", str(tmp / "out")], {**env, "PATH": f"{fake}{os.pathsep}{env['PATH']}"}),
+        "first_gpu_run": (["first_gpu_run.py", "--smoke", "--out", str(tmp / "out")], smoke_env),
         "no_cuda": (["first_gpu_run.py", "--out", str(tmp / "no-cuda")], env),
     }
     processes = {
@@ -99,7 +102,7 @@ def check_table(text: str) -> None:
     assert "feature-cache build" in text and "trial on cached alexnet features (4,096 float16 per image)" in text
 
 
-@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about half a minute on 2 cores
+@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about a minute on 2 cores
 def test_gpu_memory_smoke_runs_every_row_and_writes_the_table(smoke_runs):
     out, tmp = smoke_runs["first_gpu_run"]  # its part 2 is `gpu_memory.py --smoke --out FILE`
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -111,7 +114,7 @@ def test_gpu_memory_smoke_runs_every_row_and_writes_the_table(smoke_runs):
     check_table(written)
 
 
-@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about half a minute on 2 cores
+@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about a minute on 2 cores
 def test_first_gpu_run_smoke_writes_everything_to_one_file(smoke_runs):
     out, tmp = smoke_runs["first_gpu_run"]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -130,7 +133,24 @@ def test_first_gpu_run_smoke_writes_everything_to_one_file(smoke_runs):
     assert "## nvidia-smi samples" in text and "every part ran and passed: exit code 0" in text
 
 
-@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about half a minute on 2 cores
+@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about a minute on 2 cores
+def test_gpu_bench_smoke_runs_on_the_cpu(smoke_runs):
+    """bench/gpu.py --smoke, every part of it, as first_gpu_run.py's last part runs it."""
+    out, tmp = smoke_runs["first_gpu_run"]
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    part = out.stdout[out.stdout.index("## GPU benchmark, CPU smoke: python bench/gpu.py --smoke (") :]
+    lines = part.splitlines()[1:]
+    assert lines[0].startswith("driver ") and "torch" in lines[0] and "CUDA" in lines[0], "the machine first"
+    assert lines[1].startswith("torch's CUDA architectures: ")
+    assert any(line.startswith("INFO  AlexNet-64 train") and "true fp32 (TF32 off)" in line for line in lines), part
+    for name in ("AlexNet-64 train", "feature-cache build", "small-CNN aggregate throughput, 2 concurrent trials / 1"):
+        assert any(line.startswith("SMOKE  " + name) for line in lines), (name, part)
+    assert any(line.startswith(("PASS  bench wall time", "FAIL  bench wall time")) for line in lines), part  # timing: a verdict, not a test
+    assert not any(line.startswith("FAIL") and "wall time" not in line for line in lines), part
+    assert list((tmp / "cache").iterdir()) == [], "the bench builds its feature cache in a temporary folder"
+
+
+@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about a minute on 2 cores
 @pytest.mark.parametrize("run", ["no_cuda", "gpu_memory_no_cuda"])
 def test_without_cuda_one_line_and_exit_code_2(smoke_runs, run):
     out, tmp = smoke_runs[run]
@@ -257,7 +277,7 @@ def test_the_estimate_on_the_cpu_says_it_is_not_measured(tmp_path, capsys, monke
     assert "width 2, depth 3, BatchNorm, every layer trains, batch 256, adamw, flip_crop" in text
 
 
-@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about half a minute on 2 cores
+@pytest.mark.slow  # first_gpu_run.py twice and its three parts, about a minute on 2 cores
 def test_the_estimate_smoke_runs_every_row(smoke_runs):
     out, tmp = smoke_runs["gpu_memory_estimate"]
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -1,4 +1,4 @@
-"""Mixed precision, channels_last, torch.compile and their flags, on the CPU; bench/gpu.py --smoke."""
+"""Mixed precision, channels_last, torch.compile and their flags, on the CPU (bench/gpu.py --smoke: tests/test_first_gpu_run.py)."""
 
 import json
 import os
@@ -275,23 +275,3 @@ def test_compile_where_it_cannot_run_is_one_error_line(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --compile: torch.compile cannot run on this machine's cpu"), out.stderr
     assert "drop --compile" in lines[0] and not results.exists()
-
-
-# ---------------------------------------------------------------------------- bench/gpu.py
-
-
-@pytest.mark.slow  # a minute on 2 CPU cores
-def test_gpu_bench_smoke_runs_on_the_cpu(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TLTUNE_CACHE_DIR": str(tmp_path)}
-    env.pop("TLTUNE_DATA_ROOT", None)  # synthetic images of CIFAR-10's shape
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--smoke"], capture_output=True, text=True, timeout=180, env=env)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    lines = out.stdout.splitlines()
-    assert lines[0].startswith("driver ") and "torch" in lines[0] and "CUDA" in lines[0], "the machine first"
-    assert lines[1].startswith("torch's CUDA architectures: ")
-    assert any(line.startswith("INFO  AlexNet-64 train") and "true fp32 (TF32 off)" in line for line in lines), out.stdout
-    for name in ("AlexNet-64 train", "feature-cache build", "small-CNN aggregate throughput, 2 concurrent trials / 1"):
-        assert any(line.startswith("SMOKE  " + name) for line in lines), (name, out.stdout)
-    assert any(line.startswith(("PASS  bench wall time", "FAIL  bench wall time")) for line in lines), out.stdout  # timing: a verdict, not a test
-    assert not any(line.startswith("FAIL") and "wall time" not in line for line in lines), out.stdout
-    assert list(tmp_path.iterdir()) == [], "the bench builds its feature cache in a temporary folder"
