@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import pytest
 
-from conftest import ROOT, write_class_folders, write_slow_spec
+from conftest import ROOT, write_slow_spec
 
 pytestmark = pytest.mark.slow
 
@@ -97,23 +97,6 @@ def test_the_job_exits_with_the_sweeps_exit_code(sbatch, tmp_path):
     assert not ray_processes(job_id)
 
 
-def test_a_spec_file_runs_as_a_job(sbatch, tmp_path):
-    """SWEEP=my.yaml: the job runs `tltune sweep my.yaml`, the user's factory found beside the file."""
-    data = write_class_folders(tmp_path / "pets", per_class=8, size=(16, 16))
-    project = tmp_path / "project"
-    project.mkdir()
-    (project / "tinynet.py").write_text("import torch.nn as nn\n\n\ndef build(num_classes, hidden=8):\n"
-                                        "    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))\n")  # fmt: skip
-    spec = project / "tiny.yaml"
-    spec.write_text(f"experiments:\n  - name: tiny\n    dataset: {data}\n    model: tinynet:build\n    mode: scratch\n"
-                    "    reference: {optimizer: adam, lr: 0.001, epochs: 1}\n    space:\n      hidden: {choice: [8, 16]}\n"
-                    "    num_samples: 2\n    repeats: 1\n")  # fmt: skip
-    job = sbatch("--val-fraction", "0.25", "--storage-path", str(tmp_path), sweep=str(spec), minutes=8)
-    assert job.rc == 0 and job.restarts == 0 and f"running {spec} " in job.log, job.log[-4000:]
-    summary = json.loads((tmp_path / f"tiny-slurm-{job.job_id}" / "tiny" / "tltune_best.json").read_text())
-    assert summary["trials"] == 2 and summary["errored_trials"] == 0 and "test_acc" in summary, summary
-
-
 def epochs_of_trials(exp_dir: Path) -> dict[str, list[int]]:
     found = {}
     for result in exp_dir.glob("*/result.json"):
@@ -132,7 +115,7 @@ def assert_done_once(job: Job, exp_dir: Path, trials: int) -> dict[str, list[int
     for trial, seen in epochs.items():
         assert seen and seen == list(range(1, len(seen) + 1)), f"{trial}: each epoch once, none repeated: {seen}"
     summary = json.loads((exp_dir / "tltune_best.json").read_text())
-    assert summary["trials"] == trials and summary["errored_trials"] == 0, summary
+    assert summary["trials"] == trials and summary["errored_trials"] == 0 and "test_acc" in summary, summary
     assert not Path(f"/tmp/ray-{job.job_id}").exists(), "the job removes its Ray temp dir"
     assert not ray_processes(job.job_id), "the job stops its Ray processes"
     return epochs
@@ -140,7 +123,8 @@ def assert_done_once(job: Job, exp_dir: Path, trials: int) -> dict[str, list[int
 
 def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing(sbatch, real_data_root, tmp_path):
     """One job meets both ways a Slurm job ends before its sweep does (one job instead of two: each
-    start costs a Ray start and torch's import on every node):
+    start costs a Ray start and torch's import on every node), and runs a spec file (SWEEP=my.yaml:
+    `tltune sweep my.yaml`, its model the user's factory beside the file):
     - `scontrol requeue` (as preemption with PreemptMode=REQUEUE does), once, as soon as a start
       of the job has trained an epoch: Slurm ends every process of the job at once, then starts
       it again, and it resumes its run;
@@ -184,6 +168,7 @@ def test_a_requeue_by_slurm_and_a_time_limit_shorter_than_the_sweep_cost_nothing
         "--storage-path", str(tmp_path), sweep=str(spec), options=("--time=2", "--signal=B:TERM@40"), minutes=15,
         while_running=requeue_part_way,
     )  # fmt: skip
+    assert f"running {spec} " in job.log, job.log[-3000:]
     assert before, "Slurm requeued the job while trials were part-way"
     epochs = assert_done_once(job, exp_dir(job.job_id), trials=6)
     assert all(epochs[t][: len(seen)] == seen for t, seen in before.items()), "unfinished trials go on, not over"
