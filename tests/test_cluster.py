@@ -44,13 +44,15 @@ def overlapping(a, b):
     return a[0]["started_at"] < b[-1]["reported_at"] and b[0]["started_at"] < a[-1]["reported_at"]
 
 
-@pytest.mark.parametrize("gpus_per_trial, per_gpu", [(1, 1), (0.5, 2)])
-def test_trials_fill_every_gpu_at_once_and_share_one_only_by_fraction(cluster, real_data_root, tmp_path, gpus_per_trial, per_gpu, command):
+def test_trials_fill_every_gpu_at_once_and_share_one_only_by_fraction(cluster, real_data_root, tmp_path, command):
     """With a searcher Tune starts one trial at a time unless told how many may be pending:
     the sweep asks for as many as the cluster holds, so both GPUs work from the start. The model
     sleeps in each training step (3 s an epoch, 9 s a trial): trials overlap on any machine, and
-    the CPU goes to the scheduling this test is about, not to training."""
+    the CPU goes to the scheduling this test is about, not to training. At half a GPU a trial, two
+    share each GPU and no more; whole-GPU trials, one a GPU, are test_fake_cluster's (its sweep
+    runs two at once on two GPU workers)."""
     cluster, _ = cluster
+    gpus_per_trial, per_gpu = 0.5, 2
     slots = 2 * per_gpu
     samples = slots + 1  # one more than the GPUs hold: it waits for a slot (each trial is a worker process importing torch)
     spec = write_slow_spec(tmp_path / "project", "gpus", epochs=3, num_samples=samples, seconds_per_batch=0.3)
