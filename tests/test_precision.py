@@ -1,7 +1,6 @@
 """Mixed precision, channels_last, torch.compile and their flags, on the CPU (bench/gpu.py --smoke: tests/test_first_gpu_run.py)."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -10,7 +9,6 @@ import pytest
 import ray
 import torch
 
-from conftest import ROOT
 from tltune import train
 from tltune.cli import main
 from tltune.options import parse
@@ -262,16 +260,15 @@ def test_the_compile_probe_runs_in_a_child_process(monkeypatch):
 
 
 @pytest.mark.slow  # compiles in a child process
-def test_compile_where_it_cannot_run_is_one_error_line(tmp_path):
-    """No C++ compiler, as on a slim image: torch.compile's CPU backend cannot build kernels."""
-    env = {**os.environ, "CXX": str(tmp_path / "no-such-g++"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("RAY_ADDRESS", None)
+def test_compile_where_it_cannot_run_is_one_error_line(tmp_path, capsys, monkeypatch, no_ray_address):
+    """No C++ compiler, as on a slim image: torch.compile's CPU backend cannot build kernels. The
+    command line's own code in this process; the probe's child inherits the environment."""
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-g++"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     results = tmp_path / "results"
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--compile", "--storage-path", str(results)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )  # fmt: skip
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --compile: torch.compile cannot run on this machine's cpu"), out.stderr
+    code, err = run_cli(["--compile", "--storage-path", str(results)], capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --compile: torch.compile cannot run on this machine's cpu"), err
     assert "drop --compile" in lines[0] and not results.exists()
