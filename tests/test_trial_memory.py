@@ -2,6 +2,7 @@
 after Ray stops it inside ``tune.report`` (ASHA) or it fails, so a reused actor or the next
 trial on its GPU starts with the memory. On the CPU: the model is gone (a weak reference dies)."""
 
+import gc
 import weakref
 from types import SimpleNamespace
 
@@ -23,6 +24,7 @@ def outside_ray(monkeypatch):
     resources = SimpleNamespace(required_resources={"CPU": 1})
     monkeypatch.setattr(trainable.tune, "get_context", lambda: SimpleNamespace(get_trial_resources=lambda: resources))
     monkeypatch.setattr(trainable, "trial_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(trainable, "freeze_what_lives_as_long_as_the_process", lambda: None)  # not this test process's objects
     released = []
     real_release = trainable.release_memory
     monkeypatch.setattr(trainable, "release_memory", lambda device: (released.append(device), real_release(device)))
@@ -50,6 +52,29 @@ def test_the_model_is_collected_however_the_trial_ends(outside_ray, monkeypatch,
             trainable.train_trial(CONFIG, {})
     assert alive[0]() is None, "the model was freed"
     assert len(outside_ray) == 2, "released at the start (an earlier trial's leftovers) and at the end"
+
+
+def test_what_the_imports_made_is_frozen_once_and_later_garbage_is_still_collected():
+    if gc.get_freeze_count():
+        pytest.skip("something in this process froze its objects already")
+    try:
+        trainable.freeze_what_lives_as_long_as_the_process()
+        frozen = gc.get_freeze_count()
+        assert frozen > 1000, "the imports' objects are left out of later collections"
+        trainable.freeze_what_lives_as_long_as_the_process()
+        assert gc.get_freeze_count() == frozen, "once a process: a later trial's leftovers are collected, not frozen"
+
+        class Node:
+            pass
+
+        cycle = Node()
+        cycle.me = cycle
+        dead = weakref.ref(cycle)
+        del cycle
+        gc.collect()
+        assert dead() is None, "a trial's cyclic garbage is still collected"
+    finally:
+        gc.unfreeze()
 
 
 def test_evaluation_batches_are_bounded_by_the_input_size():
