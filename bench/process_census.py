@@ -21,7 +21,7 @@ INTERVAL_S = 0.2
 TOP = 12
 TICKS = os.sysconf("SC_CLK_TCK")
 KINDS = (  # the first that matches a process's command line names its kind
-    ("trial worker (Ray actor or task)", r"^ray::(?!DashboardAgent|RuntimeEnvAgent)|workers/default_worker\.py"),
+    ("trial worker (Ray actor or task)", r"^ray::(?!DashboardAgent|RuntimeEnvAgent)|^\S+ \S*workers/default_worker\.py"),  # the script run, not the raylet's argument naming it
     ("Ray daemon", r"gcs_server|/raylet|ray/dashboard|log_monitor|autoscaler|monitor\.py|ray::DashboardAgent|ray::RuntimeEnvAgent|ray/scripts|\bray start\b"),
     ("sweep driver", r"-m tltune\b|/bin/tltune\b|sweeps/\w+\.py"),  # not a path that holds a checkout named tltune
     ("pytest", r"pytest|xdist|exec\(eval\(sys\.stdin\.readline"),  # the last: pytest-xdist's workers (execnet)

@@ -10,8 +10,9 @@ from process_census import kind_of  # noqa: E402
 
 
 def test_processes_are_told_apart_by_their_command_lines():
-    assert kind_of("ray::ImplicitFunc") == kind_of("ray::IDLE") == "trial worker (Ray actor or task)"
-    assert kind_of("ray::DashboardAgent") == kind_of("/v/ray/core/src/ray/raylet/raylet --raylet_socket_name=x") == "Ray daemon"
+    starting = "/v/bin/python /v/ray/_private/workers/default_worker.py --raylet-name=/tmp/ray/session_1/sockets/raylet"
+    assert kind_of("ray::ImplicitFunc") == kind_of("ray::IDLE") == kind_of(starting) == "trial worker (Ray actor or task)"
+    assert kind_of("ray::DashboardAgent") == kind_of("/v/ray/core/src/ray/raylet/raylet --raylet_socket_name=x --python_worker_command=/v/python /v/ray/_private/workers/default_worker.py") == "Ray daemon"
     assert kind_of("/v/bin/python -m tltune sweep mnist --storage-path /tmp/pytest-of-root/x") == "sweep driver"
     assert kind_of("/home/me/tltune/.venv/bin/python /home/me/tltune/sweeps/cifar10.py --quick") == "sweep driver"
     assert kind_of("/home/me/tltune/.venv/bin/python -m pytest -n 2") == "pytest"
