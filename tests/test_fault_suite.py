@@ -1,10 +1,12 @@
 """kill -9, SIGINT and SIGTERM at several moments of a real two-experiment sweep, each followed
 by --resume (which the next stop interrupts in turn): the interrupted run never looks finished,
 the command says how to resume and exits 128 + signal, what ran is kept, and after the last
-resume every trial appears once with every epoch once."""
+resume every trial appears once with every epoch once. After the first stop the run is moved
+elsewhere, and resumes from there."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,6 +112,11 @@ def test_a_sweep_stopped_again_and_again_resumes_to_every_trial_once(tmp_path, r
             for trial, epochs in before[experiment].items():
                 assert now[experiment][trial][: len(epochs)] == epochs, f"{trial}: {epochs} became {now[experiment][trial]}"
         before = now
+        if number == 0:  # the run moves: a run tltune made (its signed state) resumes wherever it is copied
+            moved = tmp_path / "moved" / "run"
+            shutil.copytree(run_dir, moved)
+            shutil.rmtree(run_dir)
+            run_dir = moved
         argv = [sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--resume", str(run_dir)]
 
     resumed = subprocess.run(argv, capture_output=True, text=True, timeout=600)
