@@ -27,7 +27,7 @@ def sweep(tmp_path_factory, real_data_root):
     argv = [
         sys.executable, str(ROOT / "sweeps" / "cifar10.py"), "--quick",
         "--experiments", "cifar10-alexnet-feature_extract", "cifar10-cnn-search",
-        "--num-samples", "5", "--train-subset", "2000", "--test-subset", "1000", "--max-epochs", "3",
+        "--num-samples", "5", "--train-subset", "2000", "--test-subset", "1000", "--max-epochs", "3", "--max-concurrent-trials", "1",
         "--data-root", str(real_data_root), "--weights", str(weights),
         "--storage-path", str(tmp / "results"), "--name", "e2e",
     ]  # fmt: skip
