@@ -61,8 +61,10 @@ def test_what_the_imports_made_is_frozen_once_and_later_garbage_is_still_collect
         trainable.freeze_what_lives_as_long_as_the_process()
         frozen = gc.get_freeze_count()
         assert frozen > 1000, "the imports' objects are left out of later collections"
+        later = [[n] for n in range(1000)]  # a later trial's objects (frozen ones may meanwhile be freed: the count only falls)
         trainable.freeze_what_lives_as_long_as_the_process()
-        assert gc.get_freeze_count() == frozen, "once a process: a later trial's leftovers are collected, not frozen"
+        assert gc.get_freeze_count() <= frozen, "once a process: a later trial's leftovers are collected, not frozen"
+        del later
 
         class Node:
             pass
