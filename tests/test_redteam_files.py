@@ -6,24 +6,19 @@
 2. Credentials never leave the environment: a URI with credentials is refused in one line
    that does not repeat the secret, the secret never reaches Ray's runtime environments
    (whose agent logs them), and a URI's query options (``endpoint_override``...) are kept on
-   every path derived from it, so a run in such a bucket reads back after the sweep.
+   every path derived from it, so a run in such a bucket reads back after the sweep
+   (the real sweep in such a bucket: tests/test_s3_storage_sweep.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import pickle
-import subprocess
-import sys
-import tempfile
-import uuid
 from pathlib import Path
 
 import pytest
 
-from s3server import s3, s3_server  # noqa: F401  (fixtures)
 from tltune import storage, trust
 from tltune.errors import UserError
 
@@ -169,59 +164,3 @@ def test_connect_keeps_secrets_out_of_ray():
     assert "keep_credentials_out_of_ray()" in inspect.getsource(cluster.connect)
 
 
-def _all_text_under(root: Path) -> str:
-    chunks = []
-    for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink():
-            try:
-                chunks.append(path.read_bytes().decode("utf-8", "replace"))
-            except OSError:
-                continue
-    return "\n".join(chunks)
-
-
-@pytest.mark.slow
-def test_a_run_in_a_bucket_named_by_uri_options_reads_back_and_leaks_no_secret(s3, real_data_root, tmp_path, monkeypatch):
-    """The endpoint only in the URI's query (no AWS_ENDPOINT_URL): the sweep, then `best`,
-    `report` and ``tltune.load`` all reach the same server; the secret (in the environment,
-    where it belongs) is nowhere in the bucket, the output, or Ray's session logs."""
-    secret = f"tltune-secret-{uuid.uuid4().hex}"
-    host = s3.endpoint.removeprefix("http://")
-    root = f"{s3.root}?endpoint_override={host}&scheme=http"
-    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")}
-    ray_tmp = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
-    env.update(AWS_SECRET_ACCESS_KEY=secret, RAY_TMPDIR=ray_tmp)
-    argv = [sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", "mnist-cnn", "--num-samples", "1",
-            "--max-epochs", "1", "--epochs-range", "1", "1", "--train-subset", "300", "--test-subset", "200",
-            "--data-root", str(real_data_root), "--storage-path", root, "--name", "run"]  # fmt: skip
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    run_dir = storage.join(root, "run")
-    assert f"results: {run_dir}" in out.stdout
-    printed = out.stdout + out.stderr
-
-    best = subprocess.run([sys.executable, "-m", "tltune", "best", run_dir], capture_output=True, text=True, timeout=120, env=env)
-    assert best.returncode == 0 and "damaged" not in best.stderr, best.stdout + best.stderr
-    assert "Best configuration of each experiment" in best.stdout and "MNIST" in best.stdout, best.stdout
-    report = subprocess.run([sys.executable, "-m", "tltune", "report", root, "--out", str(tmp_path / "report")],
-                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
-    assert report.returncode == 0 and "damaged" not in report.stderr, report.stdout + report.stderr[-3000:]
-    assert "mnist-cnn" in (tmp_path / "report" / "report.md").read_text()
-    printed += best.stdout + best.stderr + report.stdout + report.stderr
-
-    monkeypatch.delenv("AWS_ENDPOINT_URL")  # this process too: only the URI names the server
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
-    import tltune
-
-    run = tltune.load(run_dir)
-    experiment = run["mnist-cnn"]
-    assert experiment.status == "finished" and experiment.path == storage.join(run_dir, "mnist-cnn")
-
-    files = storage.walk(root)
-    assert any(f.endswith("runs.jsonl") for f in files) and any(f.endswith("tuner.pkl") for f in files)
-    for rel in files:
-        assert secret.encode() not in storage.read_bytes(storage.join(root, rel)), f"{rel} holds the secret"
-    assert secret not in printed
-    logs = _all_text_under(Path(ray_tmp))
-    assert "runtime_env" in logs, "Ray's session logs are where they were looked for"
-    assert secret not in logs, "a Ray log holds AWS_SECRET_ACCESS_KEY"

@@ -1,100 +1,14 @@
-"""kill -9 of a sweep's driver, then --resume: finished trials keep their results, unfinished
-ones go on from their checkpoints, every trial appears once."""
+"""--resume: what a restored trial's results hold (a driver killed while Tune uploaded them).
+The real kill -9 and resume: tests/test_s3_storage_sweep.py (from a bucket) and
+tests/test_fault_suite.py (from a folder)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from ray.tune.utils.serialization import TuneFunctionDecoder
 
-from conftest import ROOT, write_slow_spec
-
-
-def trial_rows(exp_dir):
-    rows = {}
-    for result in exp_dir.glob("*/result.json"):
-        lines = [json.loads(line) for line in result.read_text().splitlines() if line.strip()]
-        rows[result.parent.name] = lines
-    return rows
-
-
-def state_checkpoints(exp_dir) -> dict[str, int]:
-    """The epoch of each trial's newest checkpoint as the newest saved experiment state records
-    it (trials without one are left out): where a resume goes on from. Tune copies its state and
-    the results to storage file by file (10 s apart or more), so the results seen may be newer
-    than the state, and file times do not tell (a CI run once killed there). Within the state,
-    the last result may already name a checkpoint the checkpoint manager has not registered yet
-    (Tune saves it in a later step): the manager's is the one a resume restores."""
-    states = sorted(exp_dir.glob("experiment_state-*.json"))  # named by the time they were saved
-    try:
-        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
-    except (OSError, ValueError):  # being copied
-        return {}
-    named = {}
-    for trial_json, runtime_json in trials:
-        manager = TuneFunctionDecoder(allow_cloudpickle=True).decode(runtime_json)["checkpoint_manager"]  # this test's own run
-        if manager.latest_checkpoint_result is not None:
-            named[json.loads(trial_json)["relative_logdir"]] = manager.latest_checkpoint_result.metrics["training_iteration"]
-    return named
-
-
-@pytest.mark.slow
-def test_resume_after_kill_9(tmp_path, real_data_root, command):
-    """Its model sleeps in each training step (4 s an epoch, 16 s a trial, 3 rounds of 2 trials),
-    so the sweep is still running when Tune's saved state (10 s apart or more) shows one trial
-    finished and another part-way, however fast the machine (a faster machine once finished the
-    built-in sweep before the kill). The resume runs in this process."""
-    spec = write_slow_spec(tmp_path / "project", "killed", epochs=4, num_samples=6, seconds_per_batch=0.4)
-    argv = [sys.executable, "-m", "tltune", "sweep", str(spec), "--train-subset", "600", "--test-subset", "200", "--grace-period", "4",
-            "--max-concurrent-trials", "2", "--checkpoint-every", "1", "--data-root", str(real_data_root), "--storage-path", str(tmp_path),
-            "--name", "killed"]  # fmt: skip
-    driver = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    exp_dir = tmp_path / "killed" / "killed"
-    deadline = time.time() + 300
-    while time.time() < deadline:  # until the saved state names one trial finished and another's checkpoint 2 or 3 epochs in
-        epochs = state_checkpoints(exp_dir).values() if exp_dir.exists() else ()
-        if 4 in epochs and any(2 <= epoch < 4 for epoch in epochs):
-            break
-        assert driver.poll() is None, "the sweep ended before it got part-way"
-        time.sleep(0.2)
-    else:
-        raise AssertionError("the sweep never got part-way")
-    time.sleep(1)  # the copy in progress, if any, is whole
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait()
-    time.sleep(2)  # let Ray's reaper take down what the driver started
-    named = state_checkpoints(exp_dir)
-    # storage lost a part-way trial's results after its first epoch (a driver killed mid-upload):
-    # the resume rebuilds them from the checkpoint it goes on from
-    lost = max((t for t, epoch in named.items() if 2 <= epoch < 4), key=named.get)
-    result = exp_dir / lost / "result.json"
-    result.write_text(result.read_text().splitlines(keepends=True)[0])
-    before = trial_rows(exp_dir)
-    assert not (exp_dir / "tltune_best.json").exists()
-
-    code, out, err = command("sweep", "--resume", str(tmp_path / "killed"))
-    assert code == 0, out[-3000:] + err[-3000:]
-    assert "resuming" in out
-    after = trial_rows(exp_dir)
-    assert len(after) == 6, "every trial exactly once"
-    for trial, rows in after.items():
-        epochs = [r["training_iteration"] for r in rows]
-        assert epochs == [1, 2, 3, 4], f"{trial}: each epoch once, none repeated after the resume: {epochs}"
-        if named.get(trial) == 4:
-            assert rows == before[trial], "a finished trial keeps its results untouched"
-    rebuilt = [r["training_iteration"] for r in after[lost] if r.get("rebuilt_from_checkpoint")]
-    print(f"lost the results of {lost} after epoch 1; rebuilt: {rebuilt}; the state named the checkpoints of epochs {named}")
-    assert rebuilt == list(range(2, named[lost] + 1)), "the epochs between what storage kept and the checkpoint the state names"
-    part_way = {t: epoch for t, epoch in named.items() if 1 <= epoch < 4}
-    kept = lambda t: min(part_way[t], len(before[t]))  # noqa: E731  (the lost trial's rows 2.. were rebuilt)
-    # results newer than the state's checkpoint are trained again: only those up to it are kept
-    assert part_way and all(after[t][: kept(t)] == before[t][: kept(t)] for t in part_way), "unfinished trials continue from their checkpoints"
-    summary = json.loads((exp_dir / "tltune_best.json").read_text())
-    assert summary["trials"] == 6 and "test_acc" in summary
+from conftest import ROOT
 
 
 def test_resume_of_a_directory_that_is_not_a_run(tmp_path):
