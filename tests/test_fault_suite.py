@@ -90,8 +90,8 @@ def assert_stopped(code: int, output: str, signum: int) -> None:
 # graceful signal, and kill -9 where a kill can leave half-written state; every signal a sweep
 # handles is used (SIGHUP: the terminal closed). No Ray process outlives a stop. (One chain, not
 # two, and five stops, not six, each run costing a Ray start and its trial workers' imports: the
-# second experiment's trials are not stopped part-way here, as the first's are; tests/test_resume.py
-# and tests/test_s3_storage_sweep.py kill sweeps whose trials are part-way.)
+# second experiment's trials are not stopped part-way here, as the first's are; tests/test_s3_storage_sweep.py
+# kills a sweep whose trials are part-way, and tests/test_cluster.py a node under one.)
 STOPS = [("trial", signal.SIGINT), ("test", signal.SIGKILL), ("between", signal.SIGTERM), ("between", signal.SIGKILL),
          ("test", signal.SIGHUP)]  # fmt: skip
 
