@@ -110,6 +110,7 @@ def test_a_sweep_to_a_bucket_survives_kill_9_resumes_there_and_leaks_no_secret(s
         time.sleep(1)
     else:
         raise AssertionError("the bucket never showed a sweep part-way")
+    time.sleep(2)  # the upload that brought this state, if still going, is whole (the next comes 10 s or more later)
     os.killpg(driver.pid, signal.SIGKILL)
     driver.wait()
     time.sleep(2)
