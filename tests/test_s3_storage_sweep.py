@@ -68,7 +68,14 @@ def state_checkpoints(exp_dir: str) -> dict[str, int]:
 
 
 def all_text_under(root: Path) -> str:
-    return "\n".join(path.read_bytes().decode("utf-8", "replace") for path in root.rglob("*") if path.is_file() and not path.is_symlink())
+    chunks = []
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            try:
+                chunks.append(path.read_bytes().decode("utf-8", "replace"))
+            except OSError:  # removed meanwhile (Ray cleaning up its session)
+                continue
+    return "\n".join(chunks)
 
 
 @pytest.mark.slow
