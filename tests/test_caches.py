@@ -158,6 +158,41 @@ def test_dataset_cache_left_by_a_crash_is_not_picked_up(cached_pets, capsys):
     assert (folder / "meta.json").is_file() and np.array_equal(np.load(folder / "train_images.npy"), dataset.train.images)
 
 
+def test_a_dataset_another_process_is_decoding_is_read_from_its_cache_not_decoded_again(tmp_path, monkeypatch, capsys):
+    """Two sweeps started together on one machine (the lock is a file's: two threads with a file
+    each hold it as two processes would)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tltune import data
+
+    monkeypatch.setenv("TLTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    write_class_folders(tmp_path / "data" / "pets", per_class=5)
+    decoding, go_on, decoded = threading.Event(), threading.Event(), []
+    real = data.load_class_folders
+
+    def slow_decode(name, folder):
+        decoded.append(name)
+        decoding.set()
+        assert go_on.wait(30)
+        return real(name, folder)
+
+    monkeypatch.setattr(data, "load_class_folders", slow_decode)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(load_dataset, "pets", tmp_path / "data")
+        assert decoding.wait(30)
+        second = pool.submit(load_dataset, "pets", tmp_path / "data")
+        deadline, out = time.time() + 30, ""
+        while "waiting to read its cache" not in out and time.time() < deadline:
+            out += capsys.readouterr().out
+            time.sleep(0.05)
+        go_on.set()
+        first, second = first.result(timeout=60), second.result(timeout=60)
+    assert out.strip() == "pets: another process on this machine is decoding it; waiting to read its cache"
+    assert decoded == ["pets"], "decoded once"
+    assert np.array_equal(first.train.images, second.train.images) and first.classes == second.classes
+
+
 def test_dataset_cache_write_that_fails_half_way_leaves_no_file(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("TLTUNE_CACHE_DIR", str(tmp_path / "cache"))
     write_class_folders(tmp_path / "data" / "pets", per_class=5)

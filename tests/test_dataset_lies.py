@@ -277,3 +277,94 @@ def test_absurd_image_size_names_the_flag_and_the_maximum():
         check_image_size(4096, "image_size in spec.toml")
     with pytest.raises(UserError, match="--image-size 100000 is too large"):
         SweepOptions(image_size=100000)
+
+
+# ---------------------------------------------------------------------------- plain JPEG files, decoded without Image.open
+
+
+def write_jpeg_folders(root, size=(16, 12)):
+    """A class-folder dataset of every kind of JPEG file, and a PNG: baseline and progressive
+    colour, grayscale (a colour dataset's gray images), one of another size (resized), CMYK
+    (Adobe-marked: left to Image.open)."""
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for label, cls in enumerate(("cat", "dog")):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(7):
+                pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8) // (label + 1)
+                Image.fromarray(pixels).save(folder / f"{i}a.jpg", quality=90)
+            Image.fromarray(pixels).save(folder / "b-progressive.jpeg", progressive=True)
+            Image.fromarray(pixels[..., 0]).save(folder / "c-gray.JPG")
+            Image.fromarray(pixels).resize((size[0] * 2, size[1])).save(folder / "d-wide.jpg")
+            Image.new("CMYK", size, (0, 255, 255, 0)).save(folder / "e-cmyk.jpg")
+            Image.fromarray(pixels).save(folder / "f.png")
+    return root
+
+
+@pytest.fixture
+def both_ways(monkeypatch, capsys):
+    """load(folder, ways) -> [(dataset, stderr) per way]: every file by Image.open ("image_open"),
+    or as the loader does ("loader": plain JPEG files without Image.open); ``load.plain`` names
+    the files the loader decoded without it."""
+    from tltune import data
+
+    real = data._decode_plain_jpeg
+
+    def load(folder, ways=("image_open", "loader")):
+        results = []
+        for way in ways:
+            def plain_jpeg(path, size):
+                pixels = real(path, size) if way == "loader" else None
+                if pixels is not None:
+                    load.plain.append(path)
+                return pixels
+
+            with monkeypatch.context() as patch:
+                patch.setattr(data, "_decode_plain_jpeg", plain_jpeg)
+                results.append((data.load_class_folders(folder.name, folder), capsys.readouterr().err))
+        return results
+
+    load.plain = []
+    return load
+
+
+def test_plain_jpeg_files_decode_to_the_same_pixels_and_warnings_as_by_image_open(tmp_path, both_ways):
+    (by_image_open, warned), (as_loaded, warned_loaded) = both_ways(write_jpeg_folders(tmp_path / "mixed"))
+    for split in ("train", "test"):
+        assert np.array_equal(getattr(by_image_open, split).images, getattr(as_loaded, split).images)
+        assert np.array_equal(getattr(by_image_open, split).labels, getattr(as_loaded, split).labels)
+    assert warned == warned_loaded and "c-gray.JPG" in warned and "d-wide.jpg" in warned
+    assert sorted({os.path.basename(path) for path in both_ways.plain}) == [*(f"{i}a.jpg" for i in range(7)), "b-progressive.jpeg", "c-gray.JPG"]
+    assert len(both_ways.plain) == 2 * 2 * 9, "the plain JPEG files of the common size, colour or gray; the rest by Image.open"
+
+
+def test_a_damaged_plain_jpeg_is_named(tmp_path, both_ways):
+    root = write_jpeg_folders(tmp_path / "cut")
+    path = root / "train" / "dog" / "3a.jpg"
+    path.write_bytes(path.read_bytes()[:-40])
+    for way in ("image_open", "loader"):
+        with pytest.raises(UserError, match=r"cannot read image .*dog/3a.jpg .*replace or remove") as error:
+            both_ways(root, ways=[way])
+        one_line(error)
+    assert str(path) not in both_ways.plain, "a damaged file is left to Image.open, which names it"
+
+
+def test_the_jpeg_header_reader_accepts_only_what_image_open_reads_alike(tmp_path):
+    from io import BytesIO
+
+    from tltune.data import _jpeg_header
+
+    def saved(image, **options):
+        out = BytesIO()
+        image.save(out, **options)
+        return out.getvalue()
+
+    rgb = Image.new("RGB", (20, 10), (200, 10, 10))
+    assert _jpeg_header(saved(rgb, format="JPEG")) == (20, 10, 3)
+    assert _jpeg_header(saved(rgb, format="JPEG", progressive=True)) == (20, 10, 3)
+    assert _jpeg_header(saved(rgb.convert("L"), format="JPEG")) == (20, 10, 1)
+    assert _jpeg_header(saved(Image.new("CMYK", (20, 10)), format="JPEG")) is None  # 4 components (and Adobe)
+    assert _jpeg_header(saved(rgb, format="PNG")) is None
+    assert _jpeg_header(saved(rgb, format="JPEG")[:30]) is None, "cut before its frame header"
+    assert _jpeg_header(b"") is None

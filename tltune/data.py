@@ -31,6 +31,7 @@ below ``MIN_STD`` either, so no NaN or inf comes out of a constant channel.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -195,7 +196,11 @@ def _find_class_folder_root(name: str, root: Path) -> Path | None:
 
 def _is_image_file(entry: os.DirEntry) -> bool:
     """Skips hidden files (.DS_Store, macOS' ._name.jpg) and others (Thumbs.db, notes.txt)."""
-    return entry.is_file() and not entry.name.startswith(".") and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+    return entry.is_file() and not entry.name.startswith(".") and _suffix(entry.name) in IMAGE_SUFFIXES
+
+
+def _suffix(name: str) -> str:
+    return os.path.splitext(name)[1].lower()  # not Path(name).suffix: 60,000 Paths take seconds
 
 
 def _scandir(folder: Path) -> list[os.DirEntry]:
@@ -206,7 +211,8 @@ def _scandir(folder: Path) -> list[os.DirEntry]:
         raise UserError(f"cannot list {folder} ({type(exc).__name__}: {exc.strerror or exc}): check its permissions") from None
 
 
-def _list_class_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int]]]:
+def _list_class_folder(split_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """The class names, and (path, label) of each image file."""
     classes = sorted(e.name for e in _scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
     if len(classes) < 2:
         found = f"only one class folder ({classes[0]})" if classes else "no class folders"
@@ -215,7 +221,7 @@ def _list_class_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int
     for label, cls in enumerate(classes):
         entries = _scandir(split_dir / cls)
         for entry in entries:  # a dangling link named like an image: an error, not silently one image fewer
-            named_like_an_image = not entry.name.startswith(".") and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES
+            named_like_an_image = not entry.name.startswith(".") and _suffix(entry.name) in IMAGE_SUFFIXES
             if named_like_an_image and entry.is_symlink() and not os.path.exists(entry.path):
                 raise UserError(f"image {entry.path} is a broken symbolic link (to {os.readlink(entry.path)}): fix or remove it")
         names = sorted(entry.name for entry in entries if _is_image_file(entry))
@@ -224,7 +230,8 @@ def _list_class_folder(split_dir: Path) -> tuple[list[str], list[tuple[Path, int
                 f"class folder {split_dir / cls} is empty (no {', '.join(sorted(IMAGE_SUFFIXES))} files): "
                 "remove it or add its images"
             )
-        files.extend((split_dir / cls / file_name, label) for file_name in names)
+        folder = str(split_dir / cls)
+        files.extend((os.path.join(folder, file_name), label) for file_name in names)
     return classes, files
 
 
@@ -274,7 +281,7 @@ def _to_uint8(img) -> tuple[np.ndarray, bool]:
     return np.asarray(img.convert("RGB")), True  # CMYK, YCbCr, RGBX, HSV...; a ValueError if Pillow cannot
 
 
-def _read_error(path: Path, exc: BaseException) -> UserError:
+def _read_error(path: str, exc: BaseException) -> UserError:
     from PIL import Image
 
     if isinstance(exc, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
@@ -312,12 +319,61 @@ def _allocate(name: str, n: int, size: tuple[int, int], channels: int) -> np.nda
 class _Decoded:
     images: np.ndarray
     sizes: dict[tuple[int, int], int]  # each image's own size -> how many
-    resized: tuple[Path, tuple[int, int]] | None  # an image resized, and its own size
+    resized: tuple[str, tuple[int, int]] | None  # an image resized, and its own size
     gray: int  # grayscale images (converted to RGB if the dataset turned out colour)
-    gray_example: Path | None
+    gray_example: str | None
 
 
-def _decode_pass(name: str, paths: list[Path], size: tuple[int, int]) -> _Decoded:
+def _jpeg_header(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) from the frame header of a baseline, extended or progressive
+    8-bit JPEG of 1 or 3 components without an Adobe marker (whose colour transform Pillow reads
+    its own way); None for any other file, which Pillow decodes."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # a fill byte
+            i += 1
+            continue
+        if marker in (0xC0, 0xC1, 0xC2):
+            if i + 10 > len(data):
+                return None
+            precision, components = data[i + 4], data[i + 9]
+            height, width = int.from_bytes(data[i + 5 : i + 7], "big"), int.from_bytes(data[i + 7 : i + 9], "big")
+            return (width, height, components) if precision == 8 and components in (1, 3) else None
+        if marker == 0xEE or marker in (0xD9, 0xDA) or (0xC3 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC)):
+            return None  # Adobe; the image's end or scan before a frame; lossless, arithmetic or hierarchical
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _decode_plain_jpeg(path: str, size: tuple[int, int]) -> np.ndarray | None:
+    """The (H, W, 1 or 3) pixels of ``path`` if it is a JPEG file of ``size`` that
+    :func:`_jpeg_header` accepts, by Pillow's JPEG decoder without Pillow's reading of the
+    file's markers in Python (two thirds of a small image's decoding time): the same pixels as
+    ``Image.open`` (tests/test_dataset_lies.py). None for any other file, or one that does not
+    decode, which :func:`_decode_one` then reads (and names, if it cannot)."""
+    from PIL import Image
+
+    if _suffix(path) not in (".jpg", ".jpeg"):
+        return None
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+        header = _jpeg_header(raw)
+        if header is None or header[:2] != size:
+            return None
+        mode = "RGB" if header[2] == 3 else "L"
+        pixels = np.asarray(Image.frombytes(mode, size, raw, "jpeg", mode, ""))
+    except (OSError, ValueError):
+        return None
+    return pixels.reshape(size[1], size[0], -1)
+
+
+def _decode_pass(name: str, paths: list[str], size: tuple[int, int]) -> _Decoded:
     """Decode every image into an (N, H, W, C) array at ``size``. C starts at 1 and becomes 3
     at the first colour image (the grayscale images before it are copied to three channels,
     as Pillow's L -> RGB does)."""
@@ -327,25 +383,17 @@ def _decode_pass(name: str, paths: list[Path], size: tuple[int, int]) -> _Decode
     images = _allocate(name, len(paths), size, 1)
     sizes: dict[tuple[int, int], int] = {}
     resized, gray, gray_example = None, 0, None
-    fast_mode = "L"
     for i, path in enumerate(paths):
-        try:
-            with Image.open(path) as img:
-                own = img.size
-                sizes[own] = sizes.get(own, 0) + 1
-                if own == size and img.mode == fast_mode and "transparency" not in img.info:
-                    images[i] = np.asarray(img).reshape(height, width, -1)  # the common case: no conversion
-                    if fast_mode == "L":
-                        gray += 1
-                        gray_example = gray_example or path
-                    continue
-                pixels, colour = _to_uint8(img)
-        except Exception as exc:  # noqa: BLE001  whatever a file does to a decoder, name the file
-            raise _read_error(path, exc) from None
+        pixels = _decode_plain_jpeg(path, size)
+        if pixels is not None:  # L or RGB, of the size wanted
+            sizes[size] = sizes.get(size, 0) + 1
+            colour, own = pixels.shape[2] == 3, size
+        else:
+            pixels, colour, own = _decode_one(path, sizes)
         if colour and images.shape[3] == 1:
             coloured = _allocate(name, len(paths), size, 3)
             coloured[:i] = images[:i]
-            images, fast_mode = coloured, "RGB"
+            images = coloured
         if not colour:
             gray += 1
             gray_example = gray_example or path
@@ -357,7 +405,22 @@ def _decode_pass(name: str, paths: list[Path], size: tuple[int, int]) -> _Decode
     return _Decoded(images, sizes, resized, gray, gray_example)
 
 
-def _decode_images(name: str, paths: list[Path]) -> np.ndarray:
+def _decode_one(path: str, sizes: dict[tuple[int, int], int]) -> tuple[np.ndarray, bool, tuple[int, int]]:
+    """One image by Pillow: (pixels (H, W, 1 or 3) at its own size, whether it is colour, its
+    own size), counted in ``sizes``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            own = img.size
+            sizes[own] = sizes.get(own, 0) + 1
+            pixels, colour = _to_uint8(img)
+            return pixels, colour, own
+    except Exception as exc:  # noqa: BLE001  whatever a file does to a decoder, name the file
+        raise _read_error(path, exc) from None
+
+
+def _decode_images(name: str, paths: list[str]) -> np.ndarray:
     """All ``paths`` as one uint8 (N, H, W, C) array, by the rules of the module docstring."""
     from PIL import Image
 
@@ -618,13 +681,54 @@ def load_dataset(name: str, data_root: str | Path | None = None, use_cache: bool
     if use_cache and source is not None:
         fingerprint = f"v{CACHE_VERSION}|{name}|{kind}|{source}|{_source_signature(source)}"
         key = cache_dir() / "datasets" / f"{Path(name).name}-{hashlib.sha1(fingerprint.encode()).hexdigest()[:16]}"
-        if (key / "meta.json").exists():
-            try:
-                return _load_cache(key)
-            except DamagedCache as exc:
-                signals.raise_if_stopped()  # the error may be a stop signal's, replaced by numpy: the cache is fine
-                warn(f"dataset cache {exc.path} was damaged ({exc}); rebuilding it")
-                shutil.rmtree(key, ignore_errors=True)
+        if (cached := _read_cache(key)) is not None:
+            return cached
+        with _decoding_lock(key, name):  # another sweep on this machine may be decoding it: wait, then read its cache
+            if (cached := _read_cache(key)) is not None:
+                return cached
+            return _decode_and_cache(name, root, kind, source, key)
+    return _decode_and_cache(name, root, kind, source, None)
+
+
+def _read_cache(key: Path) -> Dataset | None:
+    """The dataset cached under ``key``; None if there is none, or it was damaged (and is removed)."""
+    if not (key / "meta.json").exists():
+        return None
+    try:
+        return _load_cache(key)
+    except DamagedCache as exc:
+        signals.raise_if_stopped()  # the error may be a stop signal's, replaced by numpy: the cache is fine
+        warn(f"dataset cache {exc.path} was damaged ({exc}); rebuilding it")
+        shutil.rmtree(key, ignore_errors=True)
+        return None
+
+
+@contextlib.contextmanager
+def _decoding_lock(key: Path, name: str) -> Iterator[None]:
+    """Held while this process decodes into cache ``key``, so that sweeps started together on
+    one machine (or the tests' parallel workers) decode a dataset once, not once each. Where
+    the cache's folder cannot hold a lock, each process decodes on its own."""
+    try:
+        import fcntl
+
+        folder = cache_dir() / "locks"
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / f"dataset-{key.name}.lock", "a+")
+    except (ImportError, OSError):  # no fcntl (Windows), or a read-only cache folder
+        yield
+        return
+    with lock:  # closing the file releases the lock
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"{name}: another process on this machine is decoding it; waiting to read its cache", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            pass  # a file system without locks
+        yield
+
+
+def _decode_and_cache(name: str, root: Path, kind: str, source, key: Path | None) -> Dataset:
     dataset = load_class_folders(name, source) if kind == "folder" else load_torchvision(name, root, source)
     if len(dataset.train) == 0 or len(dataset.test) == 0:
         raise UserError(f"dataset '{name}' under {root} has an empty train or test split")
