@@ -120,9 +120,12 @@ def cnn_backbone(
 def alexnet_backbone(imagenet_state: dict | None) -> nn.Sequential:
     import torchvision  # here: importing it costs seconds (torch._dynamo), which CNN-only trials skip
 
-    alexnet = torchvision.models.alexnet()
-    if imagenet_state is not None:
-        alexnet.load_state_dict(imagenet_state)
+    if imagenet_state is None:
+        alexnet = torchvision.models.alexnet()
+    else:  # every weight comes from the state: allocated, not randomly initialised first (1.5 CPU-s)
+        with torch.device("meta"):
+            alexnet = torchvision.models.alexnet()
+        alexnet.to_empty(device="cpu").load_state_dict(imagenet_state)
     return nn.Sequential(alexnet.features, alexnet.avgpool, nn.Flatten(), *alexnet.classifier[:-1])
 
 
@@ -489,8 +492,9 @@ def load_pretrained_state(model: str, weights: str) -> dict:
     else:
         state = _read_state_file(weights)
     try:
-        if kind == "alexnet":
-            torchvision.models.alexnet().load_state_dict(state)
+        if kind == "alexnet":  # names and shapes checked on a model without memory, so nothing initialised or copied
+            with torch.device("meta"):
+                torchvision.models.alexnet().load_state_dict(state, assign=True)
         else:
             reference = torchvision_model(model, _state_image_size(state))
             load_state_except(reference, state, (classifier_name(reference) + ".", *AUX_PREFIXES))
