@@ -96,7 +96,7 @@ STOPS = [("trial", signal.SIGINT), ("test", signal.SIGKILL), ("between", signal.
          ("test", signal.SIGHUP)]  # fmt: skip
 
 
-def test_a_sweep_stopped_again_and_again_resumes_to_every_trial_once(tmp_path, real_data_root):
+def test_a_sweep_stopped_again_and_again_resumes_to_every_trial_once(tmp_path, real_data_root, command):
     run_dir = tmp_path / "run"
     argv = sweep(tmp_path, real_data_root)
     before = {e: {} for e in EXPERIMENTS}
@@ -119,8 +119,8 @@ def test_a_sweep_stopped_again_and_again_resumes_to_every_trial_once(tmp_path, r
             run_dir = moved
         argv = [sys.executable, str(ROOT / "sweeps" / "mnist.py"), "--resume", str(run_dir)]
 
-    resumed = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    code, out, err = command("sweep", "--resume", str(run_dir))  # the last resume, unstopped, in this process
+    assert code == 0, out[-3000:] + err[-3000:]
     after = trials(run_dir)
     for experiment in EXPERIMENTS:
         summary = json.loads((run_dir / experiment / "tltune_best.json").read_text())
