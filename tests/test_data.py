@@ -15,7 +15,7 @@ def test_mnist_real_idx_files(real_data_root):
     assert abs(ds.train.images.mean() - 33.318) < 0.01
 
 
-@pytest.mark.slow  # decodes the real 60k JPEGs (twenty seconds)
+@pytest.mark.slow  # decodes the real 60k JPEGs (7 to 8.5 seconds here)
 def test_cifar10_class_folders_and_disk_cache(real_data_root, monkeypatch):
     first = load_dataset("cifar10", real_data_root)
     assert first.train.images.shape == (50000, 32, 32, 3) and len(first.test) == 10000
