@@ -728,7 +728,7 @@ def _decoding_lock(key: Path, name: str) -> Iterator[None]:
         yield
 
 
-def _decode_and_cache(name: str, root: Path, kind: str, source, key: Path | None) -> Dataset:
+def _decode_and_cache(name: str, root: Path, kind: str, source: Path | None, key: Path | None) -> Dataset:
     dataset = load_class_folders(name, source) if kind == "folder" else load_torchvision(name, root, source)
     if len(dataset.train) == 0 or len(dataset.test) == 0:
         raise UserError(f"dataset '{name}' under {root} has an empty train or test split")
