@@ -15,6 +15,11 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 # would compile its modules anew, 0.6 CPU-s a process here. They inherit this environment.
 os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 sys.dont_write_bytecode = False
+# The suites run more busy processes than the machine has cores (xdist workers, sweeps, bench
+# scripts): torch's OpenMP threads sleep at once when out of work instead of spinning on a core
+# another process needs (tltune.openmp; set before this process or its children import torch).
+# The watched sweep drops it, to see the command set it for its trials itself.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -215,7 +220,8 @@ def watched_sweep(tmp_path_factory, real_data_root):
     through Optuna every few tenths of a second while it runs. ``run_dir``; ``seen``: the trial
     states the study showed while the sweep ran, in order; ``exp``: the run read back through
     tltune.results; ``tmp``: where ``mlruns`` and ``wandb`` are; ``listening``: the local addresses
-    the sweep's processes listened on while its trials ran (read as test_loopback.py reads them)."""
+    the sweep's processes listened on while its trials ran (read as test_loopback.py reads them);
+    ``wait_policies``: name -> OMP_WAIT_POLICY of those processes (None: unset)."""
     import sys
     import threading
     import time
@@ -225,11 +231,11 @@ def watched_sweep(tmp_path_factory, real_data_root):
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    from test_loopback import descendants, listening, socket_inodes
+    from test_loopback import descendants, listening, openmp_wait_policies, socket_inodes
     from tltune.results import OPTUNA_JOURNAL, load_run
 
     tmp = tmp_path_factory.mktemp("watched")
-    env = {k: v for k, v in os.environ.items() if k not in TRACKER_ENV and k != "RAY_ADDRESS"}  # a local Ray
+    env = {k: v for k, v in os.environ.items() if k not in (*TRACKER_ENV, "RAY_ADDRESS", "OMP_WAIT_POLICY")}  # a local Ray
     env.update(MLFLOW_TRACKING_URI=f"file:{tmp}/mlruns", MLFLOW_ALLOW_FILE_STORE="true", WANDB_MODE="offline", WANDB_DIR=str(tmp))
     argv = [sys.executable, "-m", "tltune", "sweep", "mnist", "--quick", "--experiments", WATCHED_EXPERIMENT,
             "--num-samples", str(WATCHED_SAMPLES), "--max-epochs", "3", "--grace-period", "1", "--train-subset", "600",
@@ -237,7 +243,7 @@ def watched_sweep(tmp_path_factory, real_data_root):
             "--log-to", "mlflow", "wandb"]  # fmt: skip
     run_dir = tmp / "results" / "live"
     journal = run_dir / WATCHED_EXPERIMENT / OPTUNA_JOURNAL
-    seen, listened, looked = [], [], 0.0
+    seen, listened, looked, wait_policies = [], [], 0.0, {}
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp, env=env) as sweep:
         stdout, stderr = [], []
@@ -253,7 +259,9 @@ def watched_sweep(tmp_path_factory, real_data_root):
                     pass
             # trials running (GCS, raylet, agents and workers all up): five looks at the sockets, a second apart
             if len(listened) < 5 and time.monotonic() - looked >= 1 and any(run_dir.glob("*/*/result.json")):
-                listened.append(listening(socket_inodes(descendants(sweep.pid))))
+                processes = descendants(sweep.pid)
+                listened.append(listening(socket_inodes(processes)))
+                wait_policies.update(openmp_wait_policies(processes))
                 looked = time.monotonic()
             time.sleep(0.3)
         for reader in readers:
@@ -261,7 +269,7 @@ def watched_sweep(tmp_path_factory, real_data_root):
     assert sweep.returncode == 0, "".join(stdout)[-3000:] + "".join(stderr)[-3000:]
     (exp,) = load_run(run_dir)
     return SimpleNamespace(tmp=tmp, run_dir=run_dir, seen=seen, exp=exp, stdout="".join(stdout), stderr="".join(stderr),
-                           trials={t.name: t for t in exp.trials}, listening=listened)  # fmt: skip
+                           trials={t.name: t for t in exp.trials}, listening=listened, wait_policies=wait_policies)  # fmt: skip
 
 
 # Both suites run their tests side by side (pytest-xdist, `--dist loadscope`: README's `-n 2`,

@@ -87,3 +87,26 @@ def test_tunes_environment_is_set_only_while_a_sweep_runs(monkeypatch):
         actor_class = class_cache._ActorClassCache().get(type("Trainable", (), {}))
         assert actor_class._default_options["runtime_env"]["env_vars"][THREAD_TIMEOUT_ENV] == TUNE_ENVIRONMENT[THREAD_TIMEOUT_ENV]
     assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1" and "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS" not in os.environ
+
+
+def test_trials_wait_passively_unless_the_user_chose_a_policy(monkeypatch, capsys):
+    """OMP_WAIT_POLICY: the command sets PASSIVE before it imports torch, Tune hands the driver's
+    value to the trial actors; a policy the user set is kept."""
+    import os
+
+    from ray.tune.execution import class_cache
+
+    from tltune.cli import main
+    from tltune.raytune.sweep import tune_environment
+
+    for users, expected in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        if users is None:
+            monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+        else:
+            monkeypatch.setenv("OMP_WAIT_POLICY", users)
+        with tune_environment():
+            actor_class = class_cache._ActorClassCache().get(type("Trainable", (), {}))
+            assert actor_class._default_options["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == expected
+        assert os.environ.get("OMP_WAIT_POLICY") == users, "the driver's own environment as it was"
+        assert main(["mnist-cnn"], "d", ["--cpus-per-trial", "0"]) == 2 and "--cpus-per-trial must be > 0" in capsys.readouterr().err
+        assert os.environ["OMP_WAIT_POLICY"] == expected, "the command's"

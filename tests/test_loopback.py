@@ -52,6 +52,20 @@ def listening(inodes: set[str]) -> list[str]:
     return found
 
 
+def openmp_wait_policies(pids: set[int]) -> dict[str, str | None]:
+    """``process name (pid)`` -> its OMP_WAIT_POLICY (None: unset), read from /proc."""
+    found = {}
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            environ = dict(entry.split(b"=", 1) for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in entry)
+        except OSError:
+            continue
+        policy = environ.get(b"OMP_WAIT_POLICY")
+        found[f"{name} ({pid})"] = policy.decode() if policy is not None else None
+    return found
+
+
 def is_loopback(hex_address: str) -> bool:
     host = hex_address.split(":")[0]
     if len(host) == 8:  # IPv4, little-endian: 127.x.x.x ends in 7F
@@ -67,3 +81,12 @@ def test_a_local_sweep_listens_on_loopback_only(watched_sweep):
     seen = [address for look in watched_sweep.listening for address in look]
     assert len(set(seen)) >= 3, f"the sweep's Ray processes listen on some ports: {seen}"
     assert all(is_loopback(a) for a in seen), f"listening beyond 127.0.0.1: {sorted(set(a for a in seen if not is_loopback(a)))}"
+
+
+def test_the_command_and_its_trials_wait_passively(watched_sweep):
+    """The sweep ran without OMP_WAIT_POLICY: the command sets it (tltune.openmp) before its local
+    Ray starts, so every trial actor's torch threads sleep when out of work instead of spinning.
+    (Tune's handing of the driver's value to actors on any Ray: tests/test_api.py.)"""
+    trials = {name: policy for name, policy in watched_sweep.wait_policies.items() if name.startswith("ray::ImplicitFunc")}
+    assert trials, f"trial actors were looked at: {sorted(watched_sweep.wait_policies)}"
+    assert set(trials.values()) == {"PASSIVE"}, trials

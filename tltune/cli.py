@@ -12,7 +12,7 @@ import contextlib
 import os
 import sys
 
-from tltune import signals, storage
+from tltune import openmp, signals, storage
 from tltune.errors import StorageFull, TrialsFailed, UserError
 from tltune.experiments import Experiment
 from tltune.options import SweepOptions, build_parser
@@ -24,6 +24,7 @@ def main(experiments: list[str | Experiment], description: str, argv: list[str] 
     parser = build_parser(description, prog or os.path.basename(sys.argv[0]), [e if isinstance(e, str) else e.name for e in experiments])
     namespace = parser.parse_args(argv)
     signals.install()
+    openmp.wait_passively_unless_set()  # before the sweep imports torch
     try:
         options = SweepOptions(**vars(namespace))
         from tltune.plan import sweep  # the planning core imports more; flags and --help stay fast

@@ -27,7 +27,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from tltune import console, signals, storage, trust
+from tltune import console, openmp, signals, storage, trust
 from tltune.errors import TrialsFailed, UserError, is_storage_full
 from tltune.catalog import PRETRAINED_MODES
 from tltune.config import factory_params
@@ -509,9 +509,11 @@ def tune_environment():
     from ray.air._internal import usage as air_usage
     from ray.tune.execution import class_cache
 
-    class_cache.ENV_VARS_TO_PROPAGATE.add(THREAD_TIMEOUT_ENV)  # it is read in the trial actors: Tune hands them its value
-    before = {name: os.environ.get(name) for name in TUNE_ENVIRONMENT}
-    os.environ.update(TUNE_ENVIRONMENT)
+    # read in the trial actors: Tune hands them the driver's values as they start
+    class_cache.ENV_VARS_TO_PROPAGATE.update((THREAD_TIMEOUT_ENV, openmp.WAIT_POLICY_ENV))
+    environment = {**TUNE_ENVIRONMENT, openmp.WAIT_POLICY_ENV: openmp.wait_policy()}
+    before = {name: os.environ.get(name) for name in environment}
+    os.environ.update(environment)
     tag_callbacks = air_usage.tag_callbacks
     air_usage.tag_callbacks = lambda callbacks: False  # "no usage recorded", as Tune's own returns without callbacks
     try:
