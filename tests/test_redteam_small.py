@@ -1,7 +1,9 @@
 """Red-team findings, the smaller classes (issue 20 items 6 and 7): no hangs, no orphans, and
 one line instead of a traceback or a wrong word."""
 
+import csv
 import http.server
+import io
 import json
 import os
 import socket
@@ -10,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -103,16 +106,18 @@ def test_the_reference_column_says_what_actually_ran():
 
 
 @pytest.mark.slow
-def test_tltune_run_after_the_callers_own_ray_init_uses_it(real_data_root, tmp_path):
+def test_tltune_run_after_the_callers_own_ray_init_uses_it(real_data_root, tmp_path, capsys):
     """A user model's code needs Ray to ship it: without it in that Ray's runtime environment, one
-    line before anything runs (its trials could not import it)."""
+    line before anything runs (its trials could not import it). The sweep that runs on the
+    caller's Ray is one whose trials all diverge: each stops with its reason, and the sweep and
+    the analysis go on."""
     spec = write_slow_spec(tmp_path / "project", "mine", epochs=1, num_samples=1, seconds_per_batch=0)
     script = f"""
 import os, ray, tltune
 ray.init(address="local", include_dashboard=False)
-run = tltune.run("mnist-cnn", quick=True, num_samples=1, max_epochs=1, train_subset=500, test_subset=200,
-                 data_root={str(real_data_root)!r}, storage_path={str(tmp_path / "runs")!r})
-assert run["mnist-cnn"].status == "finished", run["mnist-cnn"].status
+run = tltune.run("mnist-cnn", quick=True, optimizer="sgd", activation="relu", lr=1e12, epochs=3, num_samples=2, max_concurrent_trials=1,
+                 train_subset=300, test_subset=100, data_root={str(real_data_root)!r}, storage_path={str(tmp_path / "runs")!r}, name="nan")
+assert run["mnist-cnn"].status == "all trials diverged", run["mnist-cnn"].status
 assert ray.is_initialized(), "the caller's Ray is still there"
 import sys  # and, while this driver ran a sweep: Tune's usage count of callback classes imported no tracker
 assert not {{"mlflow", "wandb"}} & set(sys.modules), sorted(m for m in sys.modules if m.startswith(("mlflow", "wandb")))[:5]
@@ -127,3 +132,29 @@ print("OK")
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout[-2000:] + out.stderr[-2000:]
+    assert_every_trial_diverged_and_the_analysis_says_so(tmp_path / "runs", tmp_path / "report", capsys)
+
+
+def assert_every_trial_diverged_and_the_analysis_says_so(storage: Path, report_dir: Path, capsys) -> None:
+    """The sweep above (lr 1e12, 2 trials of up to 3 epochs): each trial stopped at its first
+    epoch with its reason, and the analysis scripts' own code (each script is one call of it)
+    presents no diverged trial as the best."""
+    exp_dir = storage / "nan" / "mnist-cnn"
+    results = sorted(exp_dir.glob("*/result.json"))
+    assert len(results) == 2, f"one result.json per trial (num_samples 2), found {[str(r) for r in results]}"
+    for result in results:
+        last = json.loads(result.read_text().splitlines()[-1])
+        assert last["diverged"] is True and "learning rate is probably too high" in last["stop_reason"]
+        assert last["training_iteration"] == 1, "a diverged trial stops at once instead of training on NaNs"
+    capsys.readouterr()
+    assert command.report_main([str(storage), "--out", str(report_dir)]) == 0, capsys.readouterr().err
+    report_md = (report_dir / "report.md").read_text()
+    assert "diverged: training loss became" in report_md
+    assert "| all trials diverged |" in report_md, "no diverged trial is presented as the best"
+    capsys.readouterr()
+    assert command.best_main([str(storage / "nan")]) == 0
+    assert "| MNIST | vanilla CNN | - | - | all diverged |" in capsys.readouterr().out
+    assert command.best_main([str(storage / "nan"), "--trials", "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 2
+    assert all(row["stop_reason"] == "diverged" and row["epochs_run"] == "1" and row["last_val_acc"] == "" for row in rows), rows
