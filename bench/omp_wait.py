@@ -23,6 +23,8 @@ import time
 
 from common import parser, verdict
 
+from tltune.openmp import WAIT_POLICY_ENV
+
 POLICIES = ("default", "passive")
 
 
@@ -41,13 +43,15 @@ def child(images: int) -> None:
 
 def run_at_once(policy: str, processes: int, images: int) -> dict:
     """``processes`` children at once: their summed CPU seconds and the longest wall time."""
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env = {k: v for k, v in os.environ.items() if k != WAIT_POLICY_ENV}
     if policy == "passive":
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+        env[WAIT_POLICY_ENV] = "PASSIVE"
     argv = [sys.executable, __file__, "--child", "--images", str(images)]
     children = [subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env) for _ in range(processes)]
-    measured = [json.loads(c.communicate()[0].strip().splitlines()[-1]) for c in children]
-    assert all(c.returncode == 0 for c in children)
+    outputs = [c.communicate()[0] for c in children]
+    if any(c.returncode for c in children):
+        sys.exit(f"a training process failed (exit codes {[c.returncode for c in children]})")
+    measured = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
     return {"wall": max(m["wall"] for m in measured), "cpu": sum(m["cpu"] for m in measured), "threads": measured[0]["threads"]}
 
 

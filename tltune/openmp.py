@@ -3,7 +3,7 @@
 A sweep's processes share cores: trials beside the driver, Ray's daemons, other work. With
 libgomp's default a thread out of work spins before it sleeps, and so burns a core another
 process's thread is waiting for, at every barrier of a training step: three 2-thread trainings
-on 2 cores spent 3× the CPU and time (``python bench/omp_wait.py``). So tltune asks for
+on 2 cores spent 2.7× the CPU and time (``python bench/omp_wait.py``). So tltune asks for
 OMP_WAIT_POLICY=PASSIVE, unless the environment already sets a policy. OpenMP reads it once,
 as torch loads it: the command sets it before importing torch, and Tune hands the driver's
 value to the trial actors as they start (:func:`tltune.raytune.sweep.tune_environment`).
